@@ -1,0 +1,259 @@
+"""Typed, frozen views of ``params.yaml``.
+
+Stage scripts call :func:`load_params` once with the path DVC gives them; library code only ever
+receives these dataclasses (or plain typed arguments), never the raw dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from opensam.errors import InputError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """One semantic class: its id is its position in ``Params.classes``."""
+
+    name: str
+    prompt: str
+    color: tuple[int, int, int] | None = None  # overlay / export colour; None = from labelmap
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    """Labelled split sizes: integers are counts, floats in (0, 1) are fractions."""
+
+    train: float = 60
+    val: float = 10
+    test: float = 8
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = "data/demo"
+    format: str = "cvat"  # cvat | voc
+    unlabelled: str | None = "data/demo/unlabelled"
+    unlabelled_gt: str | None = "data/demo/unlabelled_gt"  # never used for training
+    split: SplitParams = field(default_factory=SplitParams)
+    unknown_colour_max_pixels: int = 500  # per image; fewer → mapped to 255 with a warning
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    labelled: int = 78
+    unlabelled: int = 480
+    width: int = 1024
+    height: int = 683
+
+
+@dataclass(frozen=True)
+class MasksParams:
+    generator: str = "superpixels"  # sam | superpixels
+    max_ratio: int = 8
+    compactness: float = 10.0  # superpixels only
+
+
+@dataclass(frozen=True)
+class SamParams:
+    model: str = "vit_h"
+    checkpoint: str | None = "models/sam_vit_h_4b8939.pth"
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    input: str = "prepared"  # prepared | original
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ClipParams:
+    model: str = "opensam-tiny"
+    pretrained: str | None = None  # open_clip tag, local file path, or None (random init)
+    templates: bool = False  # average several prompt templates per class
+    decoder: str = "upsample"
+
+
+@dataclass(frozen=True)
+class AblationParams:
+    pps: tuple[int, ...] = (8, 16, 32, 64)
+    min_region_area: tuple[int, ...] = (0, 100)
+    images: int = 47
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Shared by the teacher warm-up and the student (one loop, different params)."""
+
+    epochs: int = 10
+    lr_max: float = 1e-3
+    lr_min: float = 1e-5
+    weight_decay: float = 1e-8
+    batch_size: int = 8
+    betas: tuple[float, float] = (0.9, 0.999)
+    class_weights: str | tuple[float, ...] = "auto"
+    augment: bool = True
+    drop_path: float = 0.0
+    use_masks: bool = True  # SAM aggregation inside the training forward pass
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class StudentParams(TrainParams):
+    iterations: int = 3
+    alpha_f: float = 1.0
+    t1: float = 0.2
+    t2: float = 0.8
+
+
+@dataclass(frozen=True)
+class PseudoParams:
+    conf_threshold: float | None = None
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    batch_size: int = 16
+    overlays: int = 8
+
+
+@dataclass(frozen=True)
+class PredictParams:
+    enabled: bool = False
+    batch_size: int = 8
+    low_conf: float = 0.5
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    image_size: int = 256
+    pps: int = 16
+    min_region_area: int = 0
+    ratio: int = 2
+    classes: tuple[ClassSpec, ...] = ()
+    data: DataParams = field(default_factory=DataParams)
+    demo: DemoParams = field(default_factory=DemoParams)
+    masks: MasksParams = field(default_factory=MasksParams)
+    sam: SamParams = field(default_factory=SamParams)
+    clip: ClipParams = field(default_factory=ClipParams)
+    ablation: AblationParams = field(default_factory=AblationParams)
+    warmup: TrainParams = field(default_factory=TrainParams)
+    student: StudentParams = field(default_factory=StudentParams)
+    pseudo: PseudoParams = field(default_factory=PseudoParams)
+    eval: EvalParams = field(default_factory=EvalParams)
+    predict: PredictParams = field(default_factory=PredictParams)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [c.prompt for c in self.classes]
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Turn a YAML value into ``tp`` (dataclass, tuple, union, scalar), naming ``where`` on error."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except InputError as exc:
+                errors.append(str(exc))
+        raise InputError(errors[-1] if errors else f"{where}: bad value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise InputError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise InputError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise InputError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise InputError(f"{where}: expected a number, got {value!r}") from None
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise InputError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type[T], raw: dict[str, Any], where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a params mapping and return the frozen :class:`Params`."""
+    params = _build(Params, raw, "")
+    if not params.classes:
+        raise InputError(f"{source}: 'classes' is empty")
+    if params.image_size < 16:
+        raise InputError(f"{source}: image_size must be >= 16, got {params.image_size}")
+    if not 1 <= params.pps <= 128:
+        raise InputError(f"{source}: pps must be in 1..128, got {params.pps}")
+    if params.min_region_area < 0:
+        raise InputError(f"{source}: min_region_area must be >= 0, got {params.min_region_area}")
+    if params.ratio < 0:
+        raise InputError(f"{source}: ratio must be >= 0, got {params.ratio}")
+    return params
+
+
+def load_params(path: str | Path) -> Params:
+    """Read a params YAML file given by the caller (a stage passes DVC's ``params.yaml``)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping at the top level")
+    try:
+        return parse_params(raw, str(path))
+    except InputError as exc:
+        msg = str(exc)
+        raise InputError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
