@@ -1,0 +1,368 @@
+"""The ``opensam`` console script: ``opensam preset``, ``opensam predict``, ``opensam export-cvat``.
+
+    opensam predict photos/ --out predictions/                # best student, params.yaml settings
+    opensam export-cvat predictions/ --out review.zip --n 20  # least confident, for CVAT review
+
+``predict`` input: a folder, searched recursively (hidden files and folders skipped), or a
+``.txt`` file with one photo path per line (relative paths are relative to the list file, ``#``
+starts a comment). Output layout: :mod:`opensam.predict`. Heavy modules (torch) are imported
+only by the subcommand that needs them, so ``opensam --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from opensam.errors import InputError
+from opensam.images import IMAGE_EXTENSIONS, is_image_name
+from opensam.runtime import atomic_path, setup_logging
+
+if TYPE_CHECKING:
+    from opensam.predict import Photo
+
+log = logging.getLogger(__name__)
+
+MASK_CHOICES = ("sam", "superpixels", "none")
+RGB = tuple[int, int, int]
+
+
+@dataclass
+class PhotoList:
+    """Photos to predict, and files refused without loading them: ``(path, reason)``."""
+
+    photos: list[Photo]
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _assign_ids(paths: Sequence[Path], root: Path) -> list[Photo]:
+    """Ids: paths relative to ``root`` without extension, ``/`` -> ``__``; a clash (a.jpg and
+    a.png) appends the extension (``a_jpg``, ``a_png``)."""
+    from opensam.predict import Photo
+
+    ids = [p.relative_to(root).with_suffix("").as_posix().replace("/", "__") for p in paths]
+    clash = {i for i in ids if ids.count(i) > 1}
+    return [
+        Photo(f"{i}_{p.suffix[1:].lower()}" if i in clash else i, p)
+        for i, p in zip(ids, paths, strict=True)
+    ]
+
+
+def _read_list_file(source: Path) -> list[Path]:
+    try:
+        lines = source.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{source}: cannot read list file ({exc.__class__.__name__})") from None
+    entries = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    paths = [Path(e).expanduser() for e in entries]
+    return list(
+        dict.fromkeys(Path(os.path.normpath((source.parent / p).absolute())) for p in paths)
+    )
+
+
+def _walk_folder(source: Path) -> Iterator[Path]:
+    for path in source.rglob("*"):
+        if path.is_file() and not any(s.startswith(".") for s in path.relative_to(source).parts):
+            yield path
+
+
+def list_photos(source: Path) -> PhotoList:
+    """The photos of ``source``: a folder (recursive, hidden entries skipped, sorted) or a
+    ``.txt`` list of paths. Files without an image extension are refused (reported as failed,
+    never loaded). Raises :class:`InputError` when ``source`` is missing or has no image file.
+    """
+    source = Path(source)
+    if source.is_dir():
+        files, root = sorted(_walk_folder(source)), source
+    elif source.is_file() and source.suffix.lower() == ".txt":
+        files = _read_list_file(source)
+        root = Path(os.path.commonpath([p.parent for p in files])) if files else source
+    elif source.exists():
+        raise InputError(f"{source}: expected a folder of photos or a .txt list of photo paths")
+    else:
+        raise InputError(f"{source}: not found")
+    images = [p for p in files if is_image_name(p.name)]
+    if not images:
+        raise InputError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    refused = [(str(p), "not an image file (extension)") for p in files if p not in images]
+    return PhotoList(_assign_ids(images, root), refused)
+
+
+def check_output_dir(source: Path, out_dir: Path) -> None:
+    """Refuse an output folder inside (or equal to) the input folder: a rerun would read it."""
+    if Path(source).is_dir():
+        src, out = Path(source).resolve(), Path(out_dir).resolve()
+        if out == src or src in out.parents:
+            raise InputError(f"{out_dir}: output folder is inside the input folder {source}")
+
+
+def _cmd_preset(args: argparse.Namespace) -> int:
+    from opensam.presets import apply_preset
+
+    path = Path(args.params)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: params file not found") from None
+    merged = apply_preset(raw, args.name)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(merged, sort_keys=False, default_flow_style=None))
+    log.info("%s: applied preset %r", path, args.name)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from opensam import predict
+    from opensam.config import load_params
+    from opensam.evaluation import class_colors
+    from opensam.model import load_checkpoint
+    from opensam.runtime import seed_everything
+
+    params = load_params(args.params)
+    seed_everything(params.seed)
+    check_output_dir(args.input, args.out)
+    listing = list_photos(args.input)
+    model, meta = load_checkpoint(args.checkpoint, expected_classes=params.class_names)
+    size = int(meta["image_size"])
+    generator = args.masks or params.masks.generator
+    masks = predict.build_mask_generator(
+        generator, params.pps, params.min_region_area, params.masks, params.sam, size
+    )
+    colors = class_colors([c.color for c in params.classes])
+    log.info(
+        "%d photos, model %s (%d px), masks %s",
+        len(listing.photos),
+        args.checkpoint,
+        size,
+        generator,
+    )
+    result = predict.predict_photos(
+        model,
+        listing.photos,
+        args.out,
+        params.class_names,
+        colors,
+        size,
+        masks,
+        batch_size=args.batch_size or params.predict.batch_size,
+        low_conf=params.predict.low_conf if args.low_conf is None else args.low_conf,
+        overwrite=args.overwrite,
+        refused=listing.refused,
+    )
+    info = {
+        "checkpoint": str(args.checkpoint),
+        "input": str(args.input),
+        "masks": generator,
+        "image_size": size,
+    }
+    predict.write_summary(args.out, predict.build_summary(result, params.class_names, colors, info))
+    log.info(
+        "%d predicted (%.2f images/s), %d skipped, %d failed -> %s",
+        result.processed,
+        result.images_per_s,
+        result.skipped,
+        len(result.failed),
+        args.out,
+    )
+    if not result.rows:
+        raise InputError(f"{args.input}: no photo could be read (see {args.out}/failed.txt)")
+    return 0
+
+
+def read_summary(pred_dir: Path) -> dict[str, Any]:
+    """``pred_dir/summary.json``, as written by ``opensam predict``."""
+    from opensam.predict import SUMMARY_NAME
+
+    path = Path(pred_dir) / SUMMARY_NAME
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (not an opensam predict output folder)") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.msg})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("classes"), list):
+        raise InputError(f"{path}: expected a mapping with a 'classes' list")
+    return summary
+
+
+def _rgb(colour: Sequence[int]) -> RGB:
+    r, g, b = (int(v) for v in colour[:3])
+    return (r, g, b)
+
+
+def export_colors(pred_dir: Path, prepared: Path) -> tuple[list[str], list[RGB], str]:
+    """Class names and labelmap colours for a CVAT export of ``pred_dir``.
+
+    Colours: ``prepared/splits.json`` ``colors`` (the training data set's own labelmap.txt, so the
+    export matches its CVAT project) when its classes equal the predictions'; else those of the
+    predict run (params ``classes[].color``). Returns (names, colours, the file they came from).
+    """
+    summary = read_summary(pred_dir)
+    names = [str(n) for n in summary["classes"]]
+    splits_path = Path(prepared) / "splits.json"
+    if splits_path.is_file():
+        try:
+            splits = json.loads(splits_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{splits_path}: not valid JSON ({exc.msg})") from None
+        if list(splits.get("classes", [])) == names and splits.get("colors"):
+            return names, [_rgb(c) for c in splits["colors"]], str(splits_path)
+        log.warning("%s: other classes than the predictions; its colours are not used", splits_path)
+    return names, [_rgb(c) for c in summary["colors"]], str(Path(pred_dir) / "summary.json")
+
+
+def export_least_confident(
+    pred_dir: Path,
+    out: Path,
+    n: int,
+    class_names: Sequence[str],
+    colors: Sequence[RGB],
+    images: Mapping[str, Path] | None = None,
+) -> list[str]:
+    """Write the ``n`` predictions of ``pred_dir`` with the lowest mean confidence (ties: by id)
+    as a CVAT Segmentation Mask 1.1 export (``out``: a .zip or a folder) with the photos, from
+    ``images`` (id -> path) when given, else from the CSV paths. Returns the exported ids.
+    """
+    from opensam.dataset_io import write_cvat_export
+    from opensam.predict import CSV_NAME, LABELS_DIR, read_rows
+    from opensam.pseudo_labels import read_label_png
+
+    if n < 1:
+        raise InputError(f"--n must be >= 1, got {n}")
+    rows = sorted(
+        read_rows(pred_dir).values(), key=lambda r: (float(r["mean_confidence"]), r["id"])
+    )
+    if not rows:
+        raise InputError(f"{Path(pred_dir) / CSV_NAME}: no predictions to export")
+    chosen = rows[:n]
+    photos = {
+        r["id"]: Path(images[r["id"]] if images and r["id"] in images else r["path"])
+        for r in chosen
+    }
+    for image_id, photo in photos.items():
+        if not photo.is_file():
+            raise InputError(f"{photo}: photo of prediction {image_id} not found (use --images)")
+    items = (
+        (i, photos[i], read_label_png(Path(pred_dir) / LABELS_DIR / f"{i}.png")) for i in photos
+    )
+    write_cvat_export(out, list(class_names), list(colors), items)
+    return list(photos)
+
+
+def _cmd_export_cvat(args: argparse.Namespace) -> int:
+    names, colors, origin = export_colors(args.pred_dir, args.prepared)
+    log.info("labelmap colours from %s", origin)
+    images = None
+    if args.images is not None:
+        images = {p.id: p.path for p in list_photos(args.images).photos}
+    ids = export_least_confident(args.pred_dir, args.out, args.n, names, colors, images)
+    log.info("wrote %s: the %d least confident predictions", args.out, len(ids))
+    return 0
+
+
+def _add_predict(sub: Any) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="label photos with a trained model (class maps, overlays, CSV)",
+        description="Label photos with a trained model. INPUT: a folder (searched recursively) or "
+        "a .txt list of photo paths (relative to the list file). Writes DIR/labels/<id>.png "
+        "(class ids at the original size), overlays/<id>.jpg, predictions.csv, failed.txt and "
+        "summary.json. Photos already predicted in DIR are skipped unless --overwrite.",
+    )
+    p.add_argument("input", type=Path, help="folder of photos, or a .txt file of photo paths")
+    p.add_argument("--out", type=Path, required=True, help="output folder DIR (not inside INPUT)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=Path("models/student.pt"),
+        help="model checkpoint (default: the best student, models/student.pt)",
+    )
+    p.add_argument(
+        "--masks",
+        choices=MASK_CHOICES,
+        default=None,
+        help="region masks (default: params masks.generator); none = per pixel",
+    )
+    p.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="classes, colours, mask settings (pps, min_region_area, masks, sam)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="default: predict.batch_size")
+    p.add_argument(
+        "--low-conf",
+        type=float,
+        default=None,
+        help="max probability below which a pixel is low-confidence (predict.low_conf)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="redo photos already predicted")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export-cvat",
+        help="export the N least confident predictions as CVAT Segmentation Mask 1.1",
+        description="Write the N predictions with the lowest mean confidence as a CVAT "
+        "Segmentation Mask 1.1 export, to upload to a CVAT task as annotations and correct. "
+        "Labelmap colours: PREPARED/splits.json (the training data set's labelmap) when its "
+        "classes match, else the colours the predict run used (params classes).",
+    )
+    p.add_argument("pred_dir", type=Path, help="output folder of opensam predict")
+    p.add_argument("--out", type=Path, required=True, help="export .zip (or a folder)")
+    p.add_argument("--n", type=int, default=20, help="number of predictions (default 20)")
+    p.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="the predict INPUT again, if the photos moved (default: the CSV paths)",
+    )
+    p.add_argument(
+        "--prepared",
+        type=Path,
+        default=Path("data/prepared"),
+        help="prepared data whose splits.json gives the labelmap colours",
+    )
+    p.set_defaults(func=_cmd_export_cvat)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opensam", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("preset", help="apply a named params preset (e.g. thesis) to params.yaml")
+    p.add_argument("name", help="preset name: thesis")
+    p.add_argument("--params", default="params.yaml", help="params file to rewrite")
+    p.set_defaults(func=_cmd_preset)
+    _add_predict(sub)
+    _add_export(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; user errors print one line and exit 2."""
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except InputError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

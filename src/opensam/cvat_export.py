@@ -1,0 +1,106 @@
+"""Write a CVAT Segmentation Mask 1.1 export (directory or .zip) from class maps.
+
+The layout is the one :mod:`opensam.dataset_io` reads: ``labelmap.txt``,
+``SegmentationClass/<id>.png`` (RGB colours), ``ImageSets/Segmentation/default.txt`` and
+``JPEGImages/<id>.<ext>``, so export -> import gives back the same class maps.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from opensam.constants import IGNORE_INDEX
+from opensam.runtime import atomic_path
+
+RGB = tuple[int, int, int]
+ExportItem = tuple[str, np.ndarray | str | Path, np.ndarray]
+_SETS, _LABELS, _IMAGES = "ImageSets/Segmentation/", "SegmentationClass/", "JPEGImages/"
+
+
+def _lines(lines: Iterable[str]) -> bytes:
+    return "".join(f"{line}\n" for line in lines).encode()
+
+
+def _void_colour(used: Iterable[RGB]) -> RGB:
+    taken = set(used)
+    for v in (0, *range(255, 0, -1)):
+        if (v, v, v) not in taken:
+            return (v, v, v)
+    raise ValueError("no free grey colour for void")  # needs 256 grey classes
+
+
+def write_cvat_export(
+    out: str | Path,
+    class_names: Sequence[str],
+    colours: Sequence[RGB],
+    items: Iterable[ExportItem],
+) -> int:
+    """Write a CVAT Segmentation Mask 1.1 export to ``out`` (a directory, or a file ``*.zip``).
+
+    ``items`` yields ``(id, image, label)``: image is (H, W, 3) uint8 RGB (saved as JPEG) or a
+    photo path (copied as is); label is (H, W) uint8 class ids into ``class_names``, 255 =
+    ignore. Ignore pixels get a ``void`` labelmap line, coloured black unless a class uses black
+    (then an unused grey). Written atomically; returns the number of items.
+    """
+    if len(colours) != len(class_names) or len(set(map(tuple, colours))) != len(colours):
+        raise ValueError("need one distinct colour per class")
+    void = _void_colour((int(c[0]), int(c[1]), int(c[2])) for c in colours)
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: len(colours)] = np.array(colours, np.uint8).reshape(-1, 3)
+    palette[IGNORE_INDEX] = void
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        as_zip = out.suffix.lower() == ".zip"
+        archive = zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) if as_zip else None
+
+        def put(rel: str, data: bytes) -> None:
+            if archive is not None:
+                archive.writestr(rel, data)
+            else:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(data)
+
+        ids = _write_items(put, items, palette, len(class_names))
+        lines = [
+            f"{n}:{','.join(map(str, c))}::" for n, c in zip(class_names, colours, strict=True)
+        ]
+        lines.append(f"void:{void[0]},{void[1]},{void[2]}::")
+        put("labelmap.txt", b"# label:color_rgb:parts:actions\n" + _lines(lines))
+        put(_SETS + "default.txt", _lines(ids))
+        if archive is not None:
+            archive.close()
+    return len(ids)
+
+
+def _write_items(
+    put: Callable[[str, bytes], None],
+    items: Iterable[ExportItem],
+    palette: np.ndarray,
+    n_classes: int,
+) -> list[str]:
+    ids: list[str] = []
+    for item_id, image, label in items:
+        if item_id in ids or "/" in item_id or item_id.startswith("."):
+            raise ValueError(f"bad or duplicate export id '{item_id}'")
+        label = np.asarray(label, np.uint8)
+        if np.any((label >= n_classes) & (label != IGNORE_INDEX)):
+            raise ValueError(f"{item_id}: label has values outside 0..{n_classes - 1} and 255")
+        if isinstance(image, np.ndarray):
+            if image.shape[:2] != label.shape:
+                raise ValueError(f"{item_id}: image {image.shape[:2]} != label {label.shape}")
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(image, np.uint8)).save(buf, "JPEG", quality=95)
+            put(f"{_IMAGES}{item_id}.jpg", buf.getvalue())
+        else:
+            put(f"{_IMAGES}{item_id}{Path(image).suffix.lower()}", Path(image).read_bytes())
+        buf = io.BytesIO()
+        Image.fromarray(palette[label]).save(buf, "PNG")
+        put(f"{_LABELS}{item_id}.png", buf.getvalue())
+        ids.append(item_id)
+    return ids

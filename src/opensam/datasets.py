@@ -1,0 +1,278 @@
+"""Torch datasets over prepared images, (pseudo-)labels and the region-mask store.
+
+A :class:`SegDataset` item is a dict::
+
+    "id"            str
+    "image"         (3, H, W) float32 in [0, 1]
+    "label"         (H, W) int64 class ids, 255 = ignore (all 255 without a label folder)
+    "pool_weights"  (M, h, w) float32 NU pooling weights of the M masks on the embedding grid
+    "winner"        (H, W) int64 index of the mask that paints each pixel, -1 = none
+
+Augmentation is seeded per sample from ``(seed, epoch, index)``, so an epoch's data is the same
+whatever the worker count or the order in which workers run (and a resumed run sees the same
+data as an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from opensam.aggregation import prepare_mask_inputs
+from opensam.augment import Augmenter
+from opensam.constants import IGNORE_INDEX
+from opensam.errors import InputError
+from opensam.mask_store import MaskStore
+
+log = logging.getLogger(__name__)
+
+Item = dict[str, Any]
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """A prepared RGB PNG as (3, H, W) float32 in [0, 1]."""
+    try:
+        with Image.open(path) as img:
+            arr = np.array(img.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise InputError(f"{path}: image not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div(255.0).contiguous()
+
+
+def read_label(path: Path, shape: tuple[int, int]) -> torch.Tensor:
+    """A mode-L class-id PNG as (H, W) int64; its size must equal ``shape`` (H, W)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P"):
+                raise InputError(f"{path}: expected a mode L label image, got mode {img.mode}")
+            arr = np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise InputError(f"{path}: label not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+    if arr.shape != shape:
+        raise InputError(f"{path}: label size {arr.shape} differs from the image's {shape}")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+class SegDataset(Dataset[Item]):
+    """Prepared images ``prepared/images/<id>.png`` with labels ``label_dir/<id>.png`` and the
+    masks of store ``masks`` (None: no masks, M = 0 and winner all -1).
+
+    ``grid_hw`` is the model's embedding grid (h, w) that the pooling weights live on;
+    ``variant`` is the aggregation variant (``nu`` or ``pm``). ``augment`` (optional) is applied
+    jointly to image, label and mask stack, seeded from ``(seed, epoch, index)``.
+    """
+
+    def __init__(
+        self,
+        prepared: Path,
+        ids: Sequence[str],
+        label_dir: Path | None,
+        masks: Path | None,
+        grid_hw: tuple[int, int],
+        variant: str = "nu",
+        augment: Augmenter | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.prepared = Path(prepared)
+        self.ids = [str(i) for i in ids]
+        self.label_dir = Path(label_dir) if label_dir is not None else None
+        self.masks_path = Path(masks) if masks is not None else None
+        self.grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
+        self.variant = variant
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self._store: MaskStore | None = None  # opened lazily, once per process / worker
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation randomness of ``epoch`` (the loop calls this every epoch)."""
+        self.epoch = epoch
+
+    @property
+    def store(self) -> MaskStore:
+        if self._store is None:
+            if self.masks_path is None:
+                raise RuntimeError("this dataset has no mask store")
+            if not self.masks_path.is_file():
+                raise InputError(f"{self.masks_path}: mask store not found")
+            self._store = MaskStore(self.masks_path)
+        return self._store
+
+    def __getitem__(self, index: int) -> Item:
+        image_id = self.ids[index]
+        image = read_image(self.prepared / "images" / f"{image_id}.png")
+        shape = (image.shape[1], image.shape[2])
+        if self.label_dir is not None:
+            label = read_label(self.label_dir / f"{image_id}.png", shape)
+        else:
+            label = torch.full(shape, IGNORE_INDEX, dtype=torch.int64)
+        if self.augment is None:
+            pool, winner = self._static_mask_inputs(image_id, shape)
+            return {
+                "id": image_id,
+                "image": image,
+                "label": label,
+                "pool_weights": pool,
+                "winner": winner,
+            }
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        moved = self.augment.moves_pixels and self.masks_path is not None
+        masks = self._read_masks(image_id, shape) if moved else None
+        out = self.augment(image, label, masks, rng)
+        if moved:
+            assert out.masks is not None
+            inputs = prepare_mask_inputs(out.masks, self.grid_hw, variant=self.variant)
+            pool, winner = inputs.pool_weights.float(), inputs.winner.long()
+        else:
+            pool, winner = self._static_mask_inputs(image_id, shape)
+        assert out.label is not None
+        return {
+            "id": image_id,
+            "image": out.image,
+            "label": out.label,
+            "pool_weights": pool,
+            "winner": winner,
+        }
+
+    def _read_masks(self, image_id: str, shape: tuple[int, int]) -> np.ndarray:
+        """The stored masks of one image, (M, H, W) bool, checked against the image size."""
+        try:
+            masks = np.asarray(self.store.read(image_id).masks, dtype=bool)
+        except KeyError:
+            raise InputError(f"{self.masks_path}: no masks for image {image_id}") from None
+        if masks.shape[1:] != shape:
+            raise InputError(
+                f"{self.masks_path}: masks of {image_id} are {masks.shape[1:]}, image is {shape}"
+            )
+        return masks
+
+    def _static_mask_inputs(
+        self, image_id: str, shape: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool weights and winner of unmoved masks: the store's precomputed winner, cached."""
+        if self.masks_path is None:
+            h, w = self.grid_hw
+            return torch.zeros((0, h, w), dtype=torch.float32), torch.full(
+                shape, -1, dtype=torch.int64
+            )
+        cached = self._cache.get(image_id)
+        if cached is None:
+            masks = self._read_masks(image_id, shape)
+            pool = prepare_mask_inputs(masks, self.grid_hw, variant=self.variant).pool_weights
+            winner = torch.from_numpy(np.asarray(self.store.read_winner(image_id), np.int64))
+            cached = (pool.float(), winner)
+            self._cache[image_id] = cached
+        return cached
+
+
+def collate_batch(items: Sequence[Item]) -> Item:
+    """Stack items into a batch; pool_weights are padded with zero rows to (B, Mmax, h, w).
+
+    Returns "id" list[str], "image" (B, 3, H, W) float32, "label" (B, H, W) int64,
+    "pool_weights" (B, Mmax, h, w) float32 and "winner" (B, H, W) int64.
+    """
+    pools = [item["pool_weights"] for item in items]
+    m_max = max((p.shape[0] for p in pools), default=0)
+    h, w = pools[0].shape[1:]
+    padded = torch.zeros((len(items), m_max, h, w), dtype=torch.float32)
+    for i, pool in enumerate(pools):
+        padded[i, : pool.shape[0]] = pool
+    return {
+        "id": [item["id"] for item in items],
+        "image": torch.stack([item["image"] for item in items]),
+        "label": torch.stack([item["label"] for item in items]),
+        "pool_weights": padded,
+        "winner": torch.stack([item["winner"] for item in items]),
+    }
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: derive python/numpy seeds from the worker's torch seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(
+    dataset: Dataset[Item],
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A deterministic DataLoader: a seeded ``torch.Generator`` drives shuffling and worker seeds.
+
+    Call :func:`set_loader_epoch` before each epoch to make the epoch's order a function of
+    ``(seed, epoch)`` alone (what makes a resumed run match an uninterrupted one).
+    """
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_batch,
+        drop_last=drop_last,
+        generator=generator,
+        worker_init_fn=seed_worker,
+        persistent_workers=False,  # workers must re-read the dataset's epoch each epoch
+    )
+
+
+def set_loader_epoch(loader: DataLoader, seed: int, epoch: int, cycle: int = 0) -> None:
+    """Reseed ``loader``'s shuffle and its dataset's augmentation for ``epoch`` (and ``cycle``,
+    the number of times the loader was restarted within that epoch)."""
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed * 1_000_003 + epoch * 1_009 + cycle)
+    if isinstance(loader.dataset, SegDataset):
+        loader.dataset.set_epoch(epoch * 1_009 + cycle)
+
+
+def make_train_loaders(
+    prepared: Path,
+    train_ids: Sequence[str],
+    val_ids: Sequence[str],
+    masks: Path | None,
+    grid_hw: tuple[int, int],
+    batch_size: int,
+    seed: int,
+    augment: Augmenter | None = None,
+    pseudo: tuple[Sequence[str], Path] | None = None,
+    num_workers: int = 0,
+) -> tuple[DataLoader, DataLoader | None, DataLoader | None]:
+    """The (train, pseudo, val) loaders of one training run; pseudo / val are None when empty.
+
+    Labels come from ``prepared/labels``; ``pseudo`` is (pool ids, pseudo-label folder holding
+    ``labels/<id>.png``). Train and pseudo are shuffled and augmented with ``augment``.
+    """
+    labels = Path(prepared) / "labels"
+    train = SegDataset(prepared, train_ids, labels, masks, grid_hw, augment=augment, seed=seed)
+    train_loader = make_loader(train, batch_size, True, seed, num_workers)
+    pseudo_loader = None
+    if pseudo is not None and len(pseudo[0]):
+        label_dir = Path(pseudo[1]) / "labels"
+        pool = SegDataset(
+            prepared, pseudo[0], label_dir, masks, grid_hw, augment=augment, seed=seed + 1
+        )
+        pseudo_loader = make_loader(pool, batch_size, True, seed + 1, num_workers)
+    val = SegDataset(prepared, val_ids, labels, masks, grid_hw)
+    val_loader = make_loader(val, batch_size, False, seed, num_workers) if len(val) else None
+    return train_loader, pseudo_loader, val_loader

@@ -1,0 +1,297 @@
+"""Evaluation of segmentation models: batched inference, confusion matrices, overlay images.
+
+Inference runs the model's own forward pass, either with SAM mask aggregation (``use_masks=True``:
+the batch's ``pool_weights`` and ``winner`` from the mask store) or per pixel (``use_masks=False``:
+``pool_weights=None``, the upsampled embedding · text prediction). mIoU itself is computed only in
+:mod:`opensam.metrics`; this module accumulates the confusion matrix it reads.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from opensam.constants import IGNORE_INDEX
+from opensam.datasets import SegDataset, make_loader
+from opensam.errors import InputError
+from opensam.metrics import confusion_matrix
+from opensam.plots import DEFAULT_STRIDE, confusion_rows
+
+log = logging.getLogger(__name__)
+
+# (ids, images (B, 3, H, W) float [0, 1], labels (B, H, W) int64, preds (B, H, W) int64), on CPU
+BatchSink = Callable[[list[str], torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def load_splits(prepared: Path) -> dict[str, Any]:
+    """Read ``prepared/splits.json`` (format in docs/architecture.md)."""
+    path = Path(prepared) / "splits.json"
+    try:
+        splits = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (run the prepare stage)") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.msg})") from None
+    if not isinstance(splits, dict) or "image_size" not in splits:
+        raise InputError(f"{path}: expected a mapping with 'image_size' and the split id lists")
+    return splits
+
+
+def build_loader(
+    model: nn.Module,
+    prepared: Path,
+    ids: Sequence[str],
+    label_dir: Path | None,
+    masks: Path | None,
+    batch_size: int,
+    num_workers: int = 0,
+) -> DataLoader:
+    """An unshuffled loader of :class:`SegDataset` items on the model's embedding grid."""
+    image_size = int(load_splits(prepared)["image_size"])
+    grid_hw = model.grid_hw(image_size)  # type: ignore[operator]
+    dataset = SegDataset(Path(prepared), list(ids), label_dir, masks, grid_hw)
+    return make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def forward_batch(model: nn.Module, batch: Mapping[str, Any], use_masks: bool) -> torch.Tensor:
+    """One inference forward pass; returns (B, C, H, W) float32 log-probabilities on the CPU.
+
+    ``use_masks=False`` passes ``pool_weights=None`` (per-pixel prediction, no masks).
+    """
+    return forward_batch_modes(model, batch, (use_masks,))[0]
+
+
+def forward_batch_modes(
+    model: nn.Module, batch: Mapping[str, Any], modes: Sequence[bool]
+) -> list[torch.Tensor]:
+    """(B, C, H, W) float32 CPU log-probabilities of one batch, one per ``use_masks`` in ``modes``.
+
+    A model with ``embed``/``log_probs`` (:class:`opensam.model.OpenSamModel`) embeds the images
+    once for all modes (the image tower dominates the cost); any other module is called once per
+    mode as ``model(images, pool_weights=..., winner=...)``.
+    """
+    device = _model_device(model)
+    images = batch["image"].to(device)
+    shared = len(modes) > 1 and hasattr(model, "embed") and hasattr(model, "log_probs")
+    outs = []
+    with torch.inference_mode():
+        emb = model.embed(images) if shared else None  # type: ignore[operator]
+        for use_masks in modes:
+            pool = batch["pool_weights"].to(device) if use_masks else None
+            winner = batch["winner"].to(device) if use_masks else None
+            if emb is not None:
+                out_hw = (images.shape[-2], images.shape[-1])
+                out = model.log_probs(emb, out_hw, pool, winner)  # type: ignore[operator]
+            else:
+                out = model(images, pool_weights=pool, winner=winner)
+            outs.append(out.float().cpu())
+    return outs
+
+
+def predict_batches(
+    model: nn.Module, loader: DataLoader, modes: Sequence[bool], desc: str = "predict"
+) -> Iterator[tuple[Mapping[str, Any], list[torch.Tensor]]]:
+    """Yield ``(batch, [log_probs (B, C, H, W) float32 per mode])``, the model in eval mode.
+
+    Inference mode is entered per batch (not around the ``yield``), so the caller's code between
+    batches runs with its own autograd state.
+    """
+    model.eval()
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+        yield batch, forward_batch_modes(model, batch, modes)
+
+
+def predict_loader(
+    model: nn.Module, loader: DataLoader, use_masks: bool
+) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """Yield ``(ids, log_probs (B, C, H, W) float32)`` per batch of ``loader``.
+
+    ``use_masks=False`` passes ``pool_weights=None``: the per-pixel prediction.
+    """
+    for batch, (log_probs,) in predict_batches(model, loader, (use_masks,)):
+        yield [str(i) for i in batch["id"]], log_probs
+
+
+def evaluate_model_modes(
+    model: nn.Module,
+    prepared: Path,
+    ids: Sequence[str],
+    label_dir: Path,
+    masks: Path | None,
+    batch_size: int,
+    modes: Sequence[bool] = (True, False),
+    sink: BatchSink | None = None,
+    num_workers: int = 0,
+) -> dict[bool, np.ndarray]:
+    """``{use_masks: confusion (C, C) int64}`` for each mode, from one pass over ``ids``.
+
+    Confusion rows are ground truth, columns prediction; labels come from ``label_dir/<id>.png``
+    (255 = ignored). ``masks`` (the mask store) is needed when a mode uses masks. ``sink``, when
+    given, receives every batch's ids, images, labels and the first mode's hard predictions (e.g.
+    to write overlays) without another inference pass.
+    """
+    if any(modes) and masks is None:
+        raise ValueError("use_masks=True needs a mask store")
+    store = masks if any(modes) else None
+    loader = build_loader(model, prepared, ids, label_dir, store, batch_size, num_workers)
+    confusion: dict[bool, np.ndarray] = {}
+    for batch, outs in predict_batches(model, loader, modes, desc="evaluate"):
+        labels = batch["label"].long()
+        for use_masks, log_probs in zip(modes, outs, strict=True):
+            pred = log_probs.argmax(dim=1)
+            conf = np.asarray(confusion_matrix(pred, labels, log_probs.shape[1]), dtype=np.int64)
+            confusion[use_masks] = confusion[use_masks] + conf if use_masks in confusion else conf
+            if sink is not None and use_masks == modes[0]:
+                sink([str(i) for i in batch["id"]], batch["image"], labels, pred)
+    if not confusion:
+        raise ValueError("no images to evaluate")
+    return confusion
+
+
+def evaluate_model(
+    model: nn.Module,
+    prepared: Path,
+    ids: Sequence[str],
+    label_dir: Path,
+    masks: Path | None,
+    batch_size: int,
+    use_masks: bool,
+    sink: BatchSink | None = None,
+    num_workers: int = 0,
+) -> np.ndarray:
+    """Confusion matrix (C, C) int64 (rows = ground truth, columns = prediction) over ``ids``.
+
+    Labels come from ``label_dir/<id>.png`` (255 = ignored). ``masks`` (the mask store) is needed
+    only with ``use_masks``. ``sink``: see :func:`evaluate_model_modes`.
+    """
+    modes = (use_masks,)
+    return evaluate_model_modes(
+        model, prepared, ids, label_dir, masks, batch_size, modes, sink, num_workers
+    )[use_masks]
+
+
+def class_colors(
+    colors: Sequence[Sequence[int] | None], fallback: Sequence[Sequence[int]] | None = None
+) -> np.ndarray:
+    """Class colours (C, 3) uint8: ``colors[c]``, else ``fallback[c]``, else a fixed palette."""
+    out = np.zeros((len(colors), 3), dtype=np.uint8)
+    for c, colour in enumerate(colors):
+        if colour is None and fallback is not None and c < len(fallback):
+            colour = fallback[c]
+        if colour is None:  # evenly spaced hues, deterministic
+            rgb = colorsys.hsv_to_rgb(c / max(1, len(colors)), 0.8, 0.9)
+            colour = [round(255 * v) for v in rgb]
+        out[c] = np.asarray(colour, dtype=np.uint8)[:3]
+    return out
+
+
+def colorize_labels(labels: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    """Class ids (H, W) int -> RGB (H, W, 3) uint8; 255 and any id without a colour are black."""
+    labels = np.asarray(labels)
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[: min(len(colors), IGNORE_INDEX)] = colors[:IGNORE_INDEX]
+    palette[IGNORE_INDEX] = 0
+    return palette[np.clip(labels, 0, 255).astype(np.uint8)]
+
+
+def render_overlay(
+    image: np.ndarray, label: np.ndarray, pred: np.ndarray, colors: np.ndarray
+) -> np.ndarray:
+    """Input | ground truth | prediction side by side: (H, 3W, 3) uint8.
+
+    image: (H, W, 3) uint8 RGB; label, pred: (H, W) class ids (255 = black); colors: (C, 3) uint8.
+    """
+    if image.shape[:2] != label.shape or label.shape != pred.shape:
+        raise ValueError(f"shapes differ: image {image.shape}, label {label.shape}, {pred.shape}")
+    return np.concatenate([image, colorize_labels(label, colors), colorize_labels(pred, colors)], 1)
+
+
+def image_to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
+    arr = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return arr.permute(1, 2, 0).cpu().numpy()
+
+
+class PlotCollector:
+    """A :data:`BatchSink` that writes ``overlay_dir/<id>.png`` for the first ``max_overlays``
+    images and keeps DVC confusion rows (:func:`opensam.plots.confusion_rows`) for all of them."""
+
+    def __init__(
+        self,
+        overlay_dir: Path,
+        colors: np.ndarray,
+        class_names: Sequence[str],
+        max_overlays: int,
+        stride: int = DEFAULT_STRIDE,
+    ) -> None:
+        self.overlay_dir = Path(overlay_dir)
+        self.colors = colors
+        self.class_names = list(class_names)
+        self.max_overlays = max_overlays
+        self.stride = stride
+        self.rows: list[dict[str, str]] = []
+        self.written: list[Path] = []
+
+    def __call__(
+        self, ids: list[str], images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor
+    ) -> None:
+        for i, image_id in enumerate(ids):
+            label, pred = labels[i].numpy(), preds[i].numpy()
+            self.rows += confusion_rows(pred, label, self.class_names, self.stride)
+            if len(self.written) < self.max_overlays:
+                panel = render_overlay(image_to_uint8(images[i]), label, pred, self.colors)
+                path = self.overlay_dir / f"{image_id}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(panel).save(path)
+                self.written.append(path)
+
+
+def format_eval_table(results: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]) -> str:
+    """A compact text table: one line per (model, mask mode), mIoU (%) per split."""
+    splits: list[str] = []
+    for modes in results.values():
+        for per_split in modes.values():
+            splits += [s for s in per_split if s not in splits]
+    lines = [f"{'model':<10} {'masks':<14}" + "".join(f"{s:>8}" for s in splits)]
+    for model_name, modes in results.items():
+        for mode, per_split in modes.items():
+            cells = "".join(
+                f"{per_split[s]['miou']:8.2f}" if s in per_split else f"{'-':>8}" for s in splits
+            )
+            lines.append(f"{model_name:<10} {mode:<14}{cells}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "BatchSink",
+    "PlotCollector",
+    "build_loader",
+    "class_colors",
+    "colorize_labels",
+    "evaluate_model",
+    "evaluate_model_modes",
+    "forward_batch",
+    "forward_batch_modes",
+    "format_eval_table",
+    "image_to_uint8",
+    "load_splits",
+    "predict_batches",
+    "predict_loader",
+    "render_overlay",
+]

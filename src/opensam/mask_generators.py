@@ -1,0 +1,329 @@
+"""Region-mask generators by name, and "compute the mask store of these prepared images".
+
+``MASK_GENERATORS`` maps a name (``masks.generator`` in params) to a builder
+``(points_per_side, min_region_area, masks, sam, image_size) -> MaskGenerator``; ``sam`` is
+imported only when chosen (it pulls in torch and segment_anything).
+:func:`precompute_masks` is what the ``masks`` and ``ablation_masks`` stages run: it reuses an
+up-to-date store, resumes an interrupted one, and otherwise computes every image's masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from opensam.config import MasksParams, SamParams
+from opensam.errors import InputError
+from opensam.mask_store import AttrValue, MaskSet, MaskStore, MaskStoreWriter, validate_store
+from opensam.runtime import remove_path
+from opensam.superpixels import SuperpixelGenerator
+
+log = logging.getLogger(__name__)
+
+MAX_PPS = 128
+SUPERPIXEL_MODEL = "slic"  # the ``model`` attr of superpixel stores
+# SamParams fields that change the masks (device and batch size do not; the checkpoint is
+# identified by its sha256, not its path).
+_SAM_OUTPUT_FIELDS: tuple[str, ...] = (
+    "pred_iou_thresh",
+    "stability_score_thresh",
+    "box_nms_thresh",
+)
+_SAM_OUTPUT_FIELDS += ("crop_n_layers", "input")
+
+
+@runtime_checkable
+class MaskGenerator(Protocol):
+    """Region proposals: (H, W, 3) uint8 RGB (+ its original photo) -> MaskSet at (H, W)."""
+
+    def generate(self, image: np.ndarray, original: Path | None = None) -> MaskSet: ...
+
+
+GeneratorBuilder = Callable[[int, int, MasksParams, SamParams, int], MaskGenerator]
+
+
+def _build_superpixels(
+    pps: int, min_region_area: int, masks: MasksParams, sam: SamParams, image_size: int
+) -> MaskGenerator:
+    return SuperpixelGenerator(pps, masks.compactness, min_region_area)
+
+
+def _build_sam(
+    pps: int, min_region_area: int, masks: MasksParams, sam: SamParams, image_size: int
+) -> MaskGenerator:
+    # heavy: torch + segment_anything; the ignore covers a sam_masks without the builder yet
+    from opensam.sam_masks import build_sam_generator  # type: ignore[attr-defined]
+
+    generator: MaskGenerator = build_sam_generator(sam, pps, min_region_area, image_size)
+    return generator
+
+
+MASK_GENERATORS: dict[str, GeneratorBuilder] = {
+    "superpixels": _build_superpixels,
+    "sam": _build_sam,
+}
+
+
+def check_mask_params(pps: int, min_region_area: int, image_size: int, where: str) -> None:
+    """Raise InputError ("<where>: ...") unless 1 <= pps <= 128 and 0 <= area < image_size²."""
+    if not 1 <= pps <= MAX_PPS:
+        raise InputError(f"{where}: pps must be in 1..{MAX_PPS}, got {pps}")
+    if not 0 <= min_region_area < image_size * image_size:
+        raise InputError(
+            f"{where}: min_region_area must be in 0..{image_size * image_size - 1} "
+            f"(pixels of a {image_size}x{image_size} image), got {min_region_area}"
+        )
+
+
+def check_generator_name(name: str, where: str) -> None:
+    """Raise InputError unless ``name`` is a key of MASK_GENERATORS."""
+    if name not in MASK_GENERATORS:
+        known = ", ".join(sorted(MASK_GENERATORS))
+        raise InputError(f"{where}: unknown mask generator {name!r} (known: {known})")
+
+
+def build_generator(
+    name: str,
+    pps: int,
+    min_region_area: int,
+    masks: MasksParams,
+    sam: SamParams,
+    image_size: int = 256,
+) -> MaskGenerator:
+    """The generator ``name`` (``superpixels`` | ``sam``); masks come at ``image_size``²."""
+    check_generator_name(name, "masks.generator")
+    return MASK_GENERATORS[name](pps, min_region_area, masks, sam, image_size)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """sha256 of a (large) checkpoint, cached beside it in ``.<name>.sha256`` by size and mtime."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: SAM checkpoint not found")
+    stat = path.stat()
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    cache = path.with_name(f".{path.name}.sha256")
+    try:
+        cached = json.loads(cache.read_text())
+        if {k: cached.get(k) for k in key} == key and isinstance(cached.get("sha256"), str):
+            return str(cached["sha256"])
+    except (OSError, ValueError):
+        pass
+    sha = file_sha256(path)
+    try:
+        cache.write_text(json.dumps({**key, "sha256": sha}) + "\n")
+    except OSError as exc:  # a read-only models/ folder: just hash again next time
+        log.debug("cannot cache %s: %s", cache, exc)
+    return sha
+
+
+def store_attrs(
+    generator: str,
+    pps: int,
+    min_region_area: int,
+    image_size: int,
+    masks: MasksParams,
+    sam: SamParams,
+) -> dict[str, AttrValue]:
+    """The mask store's file attrs (DESIGN.md) plus ``generator_config``, a JSON string of the
+    generator settings that change its output, so that a resume never mixes settings."""
+    if generator == "sam":
+        sha = checkpoint_sha256(sam.checkpoint) if sam.checkpoint else ""
+        model, config = sam.model, {k: getattr(sam, k) for k in _SAM_OUTPUT_FIELDS}
+    else:
+        sha, model, config = "", SUPERPIXEL_MODEL, {"compactness": masks.compactness}
+    return {
+        "generator": generator,
+        "model": model,
+        "checkpoint_sha256": sha,
+        "pps": pps,
+        "min_region_area": min_region_area,
+        "image_size": image_size,
+        "generator_config": json.dumps(config, sort_keys=True),
+    }
+
+
+def read_splits(prepared_dir: Path) -> dict[str, Any]:
+    """``<prepared_dir>/splits.json`` checked for the keys the masks stages use."""
+    path = Path(prepared_dir) / "splits.json"
+    try:
+        splits = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (run the prepare stage first)") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(splits, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    for key in ("train", "val", "test", "unlabelled"):
+        if not isinstance(splits.get(key, []), list):
+            raise InputError(f"{path}: {key!r} must be a list of image ids")
+    size = splits.get("image_size")
+    if not isinstance(size, int) or size < 1:
+        raise InputError(f"{path}: 'image_size' must be a positive integer, got {size!r}")
+    return splits
+
+
+def mask_image_ids(
+    splits: Mapping[str, Any], max_ratio: int, where: str = "params.yaml"
+) -> list[str]:
+    """All labelled ids (train, val, test) + the first ``max_ratio * len(train)`` unlabelled."""
+    if max_ratio < 0:
+        raise InputError(f"{where}: masks.max_ratio must be >= 0, got {max_ratio}")
+    train = list(splits.get("train", []))
+    labelled = train + list(splits.get("val", [])) + list(splits.get("test", []))
+    pool = list(splits.get("unlabelled", []))[: max_ratio * len(train)]
+    return [str(i) for i in dict.fromkeys(labelled + pool)]
+
+
+def ablation_image_ids(
+    splits: Mapping[str, Any], count: int, where: str = "params.yaml"
+) -> list[str]:
+    """The first ``count`` train ids (all of them, with a warning, if there are fewer)."""
+    if count < 1:
+        raise InputError(f"{where}: ablation.images must be >= 1, got {count}")
+    train = [str(i) for i in splits.get("train", [])]
+    if len(train) < count:
+        log.warning("ablation.images = %d but only %d train images", count, len(train))
+    return train[:count]
+
+
+def read_prepared_image(path: Path, image_size: int) -> np.ndarray:
+    """A prepared image as (S, S, 3) uint8 RGB; InputError if missing, unreadable or resized."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode, size = img.mode, img.size
+            array = np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: prepared image not found") from None
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
+    if size != (image_size, image_size) or mode not in ("RGB", "RGBA", "L"):
+        raise InputError(
+            f"{path}: expected a {image_size}x{image_size} RGB image, got {size[0]}x{size[1]} "
+            f"{mode} (rerun the prepare stage)"
+        )
+    return array
+
+
+def compute_mask_store(
+    prepared_dir: Path,
+    out_path: Path,
+    image_ids: Sequence[str],
+    generator: MaskGenerator | Callable[[], MaskGenerator],
+    attrs: Mapping[str, AttrValue],
+    originals: Mapping[str, Path] | None = None,
+) -> dict[str, float]:
+    """Write the masks of ``<prepared_dir>/images/<id>.png`` for ``image_ids`` to ``out_path``.
+
+    Reuses ``out_path`` if it already matches (attrs, ids, image digests); otherwise resumes the
+    partial store, skipping images already done there, and computes the rest. ``generator`` may
+    be a zero-argument builder, called only if some image needs computing (loading SAM is slow).
+    ``originals`` maps ids to original photos, handed to ``generate``. Returns
+    :func:`summarize_store` of the finished store.
+    """
+    prepared_dir, out_path = Path(prepared_dir), Path(out_path)
+    ids = [str(i) for i in image_ids]
+    if len(set(ids)) != len(ids):
+        raise ValueError("image_ids has duplicates")
+    size = int(attrs["image_size"])
+    paths = {i: prepared_dir / "images" / f"{i}.png" for i in ids}
+    for path in paths.values():
+        if not path.is_file():
+            raise InputError(f"{path}: prepared image not found")
+    digests = {i: file_sha256(p) for i, p in paths.items()}
+    if validate_store(out_path, attrs, ids, digests):
+        log.info("%s: up to date, reusing it", out_path)
+        return summarize_store(out_path)
+    if out_path.exists() or out_path.is_symlink():
+        log.info("%s: removing the stale store before rebuilding it", out_path)
+        remove_path(out_path)
+    with MaskStoreWriter(out_path, attrs, ids) as writer:
+        done = writer.done_ids()
+        todo = [i for i in ids if done.get(i) != digests[i]]  # a changed image is redone
+        log.info("%s: %d of %d image(s) to compute", out_path, len(todo), len(ids))
+        if todo:
+            gen = generator if isinstance(generator, MaskGenerator) else generator()
+            for image_id in tqdm(todo, desc=f"masks {out_path.name}", unit="img"):
+                image = read_prepared_image(paths[image_id], size)
+                original = originals.get(image_id) if originals else None
+                writer.write(image_id, gen.generate(image, original), digests[image_id])
+    summary = summarize_store(out_path)
+    log.info(
+        "%s: %d images, masks per image min %d / median %.1f / max %d, %.0f bytes per image "
+        "(%.1fx smaller than raw bit-packed)",
+        out_path, summary["images"], summary["masks_min"], summary["masks_median"],
+        summary["masks_max"], summary["bytes_per_image"], summary["compression"],
+    )  # fmt: skip
+    return summary
+
+
+def summarize_store(path: Path) -> dict[str, float]:
+    """Masks per image (min, median, max), file bytes per image and the ratio to raw bit-packed
+    bytes (sum of n * ceil(H*W/8))."""
+    store = MaskStore(path)
+    try:
+        ids = store.ids()
+        counts = np.array([store.num_masks(i) for i in ids], np.int64)
+        h, w = store.image_shape
+    finally:
+        store.close()
+    n_images = max(len(ids), 1)
+    file_bytes = Path(path).stat().st_size
+    raw = int(counts.sum()) * math.ceil(h * w / 8)
+    return {
+        "images": float(len(ids)),
+        "masks_min": float(counts.min()) if counts.size else 0.0,
+        "masks_median": float(np.median(counts)) if counts.size else 0.0,
+        "masks_max": float(counts.max()) if counts.size else 0.0,
+        "bytes_per_image": file_bytes / n_images,
+        "raw_bytes_per_image": raw / n_images,
+        "compression": raw / file_bytes if file_bytes else 0.0,
+    }
+
+
+def precompute_masks(
+    prepared_dir: Path,
+    out_path: Path,
+    image_ids: Sequence[str],
+    pps: int,
+    min_region_area: int,
+    masks: MasksParams,
+    sam: SamParams,
+    image_size: int,
+    where: str = "params.yaml",
+) -> dict[str, float]:
+    """Check the settings, build the store attrs, and run :func:`compute_mask_store` with the
+    ``masks.generator`` generator (built only if some image needs it). ``where`` names the
+    source of the settings in error messages."""
+    check_generator_name(masks.generator, f"{where}: masks.generator")
+    check_mask_params(pps, min_region_area, image_size, where)
+    if not image_ids:
+        raise InputError(f"{Path(prepared_dir) / 'splits.json'}: no images to compute masks for")
+    attrs = store_attrs(masks.generator, pps, min_region_area, image_size, masks, sam)
+    splits = read_splits(prepared_dir)
+    sources = splits.get("sources") or {}
+    originals = {str(k): Path(v) for k, v in sources.items() if isinstance(v, str)}
+
+    def make() -> MaskGenerator:
+        return MASK_GENERATORS[masks.generator](pps, min_region_area, masks, sam, image_size)
+
+    return compute_mask_store(prepared_dir, out_path, image_ids, make, attrs, originals)

@@ -1,0 +1,253 @@
+"""The OpenSAM model: dense CLIP image tower + decoder + fixed text embeddings + mask aggregation,
+and its checkpoints (format in docs/architecture.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from opensam.aggregation import aggregate_log_probs, prepare_mask_inputs
+from opensam.clip_model import (
+    DenseImageTower,
+    create_clip,
+    create_visual,
+    encode_prompts,
+    get_tokenizer,
+    image_mean_std,
+)
+from opensam.config import ClipParams
+from opensam.errors import InputError
+from opensam.runtime import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+class Decoder(nn.Module):
+    """A decoder maps the tower's (B, D, h, w) grid to a (B, D, h', w') map whose *bilinear
+    upsampling* to H×W is the dense embedding; :meth:`out_grid` reports (h', w'). The mask
+    aggregation pools on that grid, so any decoder composes with exact NU."""
+
+    def out_grid(self, grid_hw: tuple[int, int]) -> tuple[int, int]:
+        """Output grid (h', w') for an input grid (h, w)."""
+        return grid_hw
+
+
+class UpsampleDecoder(Decoder):
+    """The thesis's decoder ("NU"): bilinear upsampling to image size, no parameters.
+
+    The map passes through unchanged: the upsampling is folded exactly into the aggregation
+    (pool weights and per-pixel logits on the (h, w) grid, see :mod:`opensam.aggregation`).
+    """
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) → (B, D, h, w), unchanged."""
+        return emb
+
+
+DECODERS: dict[str, Callable[[int], Decoder]] = {"upsample": UpsampleDecoder}
+
+
+def build_decoder(name: str, embed_dim: int) -> Decoder:
+    """Decoder from :data:`DECODERS` by name (``clip.decoder`` in params)."""
+    if name not in DECODERS:
+        raise InputError(f"clip.decoder '{name}': unknown decoder (known: {', '.join(DECODERS)})")
+    return DECODERS[name](embed_dim)
+
+
+class OpenSamModel(nn.Module):
+    """Dense CLIP tower → decoder → L2-normalised embeddings → class log-probabilities.
+
+    Buffers: ``text_embeddings`` (C, D) float32 L2-normalised; ``logit_scale`` () float32 (the
+    CLIP model's ``exp(logit_scale)``, fixed); ``mean``/``std`` (3,) the CLIP image normalisation.
+    """
+
+    text_embeddings: torch.Tensor
+    logit_scale: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(
+        self,
+        tower: DenseImageTower,
+        decoder: Decoder,
+        text_embeddings: torch.Tensor,
+        logit_scale: float,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
+        super().__init__()
+        self.tower = tower
+        self.decoder = decoder
+        self.register_buffer("text_embeddings", text_embeddings.detach().float().clone())
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.text_embeddings.shape[0])
+
+    def grid_hw(self, image_size: int) -> tuple[int, int]:
+        """Grid (h, w) of :meth:`embed` for a square ``image_size`` input (pool weights' grid)."""
+        return self.decoder.out_grid(self.tower.grid_hw((image_size, image_size)))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) float in [0, 1] → (B, D, h, w) float, L2-normalised per location."""
+        x = (images - self.mean) / self.std
+        emb = self.decoder(self.tower(x))
+        return nn.functional.normalize(emb, dim=1)
+
+    def log_probs(
+        self,
+        emb: torch.Tensor,
+        out_hw: tuple[int, int],
+        pool_weights: torch.Tensor | None = None,
+        winner: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Class log-probabilities (B, C, H, W) from :meth:`embed`'s output (B, D, h, w), e.g. to
+        score several mask sets on one embedding; arguments as in :meth:`forward`."""
+        text, scale = self.text_embeddings, self.logit_scale
+        return aggregate_log_probs(emb, text, scale, pool_weights, winner, out_hw)
+
+    @torch.no_grad()
+    def embed_many(self, images: Sequence[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
+        """:meth:`embed` of N (3, H, W) float images in batches (progress bar) → (N, D, h, w)."""
+        out = []
+        for start in tqdm(range(0, len(images), batch_size), desc="embed", unit="batch"):
+            out.append(self.embed(torch.stack(list(images[start : start + batch_size]))))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def predict_embedding(
+        self,
+        emb: torch.Tensor,
+        out_hw: tuple[int, int],
+        masks: torch.Tensor | np.ndarray | None = None,
+        variant: str = "nu",
+    ) -> torch.Tensor:
+        """Class ids (H, W) int64 of one image from its embedding (D, h, w) and its masks
+        ((M, H, W) bool, largest first; None: per-pixel prediction only)."""
+        pool = winner = None
+        if masks is not None:
+            inputs = prepare_mask_inputs(masks, (emb.shape[-2], emb.shape[-1]), variant)
+            pool, winner = inputs.pool_weights[None], inputs.winner[None]
+        return self.log_probs(emb[None], out_hw, pool, winner)[0].argmax(0)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        pool_weights: torch.Tensor | None = None,
+        winner: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """images (B, 3, H, W) float in [0, 1]; pool_weights (B, M, h, w) float32 and winner
+        (B, H, W) int64 (see :func:`opensam.aggregation.prepare_mask_inputs`) or None →
+        (B, C, H, W) log-probabilities."""
+        out_hw = (images.shape[-2], images.shape[-1])
+        return self.log_probs(self.embed(images), out_hw, pool_weights, winner)
+
+
+def _assemble(
+    visual: nn.Module,
+    clip: ClipParams,
+    text: torch.Tensor,
+    scale: float,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> OpenSamModel:
+    tower = DenseImageTower(visual)
+    decoder = build_decoder(clip.decoder, tower.embed_dim)
+    if text.shape[1] != tower.embed_dim:
+        raise InputError(f"text embeddings have D={text.shape[1]}, image tower D={tower.embed_dim}")
+    return OpenSamModel(tower, decoder, text, scale, mean, std)
+
+
+def build_model(clip: ClipParams, prompts: list[str], drop_path: float = 0.0) -> OpenSamModel:
+    """A fresh model from CLIP weights (``clip.pretrained``); the text tower encodes ``prompts``
+    once (C = len(prompts)) and is then dropped."""
+    clip_model = cast(Any, create_clip(clip.model, clip.pretrained, drop_path))
+    text = encode_prompts(clip_model, get_tokenizer(clip.model), prompts, clip.templates)
+    scale = float(clip_model.logit_scale.detach().exp())
+    mean, std = image_mean_std(clip_model)
+    model = _assemble(clip_model.visual, clip, text, scale, mean, std)
+    return model.eval()
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: OpenSamModel,
+    classes: list[str],
+    clip: ClipParams,
+    image_size: int,
+    **extra: Any,
+) -> None:
+    """Write a checkpoint dict atomically: ``state_dict``, ``clip``, ``classes``, ``image_size``,
+    ``text_embeddings`` (C, D) float32, ``epoch``, ``val_miou`` (None unless given), plus
+    ``extra``."""
+    ckpt: dict[str, Any] = {"epoch": None, "val_miou": None}
+    ckpt.update(extra)
+    ckpt.update(
+        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        clip=dataclasses.asdict(clip),
+        classes=list(classes),
+        image_size=int(image_size),
+        text_embeddings=model.text_embeddings.detach().cpu().float().clone(),
+    )
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated or foreign pickle
+        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    required = ("state_dict", "clip", "classes", "image_size", "text_embeddings")
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise InputError(f"{path}: not an OpenSAM checkpoint (missing {', '.join(missing)})")
+    return dict(ckpt)
+
+
+def load_checkpoint(
+    path: str | Path, expected_classes: list[str] | None = None, drop_path: float = 0.0
+) -> tuple[OpenSamModel, dict[str, Any]]:
+    """Rebuild the model saved by :func:`save_checkpoint` (no CLIP weights or text tower needed).
+
+    Returns (model in eval mode, the checkpoint dict without ``state_dict``). Raises
+    :class:`InputError` if the classes differ from ``expected_classes`` or the weights don't fit.
+    """
+    path = Path(path)
+    ckpt = _read_checkpoint(path)
+    classes = list(ckpt["classes"])
+    if expected_classes is not None and classes != list(expected_classes):
+        raise InputError(
+            f"{path}: checkpoint classes {classes} differ from expected {list(expected_classes)}"
+        )
+    try:
+        clip = ClipParams(**ckpt["clip"])
+    except TypeError as exc:
+        raise InputError(f"{path}: bad 'clip' entry ({exc})") from None
+    state = ckpt.pop("state_dict")
+    visual = create_visual(clip.model, drop_path)
+    text = ckpt["text_embeddings"]
+    model = _assemble(visual, clip, text, 1.0, (0.0,) * 3, (1.0,) * 3)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise InputError(f"{path}: weights do not fit {clip.model} ({first[:200]})") from None
+    return model.eval(), ckpt

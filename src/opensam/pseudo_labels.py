@@ -1,0 +1,183 @@
+"""Pseudo-labels: the teacher's hard predictions on the unlabelled pool, and their quality.
+
+Layout of a pseudo-label folder (``data/pseudo/``)::
+
+    labels/<id>.png      mode L uint8 class ids; 255 where the max probability < conf_threshold
+    confidence/<id>.png  mode L uint8 round(255 * max probability)
+    ids.json             the labelled ids, a JSON list in pool order
+
+The pool for a ratio r is the first ``r * len(train)`` ids of ``splits["unlabelled"]`` (a fixed
+seeded order), so a larger ratio's pool contains the smaller one's. Pseudo-label quality is
+measured against ``prepared/unlabelled_gt/<id>.png`` when the source has hidden ground truth;
+training never reads that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from opensam.constants import IGNORE_INDEX
+from opensam.errors import InputError
+from opensam.evaluation import build_loader, load_splits, predict_loader
+from opensam.metrics import confusion_matrix, miou_report
+
+log = logging.getLogger(__name__)
+
+LABELS_DIR = "labels"
+CONFIDENCE_DIR = "confidence"
+IDS_FILE = "ids.json"
+HIDDEN_GT_DIR = "unlabelled_gt"
+
+
+def select_pool_ids(unlabelled: Sequence[str], num_train: int, ratio: int) -> list[str]:
+    """The first ``ratio * num_train`` unlabelled ids (all of them, with a warning, if fewer)."""
+    wanted = ratio * num_train
+    if wanted > len(unlabelled):
+        log.warning(
+            "ratio %d wants %d unlabelled images, only %d exist", ratio, wanted, len(unlabelled)
+        )
+    return [str(i) for i in unlabelled[:wanted]]
+
+
+def hard_labels(
+    log_probs: torch.Tensor, conf_threshold: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard pseudo-labels from (B, C, H, W) log-probabilities.
+
+    Returns labels (B, H, W) uint8 (argmax; ``IGNORE_INDEX`` where the max probability is below
+    ``conf_threshold``, when set) and the max probability (B, H, W) float32 in [0, 1].
+    """
+    if log_probs.shape[1] >= IGNORE_INDEX:
+        raise ValueError(f"{log_probs.shape[1]} classes do not fit uint8 labels with 255 = ignore")
+    conf, labels = log_probs.float().exp().max(dim=1)
+    labels = labels.to(torch.uint8)
+    if conf_threshold is not None:
+        labels[conf < conf_threshold] = IGNORE_INDEX
+    return labels, conf
+
+
+def confidence_to_uint8(conf: torch.Tensor) -> np.ndarray:
+    """Max probability (..., H, W) float in [0, 1] -> uint8 round(255 * p)."""
+    return conf.clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+
+
+def generate_pseudo_labels(
+    model: nn.Module,
+    prepared: Path,
+    ids: list[str],
+    masks: Path | None,
+    out_dir: Path,
+    conf_threshold: float | None,
+    batch_size: int,
+    use_masks: bool = True,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Predict ``ids`` and write ``out_dir/{labels,confidence}/<id>.png`` and ``out_dir/ids.json``.
+
+    ``out_dir`` is written in place (a stage wraps it in ``atomic_path``). Returns
+    ``{"images": n, "mean_confidence": mean max prob in [0, 1], "ignored_fraction": share of
+    pixels set to 255}`` plus ``"vs_hidden_gt"`` (a ``miou_report``, percent) when
+    ``prepared/unlabelled_gt/<id>.png`` exists for some ids. ``class_names`` default to
+    ``splits.json``'s classes.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / LABELS_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIDENCE_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / IDS_FILE).write_text(json.dumps(list(ids), indent=1) + "\n")
+    if not ids:
+        return {"images": 0, "mean_confidence": None, "ignored_fraction": None}
+    if use_masks and masks is None:
+        raise ValueError("use_masks=True needs a mask store")
+    loader = build_loader(model, prepared, ids, None, masks if use_masks else None, batch_size)
+    conf_sum, ignored, pixels = 0.0, 0, 0
+    for batch_ids, log_probs in predict_loader(model, loader, use_masks):
+        labels, conf = hard_labels(log_probs, conf_threshold)
+        conf_u8 = confidence_to_uint8(conf)
+        for i, image_id in enumerate(batch_ids):
+            Image.fromarray(labels[i].numpy()).save(out_dir / LABELS_DIR / f"{image_id}.png")
+            Image.fromarray(conf_u8[i]).save(out_dir / CONFIDENCE_DIR / f"{image_id}.png")
+        conf_sum += float(conf.double().sum())
+        ignored += int((labels == IGNORE_INDEX).sum())
+        pixels += labels.numel()
+    summary: dict[str, Any] = {
+        "images": len(ids),
+        "mean_confidence": round(conf_sum / pixels, 6),
+        "ignored_fraction": round(ignored / pixels, 6),
+    }
+    names = list(class_names) if class_names is not None else load_splits(prepared)["classes"]
+    quality = measure_pseudo_quality(out_dir, prepared, ids, names)
+    if quality is not None:
+        summary["vs_hidden_gt"] = quality
+    log.info("pseudo-labels: %s", {k: v for k, v in summary.items() if k != "vs_hidden_gt"})
+    return summary
+
+
+def read_label_png(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A mode-L class-id PNG as (H, W) uint8; ``shape`` (H, W) is checked when given."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P"):
+                raise InputError(f"{path}: expected a mode L label image, got mode {img.mode}")
+            arr = np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+    if shape is not None and arr.shape != tuple(shape):
+        raise InputError(f"{path}: size {arr.shape} differs from the expected {tuple(shape)}")
+    return arr
+
+
+def measure_pseudo_quality(
+    pseudo_dir: Path, prepared: Path, ids: Sequence[str], class_names: Sequence[str]
+) -> dict[str, Any] | None:
+    """mIoU report (percent) of ``pseudo_dir/labels`` against ``prepared/unlabelled_gt``.
+
+    Only ids with a hidden ground-truth file count; ``None`` if there is none. Pixels the
+    pseudo-label ignores (255, below the confidence threshold) are left out, as they are in
+    training; ``ignored_fraction`` reports how many there are.
+    """
+    gt_dir = Path(prepared) / HIDDEN_GT_DIR
+    with_gt = [i for i in ids if (gt_dir / f"{i}.png").is_file()]
+    if not with_gt:
+        return None
+    num_classes = len(class_names)
+    total = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for image_id in with_gt:
+        pred = read_label_png(Path(pseudo_dir) / LABELS_DIR / f"{image_id}.png")
+        gt = read_label_png(gt_dir / f"{image_id}.png", pred.shape)
+        gt = np.where(pred == IGNORE_INDEX, IGNORE_INDEX, gt)
+        conf = confusion_matrix(
+            torch.from_numpy(pred.astype(np.int64)),
+            torch.from_numpy(gt.astype(np.int64)),
+            num_classes,
+        )
+        total += np.asarray(conf, dtype=np.int64)
+    log.info("pseudo-label quality measured on %d/%d images with hidden GT", len(with_gt), len(ids))
+    return miou_report(total, list(class_names))
+
+
+def load_pseudo_ids(pseudo_dir: Path) -> list[str]:
+    """The ids of a pseudo-label folder (``ids.json``), checking every label file exists."""
+    path = Path(pseudo_dir) / IDS_FILE
+    try:
+        ids = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (run the pseudolabel stage)") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.msg})") from None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise InputError(f"{path}: expected a JSON list of image ids")
+    missing = [i for i in ids if not (Path(pseudo_dir) / LABELS_DIR / f"{i}.png").is_file()]
+    if missing:
+        raise InputError(f"{path}: {len(missing)} ids have no label file, e.g. {missing[0]}")
+    return ids

@@ -1,0 +1,470 @@
+"""The one training loop, shared by the teacher warm-up and the student.
+
+AdamW with a per-step cosine learning rate, weighted NLL on the model's aggregated
+log-probabilities (255 ignored), an optional pseudo-labelled loader mixed into every step with a
+ramped weight α(t), per-epoch DVCLive metrics, a checkpoint per epoch (a killed run resumes from
+the last one and ends with the same weights), and the best epoch kept by validation mIoU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from opensam.config import TrainParams
+from opensam.constants import IGNORE_INDEX
+from opensam.datasets import set_loader_epoch
+from opensam.errors import InputError
+from opensam.evaluation import evaluate_model
+from opensam.metrics import confusion_matrix, miou_from_confusion, miou_report
+from opensam.runtime import atomic_path
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.pt"
+CHECKPOINT_FORMAT = 1
+EpochCallback = Callable[[int, dict[str, Any]], None]  # (epoch 1-based, history entry)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the loop needs; ``class_weights`` None = unweighted, ``alpha_f`` 0 = no pseudo
+    loss. ``t1``, ``t2`` are the ramp's start and end as fractions of all steps."""
+
+    epochs: int
+    lr_max: float
+    lr_min: float
+    weight_decay: float
+    batch_size: int
+    betas: tuple[float, float] = (0.9, 0.999)
+    class_weights: tuple[float, ...] | None = None
+    use_masks: bool = True
+    alpha_f: float = 0.0
+    t1: float = 0.2
+    t2: float = 0.8
+    seed: int = 0
+
+    @classmethod
+    def from_params(
+        cls, params: TrainParams, class_weights: Sequence[float] | None, seed: int
+    ) -> TrainConfig:
+        """Build from ``warmup`` (TrainParams) or ``student`` (StudentParams, with the ramp)."""
+        names = {f.name for f in fields(cls)} - {"class_weights", "seed", "betas"}
+        kwargs = {k: getattr(params, k) for k in names if hasattr(params, k)}
+        weights = tuple(float(w) for w in class_weights) if class_weights is not None else None
+        betas = (float(params.betas[0]), float(params.betas[1]))
+        cfg = cls(**kwargs, betas=betas, class_weights=weights, seed=seed)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ValueError on values the loop cannot run with."""
+        ok = self.epochs >= 1 and self.batch_size >= 1 and 0 <= self.t1 <= self.t2 <= 1
+        if not ok or not 0 <= self.lr_min <= self.lr_max or self.lr_max <= 0:
+            raise ValueError(f"bad training config: {self}")
+
+
+@dataclass
+class TrainResult:
+    """best_epoch is 1-based (the last epoch when there is no validation loader);
+    best_miou in percent or None; states are CPU state dicts; history has one dict per epoch."""
+
+    best_epoch: int
+    best_miou: float | None
+    best_state: dict[str, torch.Tensor]
+    last_state: dict[str, torch.Tensor]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def cosine_lr(step: int, total: int, lr_max: float, lr_min: float) -> float:
+    """η_t = η_min + ½(η_max − η_min)(1 + cos(π·t/T)) for step t of T."""
+    t = min(max(step, 0), total)
+    return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * t / max(total, 1)))
+
+
+def alpha_ramp(step: int, total: int, alpha_f: float, t1: float, t2: float) -> float:
+    """Pseudo-label loss weight: 0 before T1 = t1·T, linear up to α_f at T2 = t2·T, α_f after."""
+    start, end = t1 * total, t2 * total
+    if step < start:
+        return 0.0
+    if step >= end:
+        return float(alpha_f)
+    return float(alpha_f) * (step - start) / (end - start)
+
+
+def class_weights_from_fractions(
+    fractions: Mapping[str, float], class_names: Sequence[str]
+) -> list[float]:
+    """Normalised inverse pixel frequency: w_c ∝ 1 / f_c, Σ w_c = 1 (fractions in any unit).
+
+    A class with no pixels gets the largest weight of the others (a warning is logged).
+    """
+    missing = [c for c in class_names if c not in fractions]
+    if missing:
+        raise ValueError(f"no class fraction for {', '.join(missing)}")
+    inv = [1.0 / float(fractions[c]) if float(fractions[c]) > 0 else 0.0 for c in class_names]
+    if max(inv) == 0.0:
+        raise ValueError("every class fraction is zero")
+    for c, v in zip(class_names, inv, strict=True):
+        if v == 0.0:
+            log.warning("class %r has no training pixels; giving it the largest weight", c)
+    inv = [v if v > 0 else max(inv) for v in inv]
+    total = sum(inv)
+    return [v / total for v in inv]
+
+
+def resolve_class_weights(
+    spec: str | Sequence[float], class_names: Sequence[str], data_metrics: Path
+) -> list[float]:
+    """``auto`` → :func:`class_weights_from_fractions` of ``data_metrics``' train split, else the
+    given list (one weight per class)."""
+    if not isinstance(spec, str):
+        if len(spec) != len(class_names):
+            raise InputError(f"class_weights: {len(spec)} values for {len(class_names)} classes")
+        return [float(w) for w in spec]
+    if spec != "auto":
+        raise InputError(f"class_weights: expected 'auto' or a list, got {spec!r}")
+    try:
+        data = json.loads(Path(data_metrics).read_text())
+        fractions = data["train"]["class_fractions"]
+    except FileNotFoundError:
+        raise InputError(f"{data_metrics}: not found (run the prepare stage)") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise InputError(f"{data_metrics}: no train.class_fractions") from None
+    try:
+        return class_weights_from_fractions(fractions, class_names)
+    except ValueError as exc:
+        raise InputError(f"{data_metrics}: {exc}") from None
+
+
+def segmentation_loss(
+    log_probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+) -> torch.Tensor:
+    """Weighted NLL of log_probs (B, C, H, W) float vs target (B, H, W) int64, 255 ignored.
+
+    The mean is weighted (PyTorch's convention); a batch with no labelled pixel gives 0.
+    """
+    if not bool((target != IGNORE_INDEX).any()):
+        return log_probs.sum() * 0.0
+    return F.nll_loss(log_probs, target, weight=weight, ignore_index=IGNORE_INDEX)
+
+
+def forward_model(model: nn.Module, batch: Mapping[str, Any], use_masks: bool) -> torch.Tensor:
+    """Forward pass of a batch: (B, C, H, W) log-probabilities (SAM aggregation if use_masks)."""
+    device = next(model.parameters()).device
+    images = batch["image"].to(device)
+    if not use_masks:
+        return model(images, pool_weights=None, winner=None)
+    return model(
+        images, pool_weights=batch["pool_weights"].to(device), winner=batch["winner"].to(device)
+    )
+
+
+def confusion_of(log_probs: torch.Tensor, target: torch.Tensor, num_classes: int) -> np.ndarray:
+    """(C, C) int64 confusion (rows GT) of the argmax of log_probs (B, C, H, W) vs target."""
+    pred = log_probs.detach().argmax(dim=1).cpu()
+    return np.asarray(confusion_matrix(pred, target.cpu(), num_classes), dtype=np.int64)
+
+
+def evaluate_miou(model: nn.Module, loader: DataLoader, use_masks: bool) -> float:
+    """mIoU in percent of ``model`` over ``loader`` (eval mode; training mode is restored)."""
+    was_training = model.training
+    model.eval()
+    total: np.ndarray | None = None
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="validate", unit="batch", leave=False):
+            log_probs = forward_model(model, batch, use_masks)
+            conf = confusion_of(log_probs, batch["label"], log_probs.shape[1])
+            total = conf if total is None else total + conf
+    model.train(was_training)
+    miou = miou_from_confusion(total) if total is not None else math.nan
+    return 0.0 if math.isnan(miou) else 100.0 * miou  # nothing labelled: 0, never NaN
+
+
+class _Cycler:
+    """Endless batches of a loader; each restart within an epoch is reseeded (cycle count)."""
+
+    def __init__(self, loader: DataLoader, seed: int, epoch: int) -> None:
+        self.loader, self.seed, self.epoch, self.cycle = loader, seed, epoch, 0
+        set_loader_epoch(loader, seed, epoch)
+        self.it: Iterator[Any] = iter(loader)
+
+    def next(self) -> Any:
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.cycle += 1
+            set_loader_epoch(self.loader, self.seed, self.epoch, self.cycle)
+            self.it = iter(self.loader)
+            return next(self.it)
+
+
+@dataclass
+class _Loop:
+    """The mutable state of one run: what a checkpoint holds besides the torch objects."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    config: TrainConfig
+    steps_per_epoch: int
+    weight: torch.Tensor | None
+    epoch: int = 0  # next epoch to run, 0-based
+    best_epoch: int = 0
+    best_miou: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * self.steps_per_epoch
+
+
+def _build_loop(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> _Loop:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr_max, betas=config.betas, weight_decay=config.weight_decay
+    )
+    total = config.epochs * steps_per_epoch
+    hi, lo = config.lr_max, config.lr_min  # closed form: the state is just the step count
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: cosine_lr(t, total, hi, lo) / hi
+    )
+    device = next(model.parameters()).device
+    weight = None
+    if config.class_weights is not None:
+        weight = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
+    return _Loop(model, optimizer, scheduler, config, steps_per_epoch, weight)
+
+
+def _train_epoch(
+    loop: _Loop, train_loader: DataLoader, pseudo_loader: DataLoader | None
+) -> dict[str, Any]:
+    """One epoch of steps; returns the epoch's history entry (without validation)."""
+    cfg, model = loop.config, loop.model
+    model.train()
+    labelled = _Cycler(train_loader, cfg.seed, loop.epoch)
+    pseudo = _Cycler(pseudo_loader, cfg.seed + 1, loop.epoch) if pseudo_loader else None
+    sums, conf, alpha = [0.0, 0.0, 0.0], None, 0.0  # total, labelled, pseudo losses
+    pseudo_steps = 0
+    bar = tqdm(
+        range(loop.steps_per_epoch), desc=f"epoch {loop.epoch + 1}", unit="step", leave=False
+    )
+    for i in bar:
+        step = loop.epoch * loop.steps_per_epoch + i
+        batch = labelled.next()
+        log_probs = forward_model(model, batch, cfg.use_masks)
+        target = batch["label"].to(log_probs.device)
+        loss = segmentation_loss(log_probs, target, loop.weight)
+        sums[1] += float(loss.detach())
+        alpha = alpha_ramp(step, loop.total_steps, cfg.alpha_f, cfg.t1, cfg.t2) if pseudo else 0.0
+        if pseudo is not None and alpha > 0:
+            pbatch = pseudo.next()
+            plog = forward_model(model, pbatch, cfg.use_masks)
+            ploss = segmentation_loss(plog, pbatch["label"].to(plog.device), loop.weight)
+            loss = loss + alpha * ploss
+            sums[2], pseudo_steps = sums[2] + float(ploss.detach()), pseudo_steps + 1
+        loop.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        loop.optimizer.step()
+        loop.scheduler.step()
+        sums[0] += float(loss.detach())
+        batch_conf = confusion_of(log_probs, batch["label"], log_probs.shape[1])
+        conf = batch_conf if conf is None else conf + batch_conf
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    return {
+        "epoch": loop.epoch + 1,
+        "train/loss": sums[0] / loop.steps_per_epoch,  # labelled + α(t)·pseudo
+        "train/loss_labelled": sums[1] / loop.steps_per_epoch,
+        "train/loss_pseudo": sums[2] / pseudo_steps if pseudo_steps else None,
+        "train/miou": 100.0 * miou_from_confusion(conf) if conf is not None else 0.0,
+        "lr": loop.optimizer.param_groups[0]["lr"],
+        "alpha": alpha,
+    }
+
+
+def log_history(live: Any, history: Sequence[Mapping[str, Any]]) -> None:
+    """Write history entries to a DVCLive ``Live``: one step per epoch (e.g. to replay a resume)."""
+    for entry in history:
+        for key, value in entry.items():
+            if key != "epoch" and value is not None:
+                live.log_metric(key, float(value))
+        live.next_step()
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _save_checkpoint(loop: _Loop, path: Path) -> None:
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "config": asdict(loop.config),
+        "steps_per_epoch": loop.steps_per_epoch,
+        "epoch": loop.epoch,
+        "model": loop.model.state_dict(),
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
+        "rng": [torch.get_rng_state(), np.random.get_state(), random.getstate()],
+        "best": {"epoch": loop.best_epoch, "miou": loop.best_miou, "state": loop.best_state},
+        "history": loop.history,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _try_resume(loop: _Loop, path: Path) -> bool:
+    """Restore ``loop`` from ``path`` if it is a checkpoint of the same run; True if resumed."""
+    if not path.is_file():
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a corrupt checkpoint is not fatal: start over
+        log.warning("%s: unreadable checkpoint (%s), starting over", path, exc.__class__.__name__)
+        return False
+    same = (
+        state.get("format") == CHECKPOINT_FORMAT
+        and state.get("config") == asdict(loop.config)
+        and state.get("steps_per_epoch") == loop.steps_per_epoch
+    )
+    if not same:
+        log.warning("%s: checkpoint of a different configuration, starting over", path)
+        return False
+    loop.model.load_state_dict(state["model"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"][0])
+    np.random.set_state(state["rng"][1])
+    random.setstate(state["rng"][2])
+    loop.epoch, loop.history = state["epoch"], state["history"]
+    best = state["best"]
+    loop.best_epoch, loop.best_miou, loop.best_state = best["epoch"], best["miou"], best["state"]
+    log.info("resumed from %s after epoch %d", path, loop.epoch)
+    return True
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Turn on ``torch.use_deterministic_algorithms`` (warn-only) and restore the old setting."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def _seed_run(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _end_epoch(loop: _Loop, entry: dict[str, Any]) -> None:
+    """Record the epoch; keep the best state by val mIoU (ties → the earlier epoch)."""
+    miou = entry.get("val/miou")
+    better = loop.best_state is None or (
+        miou is not None and (loop.best_miou is None or miou > loop.best_miou)
+    )
+    if better or miou is None:  # without validation the last epoch is "best"
+        loop.best_epoch, loop.best_miou = entry["epoch"], miou
+        loop.best_state = _cpu_state(loop.model)
+    loop.history.append(entry)
+    loop.epoch += 1
+
+
+def train_model(
+    model: nn.Module,
+    train_loader: DataLoader,
+    config: TrainConfig,
+    *,
+    val_loader: DataLoader | None = None,
+    pseudo_loader: DataLoader | None = None,
+    checkpoint_dir: Path | None = None,
+    live: Any = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> TrainResult:
+    """Train ``model`` in place and leave it holding the best epoch's weights.
+
+    train_loader / pseudo_loader yield :func:`opensam.datasets.collate_batch` batches (labels
+    255 = ignore); with a pseudo loader every step adds α(t)·loss(pseudo batch), and an epoch has
+    max(len(train), len(pseudo)) steps (the shorter loader cycles). ``checkpoint_dir`` holds
+    ``last.pt``, written after every epoch and resumed from when it matches ``config``. ``live``
+    is a DVCLive ``Live`` (or None); a resumed run replays the earlier epochs into it.
+    ``on_epoch_end(epoch, entry)`` runs after each epoch's checkpoint is written.
+    """
+    config.validate()
+    use_pseudo = pseudo_loader is not None and config.alpha_f > 0
+    steps = max(len(train_loader), len(pseudo_loader) if use_pseudo and pseudo_loader else 0)
+    loop = _build_loop(model, config, steps)
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if ckpt is None or not _try_resume(loop, ckpt):
+        _seed_run(config.seed)
+    if live is not None:
+        log_history(live, loop.history)
+    with deterministic_algorithms():
+        epochs = range(loop.epoch, config.epochs)
+        bar = tqdm(epochs, desc="train", unit="epoch", initial=loop.epoch, total=config.epochs)
+        for _ in bar:
+            entry = _train_epoch(loop, train_loader, pseudo_loader if use_pseudo else None)
+            if val_loader is not None:
+                entry["val/miou"] = evaluate_miou(model, val_loader, config.use_masks)
+            _end_epoch(loop, entry)
+            if live is not None:
+                log_history(live, [entry])
+            if ckpt is not None:
+                _save_checkpoint(loop, ckpt)
+            bar.set_postfix(loss=f"{entry['train/loss']:.4f}", val=entry.get("val/miou"))
+            log.info("epoch %s", {k: round(v, 5) if v is not None else v for k, v in entry.items()})
+            if on_epoch_end is not None:
+                on_epoch_end(entry["epoch"], entry)
+    last_state = _cpu_state(model)
+    assert loop.best_state is not None
+    model.load_state_dict(loop.best_state)
+    best = (loop.best_epoch, loop.best_miou, loop.best_state)
+    return TrainResult(*best, last_state=last_state, history=list(loop.history))
+
+
+def open_live(live_dir: Path) -> Any:
+    """A DVCLive ``Live`` writing ``<live_dir>/plots/metrics/<name>.tsv`` (and metrics.json);
+    it never touches dvc.yaml nor creates a DVC experiment. Starts empty (no resume)."""
+    from dvclive import Live  # heavy import, only where curves are written
+
+    return Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False)
+
+
+def evaluate_splits(
+    model: nn.Module,
+    prepared: Path,
+    split_ids: Mapping[str, Sequence[str]],
+    masks: Path | None,
+    batch_size: int,
+    class_names: Sequence[str],
+    use_masks: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """``{split: miou_report}`` (percent) for each non-empty split, labels from
+    ``prepared/labels``; with SAM aggregation when ``use_masks``."""
+    out: dict[str, dict[str, Any]] = {}
+    for split, ids in split_ids.items():
+        if not ids:
+            log.warning("split %s is empty: not evaluated", split)
+            continue
+        labels = Path(prepared) / "labels"
+        conf = evaluate_model(model, prepared, list(ids), labels, masks, batch_size, use_masks)
+        out[split] = miou_report(conf, list(class_names))
+    return out

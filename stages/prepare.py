@@ -1,0 +1,62 @@
+"""Stage `prepare`: import the labelled export and unlabelled photos, downsample, split.
+
+    python stages/prepare.py --out data/prepared --metrics metrics/data.json
+
+Reads params `seed`, `image_size`, `classes`, `data`. Writes `data/prepared/` (images, labels,
+unlabelled_gt, splits.json; see docs/architecture.md) and `metrics/data.json`, both atomically.
+Set OPENSAM_WORKERS to change the number of worker processes (default: min(cpus, 4)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from opensam.config import load_params
+from opensam.dataset_io import list_unlabelled, open_export
+from opensam.errors import InputError
+from opensam.prepare import prepare_dataset
+from opensam.runtime import atomic_path, run_main, seed_everything
+
+log = logging.getLogger("stages.prepare")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, required=True, help="prepared data folder")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics/data.json")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    seed_everything(params.seed)
+    data = params.data
+    export = open_export(data.source, data.format, params.classes, data.unknown_colour_max_pixels)
+    unlabelled = []
+    if data.unlabelled is not None:
+        taken = [it.id for it in export.items]
+        unlabelled = list_unlabelled(data.unlabelled, data.unlabelled_gt, taken)
+    workers = int(os.environ.get("OPENSAM_WORKERS", min(os.cpu_count() or 1, 4)))
+    try:
+        with atomic_path(args.out) as tmp:
+            metrics = prepare_dataset(
+                export, unlabelled, tmp, params.image_size, data.split, params.seed, workers
+            )
+    except InputError as exc:
+        msg = str(exc)  # split errors name the param; say which params file it came from
+        raise InputError(f"{args.params}: {msg}" if msg.startswith("data.split") else msg) from None
+    with atomic_path(args.metrics) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    counts = ", ".join(f"{k} {v['images']}" for k, v in metrics.items())
+    log.info("prepared %s (%s)", args.out, counts)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

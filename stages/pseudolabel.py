@@ -1,0 +1,76 @@
+"""Stage `pseudolabel`: the teacher labels the unlabelled pool of the current ratio.
+
+    python stages/pseudolabel.py --prepared data/prepared --masks data/masks.h5 \
+        --teacher models/teacher.pt --out data/pseudo --metrics metrics/pseudo.json
+
+Params: ``ratio`` (pool = first ratio x len(train) ids of splits["unlabelled"]), ``pseudo.*``.
+Classes come from the teacher checkpoint. Writes ``data/pseudo/{labels,confidence}/<id>.png``,
+``data/pseudo/ids.json`` and ``metrics/pseudo.json`` (mIoU against hidden ground truth, percent,
+when the source has it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from opensam.config import load_params
+from opensam.errors import InputError
+from opensam.evaluation import load_splits
+from opensam.model import load_checkpoint
+from opensam.pseudo_labels import generate_pseudo_labels, select_pool_ids
+from opensam.runtime import atomic_path, run_main, seed_everything
+
+log = logging.getLogger("stages.pseudolabel")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--masks", type=Path, required=True)
+    parser.add_argument("--teacher", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    seed_everything(params.seed)
+    splits = load_splits(args.prepared)
+    if not args.masks.is_file():
+        raise InputError(f"{args.masks}: mask store not found (run the masks stage)")
+    model, meta = load_checkpoint(args.teacher)
+    classes = list(meta["classes"])
+    if splits.get("classes") and list(splits["classes"]) != classes:
+        raise InputError(
+            f"{args.teacher}: classes {classes} differ from {args.prepared}/splits.json "
+            f"{splits['classes']}"
+        )
+    ids = select_pool_ids(splits.get("unlabelled", []), len(splits.get("train", [])), params.ratio)
+    log.info("pseudo-labelling %d unlabelled images (ratio %d)", len(ids), params.ratio)
+    with atomic_path(args.out) as tmp:
+        summary = generate_pseudo_labels(
+            model,
+            args.prepared,
+            ids,
+            args.masks,
+            tmp,
+            params.pseudo.conf_threshold,
+            params.pseudo.batch_size,
+            use_masks=True,
+            class_names=classes,
+        )
+    with atomic_path(args.metrics) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    if "vs_hidden_gt" in summary:
+        log.info("pseudo-label mIoU vs hidden ground truth: %.2f", summary["vs_hidden_gt"]["miou"])
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,106 @@
+"""Stage `warmup`: fine-tune the teacher on the labelled train split (thesis Experiment 2).
+
+    python stages/warmup.py --prepared data/prepared --masks data/masks.h5 \
+        --data-metrics metrics/data.json --out models/teacher.pt \
+        --metrics metrics/warmup.json --live metrics/live/warmup
+
+Params: ``seed``, ``classes``, ``clip``, ``warmup.*``. The best epoch by val mIoU (ties → the
+earlier) is saved; ``metrics/warmup.json`` holds its mIoU with masks on train, val and test.
+A killed run resumes from ``<out dir>/.warmup_ckpt/`` (removed after success).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from opensam.augment import Augmenter
+from opensam.config import load_params
+from opensam.datasets import make_train_loaders
+from opensam.errors import InputError
+from opensam.evaluation import load_splits
+from opensam.model import build_model, save_checkpoint
+from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
+from opensam.training import (
+    TrainConfig,
+    evaluate_splits,
+    open_live,
+    resolve_class_weights,
+    train_model,
+)
+
+log = logging.getLogger("stages.warmup")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--masks", type=Path, required=True)
+    parser.add_argument("--data-metrics", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--live", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    seed_everything(params.seed)
+    cfg = params.warmup
+    splits = load_splits(args.prepared)
+    if list(splits.get("classes", params.class_names)) != params.class_names:
+        raise InputError(
+            f"{args.prepared}/splits.json: classes {splits['classes']} differ from params "
+            f"{params.class_names} (rerun the prepare stage)"
+        )
+    if not args.masks.is_file():
+        raise InputError(f"{args.masks}: mask store not found (run the masks stage)")
+    if not splits.get("train"):
+        raise InputError(f"{args.prepared}/splits.json: the train split is empty")
+    weights = resolve_class_weights(cfg.class_weights, params.class_names, args.data_metrics)
+    config = TrainConfig.from_params(cfg, weights, params.seed)
+    log.info("class weights %s", [round(w, 4) for w in weights])
+
+    model = build_model(params.clip, params.prompts, drop_path=cfg.drop_path)
+    image_size = int(splits["image_size"])
+    train_loader, _, val_loader = make_train_loaders(
+        args.prepared, splits["train"], splits.get("val", []),
+        args.masks if cfg.use_masks else None, model.grid_hw(image_size), cfg.batch_size,
+        params.seed, Augmenter() if cfg.augment else None, num_workers=cfg.num_workers,
+    )  # fmt: skip
+    ckpt_dir = args.out.parent / ".warmup_ckpt"
+    live = open_live(args.live)
+    result = train_model(
+        model, train_loader, config, val_loader=val_loader, checkpoint_dir=ckpt_dir, live=live
+    )
+    live.end()
+
+    split_ids = {s: splits.get(s, []) for s in ("train", "val", "test")}
+    report = evaluate_splits(
+        model, args.prepared, split_ids, args.masks, cfg.batch_size, params.class_names
+    )
+    metrics = {"best_epoch": result.best_epoch, **report}
+    save_checkpoint(
+        args.out,
+        model,
+        params.class_names,
+        params.clip,
+        image_size,
+        epoch=result.best_epoch,
+        val_miou=result.best_miou,
+    )
+    with atomic_path(args.metrics) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    remove_path(ckpt_dir)
+    log.info(
+        "teacher: best epoch %d, %s", result.best_epoch, {s: r["miou"] for s, r in report.items()}
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,271 @@
+"""SegDataset, collate_batch and make_loader on a tiny synthetic prepared folder + mask store.
+
+``write_tiny_project`` is also used by the training and stage tests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from opensam.aggregation import prepare_mask_inputs, winner_index
+from opensam.augment import Augmenter
+from opensam.constants import IGNORE_INDEX
+from opensam.datasets import (
+    SegDataset,
+    collate_batch,
+    make_loader,
+    make_train_loaders,
+    set_loader_epoch,
+)
+from opensam.errors import InputError
+from opensam.mask_store import MaskSet, MaskStoreWriter, boxes_xywh
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["lizard", "hand", "color board", "background"]
+COLOURS = np.array([[60, 170, 60], [225, 180, 150], [40, 60, 200], [235, 235, 225]], np.uint8)
+GRID = (2, 2)
+
+
+def scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (H, W, 3) uint8 photo and its (H, W) uint8 label: board, hand, lizard on paper."""
+    label = np.full((size, size), 3, np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    for c, radius in ((2, 0.22), (1, 0.18), (0, 0.14)):
+        cy, cx = rng.uniform(0.25, 0.75, 2) * size
+        r = radius * size
+        label[(np.abs(yy - cy) < r) & (np.abs(xx - cx) < 1.4 * r) if c == 2
+              else (yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = c  # fmt: skip
+    y, x = rng.integers(0, size - 4, 2)
+    label[y : y + 3, x : x + 3] = IGNORE_INDEX  # a paper scrap
+    image = COLOURS[np.minimum(label, 3)].astype(np.float64)
+    image += rng.normal(0, 12, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def region_masks(label: np.ndarray) -> MaskSet:
+    """Masks = each class's region plus the background's quadrants, sorted largest first."""
+    h, w = label.shape
+    masks = [label == c for c in range(4) if (label == c).any()]
+    bg = label == 3
+    for qy in (slice(0, h // 2), slice(h // 2, h)):
+        for qx in (slice(0, w // 2), slice(w // 2, w)):
+            q = np.zeros_like(bg)
+            q[qy, qx] = bg[qy, qx]
+            masks.append(q)
+    stack = np.stack([m for m in masks if m.any()])
+    area = stack.reshape(len(stack), -1).sum(1)
+    order = np.argsort(-area, kind="stable")
+    stack = stack[order]
+    n = len(stack)
+    return MaskSet(stack, area[order].astype(np.int32), np.ones(n, np.float32),
+                   np.ones(n, np.float32), boxes_xywh(stack))  # fmt: skip
+
+
+def write_tiny_project(
+    root: Path, n_train: int = 6, n_val: int = 3, n_test: int = 2, n_unlab: int = 6,
+    size: int = 64, seed: int = 0,
+) -> dict[str, Path]:  # fmt: skip
+    """prepared/ (images, labels, unlabelled_gt, splits.json), masks.h5, metrics/data.json and a
+    tiny params.yaml (opensam-tiny, 64 px, 2 warm-up epochs, 2 student rounds of 1 epoch)."""
+    rng = np.random.default_rng(seed)
+    prepared = root / "prepared"
+    for sub in ("images", "labels", "unlabelled_gt"):
+        (prepared / sub).mkdir(parents=True, exist_ok=True)
+    names = {"train": n_train, "val": n_val, "test": n_test, "unlabelled": n_unlab}
+    splits: dict[str, Any] = {"image_size": size, "classes": CLASSES, "colors": COLOURS.tolist()}
+    attrs = {"generator": "test", "model": "none", "checkpoint_sha256": "", "pps": 4,
+             "min_region_area": 0, "image_size": size}  # fmt: skip
+    counts = np.zeros(4, np.int64)
+    with MaskStoreWriter(root / "masks.h5", attrs) as writer:
+        for split, n in names.items():
+            splits[split] = [f"{split[:2]}{i:02d}" for i in range(n)]
+            for image_id in splits[split]:
+                image, label = scene(rng, size)
+                Image.fromarray(image).save(prepared / "images" / f"{image_id}.png")
+                sub = "unlabelled_gt" if split == "unlabelled" else "labels"
+                Image.fromarray(label, mode="L").save(prepared / sub / f"{image_id}.png")
+                writer.write(image_id, region_masks(label))
+                if split == "train":
+                    counts += np.bincount(label[label < 4], minlength=4)
+    splits["unlabelled_gt"] = True
+    (prepared / "splits.json").write_text(json.dumps(splits))
+    fractions = {c: float(100 * counts[i] / counts.sum()) for i, c in enumerate(CLASSES)}
+    data = root / "metrics" / "data.json"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text(json.dumps({"train": {"images": n_train, "class_fractions": fractions}}))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.update(image_size=size, ratio=1)
+    params["clip"] = {"model": "opensam-tiny", "pretrained": None}
+    train = {"epochs": 2, "batch_size": 4, "lr_max": 0.002, "lr_min": 0.0001}
+    params["warmup"].update(train)
+    params["student"].update(train, epochs=1, iterations=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return {"prepared": prepared, "masks": root / "masks.h5", "data": data,
+            "params": root / "params.yaml", "splits": prepared / "splits.json"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_tiny_project(tmp_path_factory.mktemp("tiny"), size=48)
+
+
+def ids(project: dict[str, Path], split: str) -> list[str]:
+    return list(json.loads(project["splits"].read_text())[split])
+
+
+def test_item_shapes_and_dtypes(project: dict[str, Path]) -> None:
+    ds = SegDataset(project["prepared"], ids(project, "train"), project["prepared"] / "labels",
+                    project["masks"], GRID)  # fmt: skip
+    item = ds[0]
+    assert item["id"] == ids(project, "train")[0]
+    assert item["image"].shape == (3, 48, 48) and item["image"].dtype == torch.float32
+    assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+    assert item["label"].shape == (48, 48) and item["label"].dtype == torch.int64
+    assert set(torch.unique(item["label"]).tolist()) <= {0, 1, 2, 3, IGNORE_INDEX}
+    m = item["pool_weights"].shape[0]
+    assert m > 0 and item["pool_weights"].shape == (m, *GRID)
+    assert item["pool_weights"].dtype == torch.float32
+    assert item["winner"].shape == (48, 48) and item["winner"].dtype == torch.int64
+    assert int(item["winner"].max()) < m
+
+
+def test_no_labels_and_no_masks(project: dict[str, Path]) -> None:
+    ds = SegDataset(project["prepared"], ids(project, "unlabelled"), None, None, GRID)
+    item = ds[1]
+    assert bool((item["label"] == IGNORE_INDEX).all())
+    assert item["pool_weights"].shape == (0, *GRID)
+    assert bool((item["winner"] == -1).all())
+
+
+def test_unaugmented_winner_is_the_stores(project: dict[str, Path]) -> None:
+    from opensam.mask_store import MaskStore
+
+    store = MaskStore(project["masks"])
+    ds = SegDataset(project["prepared"], ids(project, "train"), None, project["masks"], GRID)
+    for i, image_id in enumerate(ds.ids):
+        item = ds[i]
+        masks = store.read(image_id).masks
+        assert torch.equal(item["winner"], torch.from_numpy(store.read_winner(image_id)).long())
+        assert torch.equal(item["winner"], winner_index(masks))
+        ref = prepare_mask_inputs(masks, GRID).pool_weights
+        assert torch.allclose(item["pool_weights"], ref)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_augmented_masks_match_augmented_label(project: dict[str, Path], index: int) -> None:
+    ds = SegDataset(project["prepared"], ids(project, "train"), project["prepared"] / "labels",
+                    project["masks"], GRID, augment=Augmenter(), seed=3)  # fmt: skip
+    ds.set_epoch(index)
+    item = ds[index % len(ds)]
+    label, winner = item["label"], item["winner"]
+    # the masks are the label's class regions, so each painted mask sees one class only
+    for m in torch.unique(winner[winner >= 0]).tolist():
+        values = torch.unique(label[(winner == m) & (label != IGNORE_INDEX)])
+        assert len(values) <= 1, (m, values.tolist())
+    assert bool((winner >= 0)[label != IGNORE_INDEX].all())
+    assert item["pool_weights"].shape[0] > 0
+
+
+def test_augmentation_is_seeded_per_epoch(project: dict[str, Path]) -> None:
+    def item(seed: int, epoch: int) -> dict[str, Any]:
+        ds = SegDataset(project["prepared"], ids(project, "train"), project["prepared"] / "labels",
+                        project["masks"], GRID, augment=Augmenter(), seed=seed)  # fmt: skip
+        ds.set_epoch(epoch)
+        return ds[2]
+
+    a, b, c = item(1, 0), item(1, 0), item(1, 1)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["winner"], b["winner"])
+    assert not torch.equal(a["image"], c["image"])
+
+
+def test_collate_pads_pool_weights() -> None:
+    def fake(m: int) -> dict[str, Any]:
+        pool = torch.rand(m, 2, 2) + 0.1
+        return {"id": f"x{m}", "image": torch.rand(3, 8, 8), "label": torch.zeros(8, 8).long(),
+                "pool_weights": pool, "winner": torch.full((8, 8), -1)}  # fmt: skip
+
+    items = [fake(2), fake(0), fake(5)]
+    batch = collate_batch(items)
+    assert batch["id"] == ["x2", "x0", "x5"]
+    assert batch["pool_weights"].shape == (3, 5, 2, 2)
+    assert torch.equal(batch["pool_weights"][0, :2], items[0]["pool_weights"])
+    assert bool((batch["pool_weights"][0, 2:] == 0).all())
+    assert bool((batch["pool_weights"][1] == 0).all())
+    assert batch["image"].shape == (3, 3, 8, 8) and batch["winner"].shape == (3, 8, 8)
+
+
+def test_image_with_no_masks(project: dict[str, Path], tmp_path: Path) -> None:
+    first, second = ids(project, "val")[:2]
+    attrs = {"generator": "test", "model": "none", "checkpoint_sha256": "", "pps": 4,
+             "min_region_area": 0, "image_size": 48}  # fmt: skip
+    with MaskStoreWriter(tmp_path / "m.h5", attrs) as writer:
+        writer.write(first, MaskSet.empty(48, 48))
+        label = np.asarray(Image.open(project["prepared"] / "labels" / f"{second}.png"))
+        writer.write(second, region_masks(label))
+    for augment in (None, Augmenter()):
+        ds = SegDataset(project["prepared"], [first, second], project["prepared"] / "labels",
+                        tmp_path / "m.h5", GRID, augment=augment)  # fmt: skip
+        batch = next(iter(make_loader(ds, 2, shuffle=False, seed=0)))
+        assert bool((batch["winner"][0] == -1).all())
+        assert bool((batch["pool_weights"][0] == 0).all())
+        assert batch["pool_weights"].shape[1] == len(region_masks(label))
+
+
+def _epoch_batches(loader: torch.utils.data.DataLoader, seed: int, epoch: int) -> list[Any]:
+    set_loader_epoch(loader, seed, epoch)
+    return [(b["id"], b["image"], b["winner"]) for b in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_is_deterministic_per_epoch(project: dict[str, Path], workers: int) -> None:
+    def loader(num_workers: int) -> torch.utils.data.DataLoader:
+        ds = SegDataset(project["prepared"], ids(project, "train"), project["prepared"] / "labels",
+                        project["masks"], GRID, augment=Augmenter(), seed=5)  # fmt: skip
+        return make_loader(ds, 4, shuffle=True, seed=5, num_workers=num_workers)
+
+    ref = _epoch_batches(loader(0), 5, 1)
+    again = _epoch_batches(loader(workers), 5, 1)
+    assert [r[0] for r in ref] == [a[0] for a in again]
+    for r, a in zip(ref, again, strict=True):
+        assert torch.equal(r[1], a[1]) and torch.equal(r[2], a[2])
+    other = [_epoch_batches(loader(0), 5, e) for e in (2, 3)]
+    assert any([b[0] for b in o] != [r[0] for r in ref] for o in other)
+
+
+def test_make_train_loaders(project: dict[str, Path], tmp_path: Path) -> None:
+    train, pseudo, val = make_train_loaders(
+        project["prepared"], ids(project, "train"), ids(project, "val"), project["masks"], GRID,
+        batch_size=4, seed=0, augment=None, pseudo=(ids(project, "unlabelled"), tmp_path),
+    )  # fmt: skip
+    assert pseudo is not None and val is not None
+    sizes = [len(loader.dataset) for loader in (train, pseudo, val)]  # type: ignore[arg-type]
+    assert sizes == [6, 6, 3]
+    assert pseudo.dataset.label_dir == tmp_path / "labels"  # type: ignore[attr-defined]
+    _, no_pseudo, no_val = make_train_loaders(
+        project["prepared"], ids(project, "train"), [], None, GRID, 4, 0
+    )
+    assert no_pseudo is None and no_val is None
+
+
+def test_bad_inputs_name_the_file(project: dict[str, Path], tmp_path: Path) -> None:
+    ds = SegDataset(project["prepared"], ["nope"], None, None, GRID)
+    with pytest.raises(InputError, match="nope.png"):
+        ds[0]
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    first = ids(project, "train")[0]
+    Image.fromarray(np.zeros((10, 12), np.uint8), mode="L").save(labels / f"{first}.png")
+    ds = SegDataset(project["prepared"], [first], labels, None, GRID)
+    with pytest.raises(InputError, match=f"{first}.png: label size"):
+        ds[0]
+    ds = SegDataset(project["prepared"], [first], None, tmp_path / "missing.h5", GRID)
+    with pytest.raises(InputError, match="missing.h5"):
+        ds[0]

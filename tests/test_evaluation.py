@@ -1,0 +1,207 @@
+"""Evaluation: batched inference, confusion matrices, overlays, DVC plot files, the stage main()."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_pseudo_labels import (
+    CLASSES,
+    COLORS,
+    SIZE,
+    StubModel,
+    load_stage,
+    make_project,
+    stub_prediction,
+    write_params,
+    write_tiny_checkpoint,
+)
+
+from opensam.constants import IGNORE_INDEX
+from opensam.errors import InputError
+from opensam.evaluation import (
+    PlotCollector,
+    build_loader,
+    class_colors,
+    colorize_labels,
+    evaluate_model,
+    format_eval_table,
+    predict_loader,
+    render_overlay,
+)
+from opensam.metrics import miou_report
+from opensam.plots import confusion_rows, save_confusion_png, write_confusion_json
+
+PALETTE = np.array(COLORS, np.uint8)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_project(tmp_path_factory.mktemp("proj"))
+
+
+def read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
+@pytest.mark.parametrize("use_masks", [True, False])
+def test_predict_loader_passes_masks_or_none(project: tuple[Path, Path], use_masks: bool) -> None:
+    prepared, masks = project
+    model = StubModel()
+    ids = ["t0", "t1", "u0"]
+    loader = build_loader(model, prepared, ids, None, masks if use_masks else None, 2)
+    seen = []
+    for batch_ids, log_probs in predict_loader(model, loader, use_masks):
+        assert log_probs.shape == (len(batch_ids), len(CLASSES), SIZE, SIZE)
+        assert not torch.is_inference_mode_enabled()  # not leaked to the caller between batches
+        seen += batch_ids
+    assert seen == ids
+    assert [none for none, _ in model.calls] == [not use_masks] * 2
+    if use_masks:  # padded to the batch's largest mask count, on the model's grid
+        assert model.calls[0][1] is not None and model.calls[0][1][0] == 2
+        assert model.calls[0][1][2:] == model.grid_hw(SIZE)
+
+
+def test_evaluate_model_matches_direct_confusion(project: tuple[Path, Path]) -> None:
+    prepared, masks = project
+    ids = ["t0", "t1", "v0"]
+    conf = evaluate_model(StubModel(), prepared, ids, prepared / "labels", masks, 2, True)
+    expected = np.zeros((len(CLASSES),) * 2, np.int64)
+    pred = stub_prediction()
+    for image_id in ids:
+        gt = read_png(prepared / "labels" / f"{image_id}.png")
+        keep = gt != IGNORE_INDEX
+        np.add.at(expected, (gt[keep].astype(int), pred[keep].astype(int)), 1)
+    np.testing.assert_array_equal(conf, expected)
+    assert conf.sum() == 3 * (SIZE - 1) * SIZE  # the top row is ignored
+
+
+def test_colorize_and_overlay() -> None:
+    label = np.array([[0, 1], [IGNORE_INDEX, 3]], np.uint8)
+    pred = np.array([[2, 2], [0, 1]], np.uint8)
+    image = np.full((2, 2, 3), 7, np.uint8)
+    panel = render_overlay(image, label, pred, PALETTE)
+    assert panel.shape == (2, 6, 3) and panel.dtype == np.uint8
+    np.testing.assert_array_equal(panel[:, :2], image)
+    np.testing.assert_array_equal(panel[0, 2], COLORS[0])
+    np.testing.assert_array_equal(panel[0, 3], COLORS[1])
+    np.testing.assert_array_equal(panel[1, 2], [0, 0, 0])  # 255 = black
+    np.testing.assert_array_equal(panel[1, 3], COLORS[3])
+    np.testing.assert_array_equal(panel[:, 4:], colorize_labels(pred, PALETTE))
+
+
+def test_class_colors_fallback_and_palette() -> None:
+    colors = class_colors([(1, 2, 3), None, None], fallback=[[9, 9, 9], [4, 5, 6]])
+    np.testing.assert_array_equal(colors[:2], [[1, 2, 3], [4, 5, 6]])
+    assert colors.dtype == np.uint8 and colors[2].any()  # generated, not black
+    generated = class_colors([None] * 4)
+    assert len({tuple(c) for c in generated}) == 4
+
+
+@pytest.mark.parametrize("stride", [1, 3, 8])
+def test_confusion_rows_strided_grid(stride: int) -> None:
+    rng = np.random.default_rng(stride)
+    target = rng.integers(0, 4, (16, 16))
+    target[::5] = IGNORE_INDEX
+    pred = rng.integers(0, 4, (16, 16))
+    rows = confusion_rows(pred, target, CLASSES, stride)
+    grid = (slice(stride // 2, None, stride),) * 2
+    keep = target[grid] != IGNORE_INDEX
+    assert len(rows) == int(keep.sum())
+    assert rows == [
+        {"actual": CLASSES[a], "predicted": CLASSES[b]}
+        for a, b in zip(target[grid][keep], pred[grid][keep], strict=True)
+    ]
+
+
+def test_confusion_files(tmp_path: Path) -> None:
+    rows = [{"actual": "hand", "predicted": "lizard"}]
+    write_confusion_json(tmp_path / "c.json", rows)
+    assert json.loads((tmp_path / "c.json").read_text()) == rows
+    save_confusion_png(tmp_path / "c.png", np.array([[5, 1], [0, 0]]), ["a", "b"])
+    assert read_png(tmp_path / "c.png").ndim == 3
+
+
+def test_plot_collector_overlays(project: tuple[Path, Path], tmp_path: Path) -> None:
+    prepared, masks = project
+    plots = PlotCollector(tmp_path, PALETTE, CLASSES, max_overlays=1, stride=4)
+    evaluate_model(StubModel(), prepared, ["t0", "t1"], prepared / "labels", masks, 4, True, plots)
+    assert [p.name for p in plots.written] == ["t0.png"]
+    panel = read_png(tmp_path / "t0.png")
+    assert panel.shape == (SIZE, 3 * SIZE, 3)
+    np.testing.assert_array_equal(panel[:, :SIZE], read_png(prepared / "images" / "t0.png"))
+    gt = read_png(prepared / "labels" / "t0.png")
+    np.testing.assert_array_equal(panel[:, SIZE : 2 * SIZE], colorize_labels(gt, PALETTE))
+    np.testing.assert_array_equal(panel[0, SIZE], [0, 0, 0])  # ignored top row
+    np.testing.assert_array_equal(panel[5, 2 * SIZE], COLORS[1])  # StubModel: left = class 1
+    assert len(plots.rows) == 2 * 16 * 16  # 2 images x a 16 x 16 grid from row 2
+
+
+def test_format_eval_table() -> None:
+    results = {"m": {"with_masks": {"train": {"miou": 12.345}, "test": {"miou": 50.0}}}}
+    table = format_eval_table(results).splitlines()
+    assert table[0].split() == ["model", "masks", "train", "test"]
+    assert table[1].split() == ["m", "with_masks", "12.35", "50.00"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("models")
+    write_tiny_checkpoint(root / "teacher.pt")
+    write_tiny_checkpoint(root / "student.pt")
+    return root / "teacher.pt", root / "student.pt"
+
+
+def evaluate_argv(prepared: Path, masks: Path, models: tuple[Path, Path], root: Path) -> list[str]:
+    params = write_params(root / "params.yaml", eval={"batch_size": 4, "overlays": 1})
+    argv = ["--prepared", str(prepared), "--masks", str(masks)]
+    argv += ["--teacher", str(models[0]), "--student", str(models[1])]
+    argv += ["--out", str(root / "eval.json"), "--plots", str(root / "eval")]
+    return [*argv, "--params", str(params)]
+
+
+def test_evaluate_stage_main(
+    project: tuple[Path, Path], models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    prepared, masks = project
+    stage = load_stage("evaluate")
+    assert stage.main(evaluate_argv(prepared, masks, models, tmp_path)) == 0
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert set(results) == {"zeroshot", "teacher", "student"}
+    for modes in results.values():
+        assert set(modes) == {"with_masks", "without_masks"}
+        for per_split in modes.values():
+            assert set(per_split) == {"train", "val", "test"}
+            for report in per_split.values():
+                assert set(report) == {"miou", "iou"} and set(report["iou"]) == set(CLASSES)
+                assert 0.0 <= report["miou"] <= 100.0
+    # one shared embedding per batch gives the numbers of separate single-mode evaluations
+    from opensam.model import load_checkpoint
+
+    student, _ = load_checkpoint(models[1])
+    for mode, use_masks in (("with_masks", True), ("without_masks", False)):
+        conf = evaluate_model(
+            student, prepared, ["t0", "t1"], prepared / "labels", masks, 4, use_masks
+        )
+        assert results["student"][mode]["test"] == miou_report(conf, CLASSES)
+    overlays = sorted((tmp_path / "eval" / "overlays").glob("*.png"))
+    assert [p.name for p in overlays] == ["t0.png"]  # eval.overlays = 1
+    assert read_png(overlays[0]).shape == (SIZE, 3 * SIZE, 3)
+    rows = json.loads((tmp_path / "eval" / "confusion.json").read_text())
+    assert len(rows) == 2 * (SIZE // 8) ** 2  # stride-8 grid of both test images, none ignored
+    assert {r["actual"] for r in rows} <= set(CLASSES)
+
+
+def test_evaluate_stage_missing_student(
+    project: tuple[Path, Path], models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    prepared, masks = project
+    argv = evaluate_argv(prepared, masks, (models[0], tmp_path / "nope.pt"), tmp_path)
+    with pytest.raises(InputError, match="nope.pt"):
+        load_stage("evaluate").main(argv)
+    assert not (tmp_path / "eval.json").exists() and not (tmp_path / "eval").exists()
