@@ -12,14 +12,12 @@ like the `masks` stage.
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from opensam.config import load_params
 from opensam.mask_generators import ablation_image_ids, precompute_masks, read_splits
 from opensam.runtime import run_main, seed_everything
 
-log = logging.getLogger("stages.ablation_masks")
 SEED = 0  # mask generation draws no random numbers; fixed so the stage needn't read `seed`
 
 
@@ -39,19 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(SEED)
     splits = read_splits(args.prepared)
     ids = ablation_image_ids(splits, params.ablation.images, str(args.params))
-    summary = precompute_masks(
+    precompute_masks(  # logs masks per image and bytes per image
         args.prepared,
         args.out,
+        splits,
         ids,
         pps=args.pps,
         min_region_area=args.min_region_area,
         masks=params.masks,
         sam=params.sam,
-        image_size=int(splits["image_size"]),
         where=f"{args.params} / --pps {args.pps} --min-region-area {args.min_region_area}",
     )
-    log.info("%s: %d images, %.0f bytes per image", args.out, summary["images"],
-             summary["bytes_per_image"])  # fmt: skip
     return 0
 
 

@@ -59,8 +59,8 @@ def load_models(args: argparse.Namespace, params: Params) -> dict[str, nn.Module
     """The three models, classes checked against params (checkpoints first: fail fast)."""
     teacher, _ = load_checkpoint(args.teacher, expected_classes=params.class_names)
     student, _ = load_checkpoint(args.student, expected_classes=params.class_names)
-    return {"zeroshot": build_model(params.clip, params.prompts), "teacher": teacher,
-            "student": student}  # fmt: skip
+    zeroshot = build_model(params.clip, params.prompts)
+    return {"zeroshot": zeroshot, "teacher": teacher, "student": student}
 
 
 def evaluate_all(
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"{args.masks}: mask store not found (run the masks stage)")
     colors = class_colors([c.color for c in params.classes], splits.get("colors"))
     with atomic_path(args.plots) as plots_dir:
+        (plots_dir / "overlays").mkdir(parents=True)
         plots = PlotCollector(
             plots_dir / "overlays", colors, params.class_names, params.eval.overlays
         )
@@ -114,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         write_confusion_json(plots_dir / "confusion.json", plots.rows)
         if plotted_conf is not None:
             save_confusion_png(plots_dir / "confusion.png", plotted_conf, params.class_names)
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
     log.info("mIoU (%%):\n%s", format_eval_table(results))
     return 0
 

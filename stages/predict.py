@@ -20,26 +20,30 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from opensam.config import load_params
-from opensam.constants import IGNORE_INDEX
+from opensam.config import Params, load_params
 from opensam.evaluation import class_colors, load_splits
-from opensam.images import resize_label
-from opensam.metrics import confusion_matrix, miou_report
 from opensam.model import load_checkpoint
 from opensam.predict import (
-    LABELS_DIR,
     Photo,
     build_mask_generator,
     build_summary,
     predict_photos,
+    score_class_maps,
     write_summary,
 )
-from opensam.pseudo_labels import read_label_png
+from opensam.pseudo_labels import HIDDEN_GT_DIR
 from opensam.runtime import atomic_path, run_main, seed_everything
 
 log = logging.getLogger("stages.predict")
+
+METRIC_KEYS = (
+    "images",
+    "images_per_s",
+    "failed",
+    "mean_confidence",
+    "low_conf_pct",
+    "class_fractions",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,49 +69,23 @@ def pool_photos(prepared: Path, splits: dict[str, Any]) -> list[Photo]:
     return photos
 
 
-def score_vs_hidden_gt(
-    pred_dir: Path, gt_dir: Path, ids: list[str], class_names: list[str]
-) -> dict[str, Any] | None:
-    """mIoU report (percent) of the predictions against ``gt_dir/<id>.png`` (mode L class ids),
-    each prediction resized (nearest) to its ground truth's size; None without ground truth."""
-    total = np.zeros((len(class_names),) * 2, dtype=np.int64)
-    scored = 0
-    for image_id in ids:
-        gt_path, pred_path = gt_dir / f"{image_id}.png", pred_dir / LABELS_DIR / f"{image_id}.png"
-        if not (gt_path.is_file() and pred_path.is_file()):
-            continue
-        gt = read_label_png(gt_path)
-        pred = resize_label(read_label_png(pred_path), gt.shape)
-        total += confusion_matrix(pred, gt, len(class_names), IGNORE_INDEX)
-        scored += 1
-    if not scored:
-        return None
-    log.info("mIoU vs hidden ground truth on %d/%d images", scored, len(ids))
-    return {"images": scored, **miou_report(total, class_names)}
+def write_disabled(out: Path, metrics: Path) -> None:
+    """``predict.enabled: false``: an empty output folder and ``{"enabled": false}``."""
+    log.info("predict.enabled is false: writing an empty %s", out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+    with atomic_path(metrics) as tmp:
+        tmp.write_text(json.dumps({"enabled": False}, indent=2) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    params = load_params(args.params)
-    seed_everything(params.seed)
-    if not params.predict.enabled:
-        log.info("predict.enabled is false: writing an empty %s", args.out)
-        with atomic_path(args.out) as tmp:
-            tmp.mkdir(parents=True)
-        with atomic_path(args.metrics) as tmp:
-            tmp.write_text(json.dumps({"enabled": False}, indent=2) + "\n")
-        return 0
+def predict_pool(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    """Predict the unlabelled pool into ``args.out``; return the metrics mapping."""
     splits = load_splits(args.prepared)
     photos = pool_photos(args.prepared, splits)
     model, meta = load_checkpoint(args.student, expected_classes=params.class_names)
-    image_size = int(meta["image_size"])
+    size = int(meta["image_size"])
     masks = build_mask_generator(
-        params.masks.generator,
-        params.pps,
-        params.min_region_area,
-        params.masks,
-        params.sam,
-        image_size,
+        params.masks.generator, params.pps, params.min_region_area, params.masks, params.sam, size
     )
     colors = class_colors([c.color for c in params.classes], splits.get("colors"))
     log.info("predicting %d unlabelled photos with %s", len(photos), args.student)
@@ -118,34 +96,32 @@ def main(argv: list[str] | None = None) -> int:
             tmp,
             params.class_names,
             colors,
-            image_size,
+            size,
             masks,
             batch_size=params.predict.batch_size,
             low_conf=params.predict.low_conf,
         )
-        info = {
-            "checkpoint": str(args.student),
-            "masks": params.masks.generator,
-            "image_size": image_size,
-        }
+        info = {"checkpoint": str(args.student), "masks": params.masks.generator}
         summary = build_summary(result, params.class_names, colors, info)
         write_summary(tmp, summary)
-        quality = score_vs_hidden_gt(
-            tmp, args.prepared / "unlabelled_gt", [p.id for p in photos], params.class_names
-        )
-    keys = (
-        "images",
-        "images_per_s",
-        "failed",
-        "mean_confidence",
-        "low_conf_pct",
-        "class_fractions",
-    )
-    metrics: dict[str, Any] = {"enabled": True, **{k: summary[k] for k in keys}}
+        ids = [p.id for p in photos]
+        quality = score_class_maps(tmp, args.prepared / HIDDEN_GT_DIR, ids, params.class_names)
+    metrics = {"enabled": True, **{k: summary[k] for k in METRIC_KEYS}}
     metrics["failed"] = len(summary["failed"])
     if quality is not None:
         metrics["vs_hidden_gt"] = quality
         log.info("predictions vs hidden ground truth: mIoU %.2f", quality["miou"])
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    seed_everything(params.seed)
+    if not params.predict.enabled:
+        write_disabled(args.out, args.metrics)
+        return 0
+    metrics = predict_pool(args, params)
     with atomic_path(args.metrics) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     return 0

@@ -52,9 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def select_ids(train: list[str], stores: list[MaskStore], count: int, size: int) -> list[str]:
     """The first ``count`` train ids present in every store (stores must match ``size``)."""
     for store in stores:
-        if store.image_shape != (size, size):
-            raise InputError(f"{store.path}: masks are {store.image_shape}, images {size}x{size}")
-    ids = [i for i in train if all(i in store for store in stores)][:count]
+        if store.attrs.get("image_size") != size:
+            raise InputError(f"{store.path}: masks are not {size}x{size} like the images")
+    held = [set(store.ids()) for store in stores]
+    ids = [i for i in train if all(i in h for h in held)][:count]
     if not ids:
         raise InputError(f"{stores[0].path.parent}: no train image is in every ablation store")
     return ids

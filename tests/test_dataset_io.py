@@ -397,5 +397,9 @@ def test_cvat_export_rejects_bad_items(tmp_path: Path) -> None:
         write_cvat_export(tmp_path / "o", ["a", "b"], [(1, 1, 1), (2, 2, 2)],
                           [("x", np.zeros((H, W, 3), np.uint8), bad_label)])  # fmt: skip
     assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
+    item = ("x", np.zeros((H, W, 3), np.uint8), np.zeros((H, W), np.uint8))
+    with pytest.raises(ValueError, match="bad or duplicate export id 'x'"):
+        write_cvat_export(tmp_path / "o.zip", ["a"], [(1, 1, 1)], [item, item])
+    assert not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="distinct colour"):
         write_cvat_export(tmp_path / "o", ["a", "b"], [(1, 1, 1), (1, 1, 1)], [])

@@ -143,10 +143,12 @@ def test_plot_collector_overlays(project: tuple[Path, Path], tmp_path: Path) -> 
 
 
 def test_format_eval_table() -> None:
-    results = {"m": {"with_masks": {"train": {"miou": 12.345}, "test": {"miou": 50.0}}}}
+    with_masks = {"train": {"miou": 12.345}, "test": {"miou": 50.0}}
+    results = {"m": {"with_masks": with_masks, "without_masks": {"train": {"miou": None}}}}
     table = format_eval_table(results).splitlines()
     assert table[0].split() == ["model", "masks", "train", "test"]
     assert table[1].split() == ["m", "with_masks", "12.35", "50.00"]
+    assert table[2].split() == ["m", "without_masks", "-", "-"]  # no pixels / no split
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +167,7 @@ def evaluate_argv(prepared: Path, masks: Path, models: tuple[Path, Path], root: 
     return [*argv, "--params", str(params)]
 
 
+@pytest.mark.slow  # three models x three splits (~10-20 s on 2 busy cores)
 def test_evaluate_stage_main(
     project: tuple[Path, Path], models: tuple[Path, Path], tmp_path: Path
 ) -> None:

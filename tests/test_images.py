@@ -16,6 +16,7 @@ from opensam.errors import InputError
 from opensam.images import (
     FileRef,
     is_image_name,
+    load_label_codes,
     load_label_index,
     load_label_rgb,
     load_rgb,
@@ -23,6 +24,7 @@ from opensam.images import (
     read_image_size,
     resize_image,
     resize_label,
+    rgb_code,
 )
 
 ORIENTATION = 0x0112
@@ -223,6 +225,23 @@ def test_label_loaders(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((2, 2), np.uint16)).save(tmp_path / "i16.png")
     with pytest.raises(InputError, match="i16.png: label PNG has mode"):
         load_label_rgb(tmp_path / "i16.png")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P"])
+def test_label_codes_match_rgb_code(tmp_path: Path, mode: str) -> None:
+    rgb = np.random.default_rng(2).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb)
+    if mode == "RGBA":
+        img.putalpha(7)
+    elif mode == "P":
+        img = img.quantize(16)
+        rgb = np.asarray(img.convert("RGB"))
+    img.save(tmp_path / "l.png")
+    codes = load_label_codes(tmp_path / "l.png")
+    assert codes.shape == (5, 7) and codes.dtype == np.uint32
+    want = [[rgb_code(*map(int, px)) for px in row] for row in rgb]
+    assert codes.tolist() == want
+    assert rgb_code(1, 2, 3) != rgb_code(3, 2, 1)
 
 
 def test_file_ref_reads_zip_members(tmp_path: Path) -> None:

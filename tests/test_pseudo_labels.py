@@ -158,6 +158,9 @@ def load_stage(name: str) -> ModuleType:
 def write_params(path: Path, **over: object) -> Path:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw.update(image_size=SIZE, **over)
+    raw["clip"] = {"model": "opensam-tiny", "pretrained": None}  # offline, whatever the preset
+    pairs = zip(CLASSES, COLORS, strict=True)
+    raw["classes"] = [{"name": n, "prompt": f"a {n}", "color": c} for n, c in pairs]
     path.write_text(yaml.safe_dump(raw))
     return path
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 VARIANTS = ("nu", "pm")
-_CHUNK_PIXELS = 1 << 24  # masks converted to float per chunk in the pooling (≈ 64 MB float32)
+_CHUNK_PIXELS = 1 << 18  # mask pixels per chunk in the pooling: 1 MB of float32 stays in cache
 
 
 def bilinear_matrix(
@@ -70,28 +70,30 @@ def nu_pool_weights(
     a_h = bilinear_matrix(height, grid_hw[0], dtype, masks.device)  # (H, h)
     a_w = bilinear_matrix(width, grid_hw[1], dtype, masks.device)  # (W, w)
     out = torch.empty(m, grid_hw[0], grid_hw[1], dtype=dtype, device=masks.device)
+    area = torch.empty(m, dtype=dtype, device=masks.device)
     step = max(1, _CHUNK_PIXELS // max(1, height * width))
     for start in range(0, m, step):
-        chunk = masks[start : start + step].to(dtype)
-        out[start : start + step] = a_h.T @ (chunk @ a_w)  # contract W first: (M, H, w)
-    area = masks.flatten(1).sum(1).to(dtype)
+        # via uint8: bool→float conversion and bool sums are several times slower
+        rows = masks[start : start + step].view(torch.uint8).to(dtype) @ a_w  # (m, H, w)
+        area[start : start + step] = rows.sum((1, 2))  # rows of A_w sum to 1: exact areas
+        out[start : start + step] = a_h.T @ rows
     return out / area.clamp(min=1.0)[:, None, None]
 
 
 def pm_pool_weights(
-    masks: torch.Tensor | np.ndarray, grid_hw: tuple[int, int]
+    masks: torch.Tensor | np.ndarray, grid_hw: tuple[int, int], dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PM pooling weights: masks downsampled to the grid by nearest neighbour (torch's
     ``mode="nearest"``, as the thesis's code would), normalised to sum 1.
 
-    masks: (M, H, W) bool → weights (M, h, w) float32 and valid (M,) bool; a mask that vanishes on
-    the grid is invalid and its row is 0.
+    masks: (M, H, W) bool → weights (M, h, w) ``dtype`` (float32) and valid (M,) bool; a mask
+    that vanishes on the grid is invalid and its row is 0.
     """
     masks = _as_bool_tensor(masks)
     if masks.shape[0] == 0:
-        return torch.zeros(0, *grid_hw, device=masks.device), masks.new_zeros(0)
+        return torch.zeros(0, *grid_hw, dtype=dtype, device=masks.device), masks.new_zeros(0)
     down = F.interpolate(masks[:, None].to(torch.uint8), size=grid_hw, mode="nearest")[:, 0]
-    down = down.float()
+    down = down.to(dtype)
     count = down.flatten(1).sum(1)
     valid = count > 0
     return down / count.clamp(min=1.0)[:, None, None], valid
@@ -101,14 +103,20 @@ def winner_index(masks: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Index of the mask that paints each pixel: the last (smallest) covering one.
 
     masks: (M, H, W) bool, sorted largest first → (H, W) int64, −1 where no mask covers the pixel.
-    Painted in order with ``masked_fill_``: one pass per mask, faster than an argmax over the
-    flipped uint8 stack or a max over an int64 product (bench/aggregate.py).
+    Painted in order, each mask writing only its own pixels; on the CPU through numpy into int16,
+    several times faster than an argmax over the flipped uint8 stack (bench/aggregate.py).
     """
     masks = _as_bool_tensor(masks)
-    winner = torch.full(masks.shape[1:], -1, dtype=torch.int64, device=masks.device)
-    for i, mask in enumerate(masks):
-        winner.masked_fill_(mask, i)
-    return winner
+    if masks.device.type != "cpu":
+        winner = torch.full(masks.shape[1:], -1, dtype=torch.int64, device=masks.device)
+        for i, mask in enumerate(masks):
+            winner.masked_fill_(mask, i)
+        return winner
+    small = masks.shape[0] <= np.iinfo(np.int16).max
+    out = np.full(tuple(masks.shape[1:]), -1, np.int16 if small else np.int32)
+    for i, mask in enumerate(masks.numpy()):
+        out[mask] = i
+    return torch.from_numpy(out).to(torch.int64)
 
 
 @dataclass
@@ -131,13 +139,13 @@ def prepare_mask_inputs(
     """Pool weights and winner index of one image's masks ((M, H, W) bool, largest first).
 
     ``variant`` "nu" (thesis NU, exact adjoint) or "pm" (nearest-downsampled masks; masks that
-    vanish on the grid are not painted). ``dtype`` of the NU weights (float64 for exactness tests).
+    vanish on the grid are not painted). ``dtype`` of the weights (float64 for exactness tests).
     """
     masks = _as_bool_tensor(masks)
     if variant == "nu":
         return MaskInputs(nu_pool_weights(masks, grid_hw, dtype), winner_index(masks))
     if variant == "pm":
-        weights, valid = pm_pool_weights(masks, grid_hw)
+        weights, valid = pm_pool_weights(masks, grid_hw, dtype)
         kept = torch.nonzero(valid).flatten()
         winner = winner_index(masks[kept])
         winner = torch.where(winner >= 0, kept[winner.clamp(min=0)], winner)

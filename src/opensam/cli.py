@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,6 @@ import yaml
 
 from opensam.errors import InputError
 from opensam.images import IMAGE_EXTENSIONS, is_image_name
-from opensam.runtime import atomic_path, setup_logging
 
 if TYPE_CHECKING:
     from opensam.predict import Photo
@@ -50,7 +50,7 @@ def _assign_ids(paths: Sequence[Path], root: Path) -> list[Photo]:
     from opensam.predict import Photo
 
     ids = [p.relative_to(root).with_suffix("").as_posix().replace("/", "__") for p in paths]
-    clash = {i for i in ids if ids.count(i) > 1}
+    clash = {i for i, n in Counter(ids).items() if n > 1}
     return [
         Photo(f"{i}_{p.suffix[1:].lower()}" if i in clash else i, p)
         for i, p in zip(ids, paths, strict=True)
@@ -93,7 +93,9 @@ def list_photos(source: Path) -> PhotoList:
     images = [p for p in files if is_image_name(p.name)]
     if not images:
         raise InputError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    refused = [(str(p), "not an image file (extension)") for p in files if p not in images]
+    refused = [
+        (str(p), "not an image file (extension)") for p in files if not is_image_name(p.name)
+    ]
     return PhotoList(_assign_ids(images, root), refused)
 
 
@@ -107,6 +109,7 @@ def check_output_dir(source: Path, out_dir: Path) -> None:
 
 def _cmd_preset(args: argparse.Namespace) -> int:
     from opensam.presets import apply_preset
+    from opensam.runtime import atomic_path
 
     path = Path(args.params)
     try:
@@ -127,52 +130,30 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from opensam.model import load_checkpoint
     from opensam.runtime import seed_everything
 
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     params = load_params(args.params)
     seed_everything(params.seed)
     check_output_dir(args.input, args.out)
     listing = list_photos(args.input)
     model, meta = load_checkpoint(args.checkpoint, expected_classes=params.class_names)
-    size = int(meta["image_size"])
-    generator = args.masks or params.masks.generator
+    size, generator = int(meta["image_size"]), args.masks or params.masks.generator
     masks = predict.build_mask_generator(
         generator, params.pps, params.min_region_area, params.masks, params.sam, size
     )
     colors = class_colors([c.color for c in params.classes])
     log.info(
-        "%d photos, model %s (%d px), masks %s",
-        len(listing.photos),
-        args.checkpoint,
-        size,
-        generator,
+        "%d photos, %s (%d px), masks %s", len(listing.photos), args.checkpoint, size, generator
     )
+    low_conf = params.predict.low_conf if args.low_conf is None else args.low_conf
     result = predict.predict_photos(
-        model,
-        listing.photos,
-        args.out,
-        params.class_names,
-        colors,
-        size,
-        masks,
-        batch_size=args.batch_size or params.predict.batch_size,
-        low_conf=params.predict.low_conf if args.low_conf is None else args.low_conf,
-        overwrite=args.overwrite,
-        refused=listing.refused,
-    )
-    info = {
-        "checkpoint": str(args.checkpoint),
-        "input": str(args.input),
-        "masks": generator,
-        "image_size": size,
-    }
+        model, listing.photos, args.out, params.class_names, colors, size, masks,
+        args.batch_size or params.predict.batch_size, low_conf, args.overwrite, listing.refused,
+    )  # fmt: skip
+    info = {"checkpoint": str(args.checkpoint), "input": str(args.input), "masks": generator}
     predict.write_summary(args.out, predict.build_summary(result, params.class_names, colors, info))
-    log.info(
-        "%d predicted (%.2f images/s), %d skipped, %d failed -> %s",
-        result.processed,
-        result.images_per_s,
-        result.skipped,
-        len(result.failed),
-        args.out,
-    )
+    log.info("%d predicted (%.2f images/s), %d skipped, %d failed -> %s", result.processed,
+             result.images_per_s, result.skipped, len(result.failed), args.out)  # fmt: skip
     if not result.rows:
         raise InputError(f"{args.input}: no photo could be read (see {args.out}/failed.txt)")
     return 0
@@ -352,8 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; user errors print one line and exit 2."""
+    args = build_parser().parse_args(argv)  # before importing torch: --help stays instant
+    from opensam.runtime import setup_logging
+
     setup_logging()
-    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except InputError as exc:

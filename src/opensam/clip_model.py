@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from copy import deepcopy
+from pickle import UnpicklingError
 from typing import Any, cast
 
 import open_clip
@@ -112,10 +113,12 @@ def resolve_pretrained(model_name: str, pretrained: str, allow_download: bool) -
         if allow_download:
             return str(open_clip.download_pretrained(cfg))
         where, how = url, f"download {url}"
+    state = "could not be downloaded" if allow_download else "are not in the local cache"
+    also = "" if allow_download else f", or set {DOWNLOAD_ENV}=1 to allow downloads"
     raise InputError(
-        f"{where}: OpenCLIP weights {model_name}/{pretrained} are not available offline; "
-        f"fetch them on a machine with internet ({how}), or put the file under models/ and set "
-        f"clip.pretrained to its path, or set {DOWNLOAD_ENV}=1 to allow downloads"
+        f"{where}: OpenCLIP weights {model_name}/{pretrained} {state}; fetch them on a machine "
+        f"with internet ({how}), or put the file under models/ and set clip.pretrained to its "
+        f"path{also}"
     )
 
 
@@ -136,7 +139,7 @@ def create_clip(
     path = resolve_pretrained(model_name, pretrained, allow_download) if pretrained else None
     try:
         model = open_clip.create_model(model_name, pretrained=path, vision_cfg=cfg["vision_cfg"])
-    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+    except (RuntimeError, OSError, ValueError, KeyError, EOFError, UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: cannot load as {model_name} weights ({first[:200]})") from None
     log.info("CLIP %s, weights: %s", model_name, path or "random init")

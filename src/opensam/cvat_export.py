@@ -7,7 +7,9 @@ The layout is the one :mod:`opensam.dataset_io` reads: ``labelmap.txt``,
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -17,6 +19,8 @@ from PIL import Image
 
 from opensam.constants import IGNORE_INDEX
 from opensam.runtime import atomic_path
+
+log = logging.getLogger(__name__)
 
 RGB = tuple[int, int, int]
 ExportItem = tuple[str, np.ndarray | str | Path, np.ndarray]
@@ -56,26 +60,34 @@ def write_cvat_export(
     palette[IGNORE_INDEX] = void
     out = Path(out)
     with atomic_path(out) as tmp:
-        as_zip = out.suffix.lower() == ".zip"
-        archive = zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) if as_zip else None
-
-        def put(rel: str, data: bytes) -> None:
-            if archive is not None:
-                archive.writestr(rel, data)
-            else:
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                (tmp / rel).write_bytes(data)
-
-        ids = _write_items(put, items, palette, len(class_names))
-        lines = [
-            f"{n}:{','.join(map(str, c))}::" for n, c in zip(class_names, colours, strict=True)
-        ]
-        lines.append(f"void:{void[0]},{void[1]},{void[2]}::")
-        put("labelmap.txt", b"# label:color_rgb:parts:actions\n" + _lines(lines))
-        put(_SETS + "default.txt", _lines(ids))
-        if archive is not None:
-            archive.close()
+        if out.suffix.lower() == ".zip":
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+                ids = _write_items(archive.writestr, items, palette, len(class_names))
+                _write_lists(archive.writestr, class_names, colours, void, ids)
+        else:
+            put = functools.partial(_put_file, tmp)
+            ids = _write_items(put, items, palette, len(class_names))
+            _write_lists(put, class_names, colours, void, ids)
+    log.info("%s: wrote a CVAT export of %d images", out, len(ids))
     return len(ids)
+
+
+def _put_file(root: Path, rel: str, data: bytes) -> None:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(data)
+
+
+def _write_lists(
+    put: Callable[[str, bytes], None],
+    class_names: Sequence[str],
+    colours: Sequence[RGB],
+    void: RGB,
+    ids: list[str],
+) -> None:
+    lines = [f"{n}:{r},{g},{b}::" for n, (r, g, b) in zip(class_names, colours, strict=True)]
+    lines.append(f"void:{void[0]},{void[1]},{void[2]}::")
+    put("labelmap.txt", b"# label:color_rgb:parts:actions\n" + _lines(lines))
+    put(_SETS + "default.txt", _lines(ids))
 
 
 def _write_items(
@@ -85,8 +97,9 @@ def _write_items(
     n_classes: int,
 ) -> list[str]:
     ids: list[str] = []
+    seen: set[str] = set()
     for item_id, image, label in items:
-        if item_id in ids or "/" in item_id or item_id.startswith("."):
+        if item_id in seen or "/" in item_id or item_id.startswith("."):
             raise ValueError(f"bad or duplicate export id '{item_id}'")
         label = np.asarray(label, np.uint8)
         if np.any((label >= n_classes) & (label != IGNORE_INDEX)):
@@ -103,4 +116,5 @@ def _write_items(
         Image.fromarray(palette[label]).save(buf, "PNG")
         put(f"{_LABELS}{item_id}.png", buf.getvalue())
         ids.append(item_id)
+        seen.add(item_id)
     return ids

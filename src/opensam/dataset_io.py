@@ -34,10 +34,11 @@ from opensam.errors import InputError
 from opensam.images import (
     FileRef,
     is_image_name,
+    load_label_codes,
     load_label_index,
-    load_label_rgb,
     load_rgb_and_size,
     open_zip,
+    rgb_code,
 )
 
 log = logging.getLogger(__name__)
@@ -179,12 +180,6 @@ def voc_colormap(n: int = 256) -> list[RGB]:
     return [(channel(i, 0), channel(i, 1), channel(i, 2)) for i in range(n)]
 
 
-def _rgb_codes(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) int32 ``r<<16 | g<<8 | b``."""
-    rgb = rgb.astype(np.int32)
-    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-
-
 @dataclass
 class Export:
     """An opened labelled export: items, class colours, and label decoding to class ids.
@@ -200,7 +195,7 @@ class Export:
     items: list[LabelledItem]
     labelmap_name: str
     unknown_colour_max_pixels: int = 500
-    _codes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32), repr=False)
+    _codes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32), repr=False)
     _code_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8), repr=False)
     _index_lut: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16), repr=False)
 
@@ -232,12 +227,12 @@ class Export:
             ids = np.where(unknown, IGNORE_INDEX, lut).astype(np.uint8)
             values, what = index[unknown].astype(np.int64), "index {3}"
         else:
-            codes = _rgb_codes(load_label_rgb(ref.source(), str(ref)))
+            codes = load_label_codes(ref.source(), str(ref))
             pos = np.minimum(np.searchsorted(self._codes, codes), len(self._codes) - 1)
             known = self._codes[pos] == codes
             unknown = ~known
             ids = np.where(known, self._code_ids[pos], IGNORE_INDEX).astype(np.uint8)
-            values, what = codes[unknown].astype(np.int64), "colour ({},{},{})"
+            values, what = codes[unknown].astype(np.int64), "colour ({2},{1},{0})"
         if expect_size is not None and ids.shape != tuple(expect_size):
             raise InputError(
                 f"{ref}: label is {ids.shape[1]}x{ids.shape[0]} but its image is "
@@ -251,7 +246,7 @@ class Export:
     def _raise_unknown(self, ref: FileRef, values: np.ndarray, what: str) -> None:
         uniq, counts = np.unique(values, return_counts=True)
         top = int(uniq[np.argmax(counts)])
-        desc = what.format(top >> 16, (top >> 8) & 255, top & 255, top)
+        desc = what.format((top >> 16) & 255, (top >> 8) & 255, top & 255, top)
         msg = f"{ref}: {desc} is not in {self.labelmap_name} ({_pixels(int(counts.max()))}"
         if len(uniq) > 1:
             msg += f"; {len(uniq) - 1} more unknown colours, {_pixels(values.size)} in all"
@@ -297,12 +292,12 @@ def _class_tables(
     ids = [wanted.get(_norm(n), IGNORE_INDEX) for n in names]
     if void and (void_rgb := voc_colormap(256)[IGNORE_INDEX]) not in colours:
         colours, ids = [*colours, void_rgb], [*ids, IGNORE_INDEX]
-    order = np.argsort(codes := np.array([(r << 16) | (g << 8) | b for r, g, b in colours]))
+    order = np.argsort(codes := np.array([rgb_code(*c) for c in colours], np.uint32))
     index_lut = np.full(256, -1, np.int16)
     index_lut[: len(names)] = ids[: min(len(names), 256)]
     index_lut[IGNORE_INDEX] = IGNORE_INDEX
     picked = {c.name: colours[have[_norm(c.name)]] for c in classes}
-    return picked, codes[order].astype(np.int32), np.array(ids, np.uint8)[order], index_lut
+    return picked, codes[order], np.array(ids, np.uint8)[order], index_lut
 
 
 def _read_ids(tree: _Tree) -> list[str] | None:

@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from opensam.aggregation import prepare_mask_inputs
-from opensam.augment import Augmenter
+from opensam.aggregation import nu_pool_weights, prepare_mask_inputs
+from opensam.augment import Augmenter, warp_masks
 from opensam.constants import IGNORE_INDEX
 from opensam.errors import InputError
 from opensam.mask_store import MaskStore
@@ -123,32 +123,16 @@ class SegDataset(Dataset[Item]):
         else:
             label = torch.full(shape, IGNORE_INDEX, dtype=torch.int64)
         if self.augment is None:
-            pool, winner = self._static_mask_inputs(image_id, shape)
-            return {
-                "id": image_id,
-                "image": image,
-                "label": label,
-                "pool_weights": pool,
-                "winner": winner,
-            }
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        moved = self.augment.moves_pixels and self.masks_path is not None
-        masks = self._read_masks(image_id, shape) if moved else None
-        out = self.augment(image, label, masks, rng)
-        if moved:
-            assert out.masks is not None
-            inputs = prepare_mask_inputs(out.masks, self.grid_hw, variant=self.variant)
-            pool, winner = inputs.pool_weights.float(), inputs.winner.long()
+            pool, winner = self._mask_inputs(image_id, shape, None)
         else:
-            pool, winner = self._static_mask_inputs(image_id, shape)
-        assert out.label is not None
-        return {
-            "id": image_id,
-            "image": out.image,
-            "label": out.label,
-            "pool_weights": pool,
-            "winner": winner,
-        }
+            out = self.augment(
+                image, label, None, np.random.default_rng([self.seed, self.epoch, index])
+            )
+            assert out.label is not None
+            image, label = out.image, out.label
+            pool, winner = self._mask_inputs(image_id, shape, out.source_index)
+        return {"id": image_id, "image": image, "label": label, "pool_weights": pool,
+                "winner": winner}  # fmt: skip
 
     def _read_masks(self, image_id: str, shape: tuple[int, int]) -> np.ndarray:
         """The stored masks of one image, (M, H, W) bool, checked against the image size."""
@@ -162,23 +146,34 @@ class SegDataset(Dataset[Item]):
             )
         return masks
 
-    def _static_mask_inputs(
-        self, image_id: str, shape: tuple[int, int]
+    def _mask_inputs(
+        self, image_id: str, shape: tuple[int, int], source_index: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pool weights and winner of unmoved masks: the store's precomputed winner, cached."""
+        """Pool weights (M, h, w) float32 and winner (H, W) int64 of the image's masks, moved by
+        ``source_index`` (see :class:`opensam.augment.Augmented`) when given.
+
+        Moved masks go through ``prepare_mask_inputs``; unmoved NU masks use the store's
+        precomputed winner, and are cached per image (validation repeats them every epoch).
+        """
         if self.masks_path is None:
             h, w = self.grid_hw
-            return torch.zeros((0, h, w), dtype=torch.float32), torch.full(
-                shape, -1, dtype=torch.int64
-            )
-        cached = self._cache.get(image_id)
-        if cached is None:
-            masks = self._read_masks(image_id, shape)
-            pool = prepare_mask_inputs(masks, self.grid_hw, variant=self.variant).pool_weights
-            winner = torch.from_numpy(np.asarray(self.store.read_winner(image_id), np.int64))
-            cached = (pool.float(), winner)
-            self._cache[image_id] = cached
-        return cached
+            empty = torch.zeros((0, h, w), dtype=torch.float32)
+            return empty, torch.full(shape, -1, dtype=torch.int64)
+        if source_index is None and image_id in self._cache:
+            return self._cache[image_id]
+        masks = torch.from_numpy(self._read_masks(image_id, shape))
+        if source_index is not None or self.variant != "nu":
+            if source_index is not None:
+                masks = warp_masks(masks, source_index)
+            inputs = prepare_mask_inputs(masks, self.grid_hw, variant=self.variant)
+            pool, winner = inputs.pool_weights, inputs.winner
+        else:
+            pool = nu_pool_weights(masks, self.grid_hw)
+            winner = torch.from_numpy(self.store.read_winner(image_id).astype(np.int64))
+        result = (pool.float(), winner.long())
+        if source_index is None:
+            self._cache[image_id] = result
+        return result
 
 
 def collate_batch(items: Sequence[Item]) -> Item:

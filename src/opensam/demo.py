@@ -444,7 +444,10 @@ def _map_photos(tasks: list[_Task], workers: int) -> Iterator[np.ndarray]:
     if workers <= 1:
         yield from map(_write_photo, tasks)
         return
-    with multiprocessing.Pool(workers, cv2.setNumThreads, (1,)) as pool:  # a core per process
+    # Workers fork from a fresh server process, never from this one: a thread pool that exists
+    # here (OpenCV's, torch's) would be a corrupt copy in a forked child and can deadlock it.
+    ctx = multiprocessing.get_context("forkserver")
+    with ctx.Pool(workers, cv2.setNumThreads, (1,)) as pool:  # one core per process
         yield from pool.imap_unordered(_write_photo, tasks, chunksize=4)
 
 

@@ -271,9 +271,8 @@ def format_eval_table(results: Mapping[str, Mapping[str, Mapping[str, Mapping[st
     lines = [f"{'model':<10} {'masks':<14}" + "".join(f"{s:>8}" for s in splits)]
     for model_name, modes in results.items():
         for mode, per_split in modes.items():
-            cells = "".join(
-                f"{per_split[s]['miou']:8.2f}" if s in per_split else f"{'-':>8}" for s in splits
-            )
+            mious = [per_split.get(s, {}).get("miou") for s in splits]
+            cells = "".join(f"{m:8.2f}" if m is not None else f"{'-':>8}" for m in mious)
             lines.append(f"{model_name:<10} {mode:<14}{cells}")
     return "\n".join(lines)
 

@@ -164,8 +164,9 @@ def load_rgb_and_size(
                     height, width = width, height
                 img.draft("RGB", (width, height))
             img.load()
-            oriented = ImageOps.exif_transpose(img)
-            return _to_rgb(oriented), size
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # transposing copies: only if needed
+                img = ImageOps.exif_transpose(img)
+            return _to_rgb(img), size
         except _READ_ERRORS as exc:
             raise _cannot_read(label, exc) from None
 
@@ -203,6 +204,25 @@ def load_label_rgb(src: ImageSource, name: str | None = None) -> np.ndarray:
         if img.mode.startswith("I") or img.mode == "F":
             raise InputError(f"{label}: label PNG has mode {img.mode}; expected RGB or palette")
         return np.asarray(img.convert("RGB"))
+
+
+def rgb_code(r: int, g: int, b: int) -> int:
+    """The uint32 code :func:`load_label_codes` gives the colour (r, g, b)."""
+    return r | g << 8 | b << 16 | 0xFF << 24
+
+
+def load_label_codes(src: ImageSource, name: str | None = None) -> np.ndarray:
+    """Load a colour label PNG as (H, W) uint32 colour codes, see :func:`rgb_code`.
+
+    Same rules as :func:`load_label_rgb`, but about 4x faster to match against a colour table:
+    Pillow packs RGBX pixels in C and numpy only reinterprets the bytes.
+    """
+    img, label = _load_raw(src, name)
+    with img:
+        if img.mode.startswith("I") or img.mode == "F":
+            raise InputError(f"{label}: label PNG has mode {img.mode}; expected RGB or palette")
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        return np.asarray(rgb.convert("RGBX")).view("<u4")[..., 0]
 
 
 def load_label_index(src: ImageSource, name: str | None = None) -> np.ndarray | None:

@@ -117,7 +117,7 @@ def checkpoint_sha256(path: str | Path) -> str:
     """sha256 of a (large) checkpoint, cached beside it in ``.<name>.sha256`` by size and mtime."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: SAM checkpoint not found")
+        raise InputError(f"{path}: SAM checkpoint not found (or set sam.checkpoint: null)")
     stat = path.stat()
     key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     cache = path.with_name(f".{path.name}.sha256")
@@ -303,23 +303,26 @@ def summarize_store(path: Path) -> dict[str, float]:
 def precompute_masks(
     prepared_dir: Path,
     out_path: Path,
+    splits: Mapping[str, Any],
     image_ids: Sequence[str],
     pps: int,
     min_region_area: int,
     masks: MasksParams,
     sam: SamParams,
-    image_size: int,
     where: str = "params.yaml",
 ) -> dict[str, float]:
-    """Check the settings, build the store attrs, and run :func:`compute_mask_store` with the
-    ``masks.generator`` generator (built only if some image needs it). ``where`` names the
-    source of the settings in error messages."""
+    """Check the settings, build the store attrs and run :func:`compute_mask_store` with the
+    ``masks.generator`` generator (built only if some image needs it).
+
+    ``splits`` is :func:`read_splits` of ``prepared_dir`` (image size, original photos);
+    ``where`` names the source of the settings in error messages.
+    """
+    image_size = int(splits["image_size"])
     check_generator_name(masks.generator, f"{where}: masks.generator")
     check_mask_params(pps, min_region_area, image_size, where)
     if not image_ids:
         raise InputError(f"{Path(prepared_dir) / 'splits.json'}: no images to compute masks for")
     attrs = store_attrs(masks.generator, pps, min_region_area, image_size, masks, sam)
-    splits = read_splits(prepared_dir)
     sources = splits.get("sources") or {}
     originals = {str(k): Path(v) for k, v in sources.items() if isinstance(v, str)}
 

@@ -89,7 +89,8 @@ class MaskSet:
 
 def pack_masks(masks: np.ndarray) -> np.ndarray:
     """(n, H, W) bool -> (n, ceil(H*W/8)) uint8, each mask np.packbits of its row-major ravel."""
-    return np.packbits(masks.reshape(masks.shape[0], -1), axis=1)
+    n, h, w = masks.shape
+    return np.packbits(masks.reshape(n, h * w), axis=1)
 
 
 def unpack_masks(packed: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -209,6 +210,17 @@ def _group_ok(group: h5py.Group) -> bool:
     return shapes == [(n, math.ceil(h * w / 8)), (n,), (n,), (n,), (n, 4), (h, w)]
 
 
+def _scan_images(f: h5py.File) -> tuple[dict[str, str], list[str]]:
+    """({complete id: its source_sha256}, [incomplete ids]) of an open store."""
+    done, bad = {}, []
+    for name, group in f["images"].items():
+        if _group_ok(group):
+            done[name] = str(_plain(group.attrs.get("source_sha256", "")))
+        else:
+            bad.append(name)
+    return done, bad
+
+
 class MaskStoreWriter:
     """Resumable writer: ``with MaskStoreWriter(path, attrs, ids) as w: w.write(id, ms)``.
 
@@ -261,13 +273,10 @@ class MaskStoreWriter:
             if diff:
                 f.close()
                 return None, f"partial store was made with other attrs ({diff})"
-            images = f["images"]
-            for name in list(images):  # drop groups a killed run left half-written
-                if _group_ok(images[name]):
-                    self._done[name] = str(_plain(images[name].attrs.get("source_sha256", "")))
-                else:
-                    log.info("%s: dropping incomplete image %r", self.partial, name)
-                    del images[name]
+            self._done, bad = _scan_images(f)
+            for name in bad:  # groups a killed run left half-written
+                log.info("%s: dropping incomplete image %r", self.partial, name)
+                del f["images"][name]
             f.flush()
         except Exception as exc:
             f.close()
@@ -452,25 +461,23 @@ def validate_store(
     """
     if not Path(path).exists():
         return False
-    reason = ""
     try:
         with h5py.File(path, "r") as f:
             diff = _attrs_diff(_read_attrs(f), _full_attrs(expected_attrs))
-            images, ids = f["images"], set(expected_ids)
-            if diff:
-                reason = f"made with other attrs ({diff})"
-            elif set(images) != ids:
-                reason = f"holds {len(images)} image(s), not the {len(ids)} expected"
-            for image_id in sorted(ids) if not reason else []:
-                digest = _plain(images[image_id].attrs.get("source_sha256"))
-                if not _group_ok(images[image_id]):
-                    reason = f"image {image_id!r} is incomplete"
-                elif digests is not None and digest != digests[image_id]:
-                    reason = f"image {image_id!r} has changed"
-                if reason:
-                    break
+            done, bad = _scan_images(f)
     except Exception as exc:
-        reason = f"unreadable ({_one_line(exc)})"
-    if reason:
-        log.info("%s: cannot reuse: %s", path, reason)
-    return not reason
+        log.info("%s: cannot reuse: unreadable (%s)", path, _one_line(exc))
+        return False
+    changed = [i for i in done if digests is not None and digests.get(i) != done[i]]
+    if diff:
+        reason = f"made with other attrs ({diff})"
+    elif bad:
+        reason = f"image {bad[0]!r} is incomplete"
+    elif set(done) != set(expected_ids):
+        reason = f"holds {len(done)} image(s), not the {len(expected_ids)} expected"
+    elif changed:
+        reason = f"image {changed[0]!r} has changed"
+    else:
+        return True
+    log.info("%s: cannot reuse: %s", path, reason)
+    return False

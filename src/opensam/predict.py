@@ -21,8 +21,9 @@ import csv
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +33,17 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from opensam.aggregation import MaskInputs, collate_mask_inputs, prepare_mask_inputs
 from opensam.config import MasksParams, SamParams
 from opensam.errors import InputError
-from opensam.images import (
-    load_rgb_and_size,
-    read_image_size,
-    resize_image,
-    resize_label,
-    save_png,
-)
+from opensam.images import load_rgb_and_size, read_image_size, resize_image, resize_label, save_png
 from opensam.mask_generators import MaskGenerator, build_generator
 from opensam.runtime import atomic_path
+from opensam.superpixels import SuperpixelGenerator
 
 log = logging.getLogger(__name__)
+
+Mapper = Callable[..., Iterable[Any]]  # ``map`` or ``ThreadPoolExecutor.map``
 
 LABELS_DIR, OVERLAYS_DIR = "labels", "overlays"
 CSV_NAME, FAILED_NAME, SUMMARY_NAME = "predictions.csv", "failed.txt", "summary.json"
@@ -97,10 +96,14 @@ def blend_overlay(rgb: np.ndarray, labels: np.ndarray, colors: np.ndarray) -> np
 
     Pixels whose id has no colour (255) keep the photo. Returns (H, W, 3) uint8.
     """
-    palette = np.zeros((256, 3), dtype=np.float32)
+    palette = np.zeros((256, 3), dtype=np.uint8)
     palette[: len(colors)] = colors
-    mixed = (1.0 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * palette[labels]
-    return np.where((labels < len(colors))[..., None], mixed, rgb).round().astype(np.uint8)
+    photo = Image.fromarray(np.ascontiguousarray(rgb))
+    mixed = Image.blend(photo, Image.fromarray(palette[labels]), OVERLAY_ALPHA)  # C, 4x numpy
+    has = labels < len(colors)
+    if not has.all():
+        mixed = Image.composite(mixed, photo, Image.fromarray(has.astype(np.uint8) * 255))
+    return np.asarray(mixed)
 
 
 def class_percentages(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -127,19 +130,14 @@ def _load_photo(photo: Photo, image_size: int) -> _Loaded:
     return _Loaded(photo, resize_image(rgb, image_size), resize_image(rgb, ov_hw), size_hw)
 
 
-def _load_batch(
-    photos: Sequence[Photo], image_size: int, failed: list[tuple[str, str]], times: StageTimes
-) -> list[_Loaded]:
-    start, loaded = time.perf_counter(), []
-    for photo in photos:
-        try:
-            loaded.append(_load_photo(photo, image_size))
-        except (InputError, OSError, ValueError, MemoryError) as exc:
-            reason = str(exc).removeprefix(f"{photo.path}: ") or exc.__class__.__name__
-            log.warning("%s: %s", photo.path, reason)
-            failed.append((str(photo.path), reason))
-    times.load += time.perf_counter() - start
-    return loaded
+def _try_load(photo: Photo, image_size: int) -> _Loaded | tuple[str, str]:
+    """The loaded photo, or ``(path, reason)`` when it cannot be read."""
+    try:
+        return _load_photo(photo, image_size)
+    except (InputError, OSError, ValueError, MemoryError) as exc:
+        reason = str(exc).removeprefix(f"{photo.path}: ") or exc.__class__.__name__
+        log.warning("%s: %s", photo.path, reason)
+        return (str(photo.path), reason)
 
 
 def infer_batch(
@@ -147,21 +145,25 @@ def infer_batch(
     items: Sequence[tuple[np.ndarray, Path | None]],
     masks: MaskGenerator | None,
     times: StageTimes | None = None,
+    pmap: Mapper = map,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predict a batch of ``(image (S, S, 3) uint8, original path or None)``.
 
     Returns labels (B, S, S) uint8 (argmax) and confidence (B, S, S) float32 (max probability).
-    ``masks`` None = the per-pixel prediction.
+    ``masks`` None = the per-pixel prediction. ``pmap`` maps the per-image mask work (a thread
+    pool's ``map`` runs it in parallel).
     """
-    from opensam.aggregation import collate_mask_inputs, prepare_mask_inputs
-
     times = times if times is not None else StageTimes()
-    images = torch.from_numpy(np.stack([img for img, _ in items])).permute(0, 3, 1, 2)
+    images = torch.from_numpy(np.stack([img for img, _ in items])).permute(0, 3, 1, 2).contiguous()
     pool = winner = None
     if masks is not None:
         start = time.perf_counter()
         grid_hw = model.grid_hw(images.shape[-1])  # type: ignore[operator]
-        inputs = [prepare_mask_inputs(masks.generate(i, o).masks, grid_hw) for i, o in items]
+
+        def mask_inputs(item: tuple[np.ndarray, Path | None]) -> MaskInputs:
+            return prepare_mask_inputs(masks.generate(*item).masks, grid_hw)
+
+        inputs = list(pmap(mask_inputs, items))
         pool, winner = collate_mask_inputs(inputs)
         times.masks += time.perf_counter() - start
     start = time.perf_counter()
@@ -181,38 +183,30 @@ def infer_batch(
 def _save_image(array: np.ndarray, path: Path) -> None:
     with atomic_path(path) as tmp:
         if path.suffix == ".png":
-            save_png(array, tmp)
+            save_png(array, tmp, compress_level=1)  # 2x faster; class maps stay small
         else:
             Image.fromarray(array).save(tmp, format="JPEG", quality=90)
 
 
-def _write_photo(
-    item: _Loaded,
-    labels: np.ndarray,
-    conf: np.ndarray,
-    out_dir: Path,
-    class_names: Sequence[str],
-    colors: np.ndarray,
-    low_conf: float,
-) -> dict[str, Any]:
+def _write_photo(item: _Loaded, labels: np.ndarray, conf: np.ndarray, run: _Run) -> dict[str, Any]:
     """Write one photo's class map and overlay atomically; return its CSV row."""
     full = resize_label(labels, item.size_hw)
     small_overlay = resize_label(labels, item.overlay_rgb.shape[:2])
-    _save_image(full, out_dir / LABELS_DIR / f"{item.photo.id}.png")
+    _save_image(full, run.out_dir / LABELS_DIR / f"{item.photo.id}.png")
     _save_image(
-        blend_overlay(item.overlay_rgb, small_overlay, colors),
-        out_dir / OVERLAYS_DIR / f"{item.photo.id}.jpg",
+        blend_overlay(item.overlay_rgb, small_overlay, run.colors),
+        run.out_dir / OVERLAYS_DIR / f"{item.photo.id}.jpg",
     )
-    pct = class_percentages(full, len(class_names))
+    pct = class_percentages(full, len(run.class_names))
     row: dict[str, Any] = {
         "id": item.photo.id,
         "path": str(item.photo.path),
         "width": item.size_hw[1],
         "height": item.size_hw[0],
     }
-    row.update({f"pct_{n}": round(float(p), 4) for n, p in zip(class_names, pct, strict=True)})
+    row.update({f"pct_{n}": round(float(p), 4) for n, p in zip(run.class_names, pct, strict=True)})
     row["mean_confidence"] = round(float(conf.mean()), 6)
-    row["low_conf_pct"] = round(100.0 * float((conf < low_conf).mean()), 4)
+    row["low_conf_pct"] = round(100.0 * float((conf < run.low_conf).mean()), 4)
     return row
 
 
@@ -265,13 +259,15 @@ def predict_photos(
     low_conf: float = 0.5,
     overwrite: bool = False,
     refused: Sequence[tuple[str, str]] = (),
+    workers: int | None = None,
 ) -> PredictResult:
     """Predict ``photos`` in batches into ``out_dir`` (layout in the module docstring).
 
     ``model``: (B, 3, S, S) float [0, 1] (+ pool_weights, winner) -> (B, C, S, S) log-probs,
     S = ``image_size``; ``colors`` (C, 3) uint8; ``masks`` None = per-pixel prediction. Photos
     with outputs and a CSV row are skipped unless ``overwrite``. Unreadable photos (and
-    ``refused`` files) go to ``failed.txt`` and the rest go on.
+    ``refused`` files) go to ``failed.txt`` and the rest go on. ``workers`` threads (default:
+    torch's thread count) load, compute superpixels and write in parallel.
     """
     out_dir = Path(out_dir)
     try:
@@ -283,38 +279,68 @@ def predict_photos(
     todo = list(photos) if overwrite else [p for p in photos if not _is_done(out_dir, p, rows)]
     if len(todo) < len(photos):
         log.info("skipping %d photo(s) already predicted in %s", len(photos) - len(todo), out_dir)
-    failed, times, n_refused = list(refused), StageTimes(), len(refused)
+    run = _Run(out_dir, class_names, colors, image_size, masks, low_conf, failed=list(refused))
     model.eval()
     start = flushed = time.perf_counter()
     try:
-        with tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True) as bar:
-            for at in range(0, len(todo), batch_size):
-                chunk = todo[at : at + batch_size]
-                loaded = _load_batch(chunk, image_size, failed, times)
-                if loaded:
-                    pairs = [(it.small, it.photo.path) for it in loaded]
-                    labels, conf = infer_batch(model, pairs, masks, times)
-                    t0 = time.perf_counter()
-                    for i, it in enumerate(loaded):
-                        rows[it.photo.id] = _write_photo(
-                            it, labels[i], conf[i], out_dir, class_names, colors, low_conf
-                        )
-                    times.write += time.perf_counter() - t0
-                bar.update(len(chunk))
-                if time.perf_counter() - flushed > CSV_FLUSH_SECONDS:
-                    write_rows(out_dir, rows.values(), class_names)
-                    flushed = time.perf_counter()
+        with ThreadPoolExecutor(max(1, workers or torch.get_num_threads())) as pool:
+            run.pmap = pool.map
+            with tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True) as bar:
+                for at in range(0, len(todo), batch_size):
+                    rows.update(run.predict_chunk(model, todo[at : at + batch_size]))
+                    bar.update(min(batch_size, len(todo) - at))
+                    if time.perf_counter() - flushed > CSV_FLUSH_SECONDS:
+                        write_rows(out_dir, rows.values(), class_names)
+                        flushed = time.perf_counter()
     finally:
         write_rows(out_dir, rows.values(), class_names)
     with atomic_path(out_dir / FAILED_NAME) as tmp:
-        tmp.write_text("".join(f"{path}\t{reason}\n" for path, reason in failed))
-    if failed:
-        log.warning("%d file(s) failed, listed in %s", len(failed), out_dir / FAILED_NAME)
-    done = len(todo) - (len(failed) - n_refused)
+        tmp.write_text("".join(f"{path}\t{reason}\n" for path, reason in run.failed))
+    if run.failed:
+        log.warning("%d file(s) failed, listed in %s", len(run.failed), out_dir / FAILED_NAME)
+    done = len(todo) - (len(run.failed) - len(refused))
     wanted = [rows[p.id] for p in photos if p.id in rows]
-    return PredictResult(
-        wanted, done, len(photos) - len(todo), failed, time.perf_counter() - start, times
-    )
+    seconds = time.perf_counter() - start
+    return PredictResult(wanted, done, len(photos) - len(todo), run.failed, seconds, run.times)
+
+
+@dataclass
+class _Run:
+    """Settings and accumulators of one :func:`predict_photos` call."""
+
+    out_dir: Path
+    class_names: Sequence[str]
+    colors: np.ndarray
+    image_size: int
+    masks: MaskGenerator | None
+    low_conf: float
+    pmap: Mapper = map
+    times: StageTimes = field(default_factory=StageTimes)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def predict_chunk(self, model: nn.Module, photos: Sequence[Photo]) -> dict[str, dict]:
+        """Load, predict and write one batch; returns the new CSV rows by id."""
+        t0 = time.perf_counter()
+        loaded: list[_Loaded] = []
+        for item in self.pmap(lambda p: _try_load(p, self.image_size), photos):
+            if isinstance(item, _Loaded):
+                loaded.append(item)
+            else:
+                self.failed.append(item)
+        self.times.load += time.perf_counter() - t0
+        if not loaded:
+            return {}
+        pairs = [(it.small, it.photo.path) for it in loaded]
+        # SLIC is pure and single-threaded: parallel per image. SAM keeps per-image state.
+        mask_map = self.pmap if isinstance(self.masks, SuperpixelGenerator) else map
+        labels, conf = infer_batch(model, pairs, self.masks, self.times, mask_map)
+        t0 = time.perf_counter()
+        rows = self.pmap(
+            lambda i: _write_photo(loaded[i], labels[i], conf[i], self), range(len(loaded))
+        )
+        new = {row["id"]: row for row in rows}
+        self.times.write += time.perf_counter() - t0
+        return new
 
 
 def build_summary(
@@ -353,13 +379,32 @@ def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def score_class_maps(
+    pred_dir: Path, gt_dir: Path, ids: Sequence[str], class_names: list[str]
+) -> dict[str, Any] | None:
+    """mIoU report (percent) of ``pred_dir/labels/<id>.png`` against ``gt_dir/<id>.png`` (mode L
+    class ids, 255 ignored), each prediction resized (nearest) to its ground truth's size, plus
+    ``images``, the number scored. None when no id has both files."""
+    from opensam.metrics import confusion_matrix, miou_report
+    from opensam.pseudo_labels import read_label_png
+
+    total, scored = np.zeros((len(class_names),) * 2, dtype=np.int64), 0
+    for image_id in ids:
+        gt_path, pred_path = gt_dir / f"{image_id}.png", pred_dir / LABELS_DIR / f"{image_id}.png"
+        if gt_path.is_file() and pred_path.is_file():
+            gt = read_label_png(gt_path)
+            total += confusion_matrix(
+                resize_label(read_label_png(pred_path), gt.shape), gt, len(class_names)
+            )
+            scored += 1
+    return {"images": scored, **miou_report(total, class_names)} if scored else None
+
+
 def build_mask_generator(
     name: str, pps: int, min_region_area: int, masks: MasksParams, sam: SamParams, image_size: int
 ) -> MaskGenerator | None:
     """The region-mask generator ``name`` (``sam`` | ``superpixels``) with the training settings,
     making masks at ``image_size``², or None for ``none`` (the per-pixel prediction)."""
-    return (
-        None
-        if name == "none"
-        else build_generator(name, pps, min_region_area, masks, sam, image_size)
-    )
+    if name == "none":
+        return None
+    return build_generator(name, pps, min_region_area, masks, sam, image_size)

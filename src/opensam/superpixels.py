@@ -1,10 +1,12 @@
 """SLIC superpixels as region proposals: the offline stand-in for SAM's automatic masks.
 
 About ``points_per_side**2`` segments (the number of SAM point prompts at the same ``pps``) tile
-the image, so every pixel is covered by exactly one mask. ``min_region_area`` is honoured by
-merging: segments smaller than it are merged, smallest first, into the neighbour they share the
-longest border with, until every segment is at least that large (or one segment is left). No
-pixel is ever dropped, so the masks stay a partition of the image. Deterministic.
+the image, so every pixel is covered by exactly one mask. SLIC's seed grid and its connectivity
+step give somewhat fewer at small pps (demo, 256x256: ~13 at pps 4, ~53 at 8, ~240 at 16).
+``min_region_area`` is honoured by merging: segments smaller than it are merged, smallest first,
+into the neighbour of closest mean Lab colour (ties: the longer shared border), until every
+segment is at least that large or one segment is left. No pixel is ever dropped, so the masks
+stay a partition. Deterministic; ~40 ms per 256x256 image at pps 16 (bench/superpixels.py).
 """
 
 from __future__ import annotations
