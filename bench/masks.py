@@ -4,17 +4,21 @@
     python bench/masks.py --quick    # tiny only, 1 image: < 1 min
 
 Both run the same randomly initialised SAM (upscaling kernels tied so that masks are blobs, as
-with real weights, not checkerboards) on the same 256x256 demo-like images. Random weights
-predict IoUs around 0 and logits below the stability offset, so both filters are off
-(thresholds 0) and the kept masks are those surviving box NMS. The ablation rows add our changes
-one at a time on the first image (they reuse the encoder features of the full runs, so their
-encoder column repeats the full run's). Last line: ``masks speedup: N.NNx`` = stock time / our
-time, vit_b (tiny with --quick).
+with real weights, not checkerboards) on the same 256x256 demo photos. Random weights predict
+IoUs around 0 and logits below the stability offset, so both filters are off (thresholds 0):
+the kept masks are the non-empty ones surviving box NMS (at 0.9 by default), compared by count
+and matched IoU. With no filter, stock RLE-encodes every mask, more than with real weights and
+thresholds, so its RLE seconds are shown and a ratio without them too.
+Each pipeline is warmed up once (pps <= 8) before timing. Then, on the first image: the
+changes added one at a time, and one batch of prompts taken apart step by step. Last line:
+``masks speedup: N.NNx`` = stock seconds / our seconds, summed over the images, vit_b (tiny
+with --quick).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,10 +26,22 @@ from typing import Any
 import numpy as np
 import torch
 from segment_anything import SamAutomaticMaskGenerator
+from segment_anything import automatic_mask_generator as stock_amg
+from segment_anything.modeling import Sam
+from segment_anything.utils import amg
 
 from opensam.demo import render_scene
 from opensam.images import resize_image
-from opensam.sam_masks import SAM_BUILDERS, AmgOptions, SamMaskGenerator, tie_upscaling_kernels
+from opensam.sam_masks import (
+    SAM_BUILDERS,
+    AmgOptions,
+    ImageSide,
+    SamMaskGenerator,
+    decode_masks,
+    tie_upscaling_kernels,
+)
+
+Row = Callable[[str, float, float, Any, str], None]
 
 
 def demo_images(n: int, size: int = 256) -> list[np.ndarray]:
@@ -35,14 +51,19 @@ def demo_images(n: int, size: int = 256) -> list[np.ndarray]:
     ]
 
 
+def seconds(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
 def timed(obj: Any, name: str, log: list[float]) -> None:
     """Wrap method ``name`` of ``obj`` so each call appends its seconds to ``log``."""
     fn = getattr(obj, name)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        log.append(time.perf_counter() - t0)
+        out, s = seconds(lambda: fn(*args, **kwargs))
+        log.append(s)
         return out
 
     setattr(obj, name, wrapper)
@@ -59,78 +80,122 @@ def match_masks(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
 
 
 def run_stock(
-    sam: torch.nn.Module, opts: AmgOptions, image: np.ndarray
-) -> tuple[np.ndarray, float, float]:
-    """Stock generate: non-empty masks (n, H, W) bool, encoder seconds, total seconds."""
+    sam: Sam, opts: AmgOptions, image: np.ndarray
+) -> tuple[np.ndarray, float, float, float]:
+    """Stock generate: non-empty masks (n, H, W) bool, encoder, RLE and total seconds."""
     gen = SamAutomaticMaskGenerator(sam, opts.points_per_side, opts.points_per_batch, 0.0, 0.0,
                                     box_nms_thresh=opts.box_nms_thresh,
                                     min_mask_region_area=opts.min_mask_region_area)  # fmt: skip
     enc: list[float] = []
+    rle: list[float] = []
     timed(gen.predictor, "set_image", enc)
-    t0 = time.perf_counter()
-    records = gen.generate(image)
-    total = time.perf_counter() - t0
+    saved = {name: getattr(stock_amg, name) for name in ("mask_to_rle_pytorch", "rle_to_mask")}
+    for name in saved:
+        timed(stock_amg, name, rle)
+    try:
+        records, total = seconds(lambda: gen.generate(image))
+    finally:
+        for name, fn in saved.items():
+            setattr(stock_amg, name, fn)
     masks = np.array([r["segmentation"] for r in records if r["area"] > 0], bool)
-    return masks.reshape(-1, *image.shape[:2]), enc[0], total
+    return masks.reshape(-1, *image.shape[:2]), enc[0], sum(rle), total
 
 
-def run_ours(sam: torch.nn.Module, opts: AmgOptions, image: np.ndarray,
+def run_ours(sam: Sam, opts: AmgOptions, image: np.ndarray,
              features: torch.Tensor | None = None) -> tuple[np.ndarray, float, float]:  # fmt: skip
-    """Our generate (with given encoder ``features``: the encoder is skipped, 0 s)."""
+    """Our generate; given encoder ``features``, the encoder is skipped (0 s)."""
     gen = SamMaskGenerator(sam, opts)
-    enc: list[float] = []
     if features is not None:
-        gen._embed = lambda _image: features  # type: ignore[method-assign]
+        gen._embed = lambda image: features  # type: ignore[method-assign]
+    enc: list[float] = []
     timed(gen, "_embed", enc)
-    t0 = time.perf_counter()
-    ms = gen.generate(image)
-    return ms.masks, enc[0] if features is None else 0.0, time.perf_counter() - t0
-
-
-def features_of(sam: torch.nn.Module, opts: AmgOptions, image: np.ndarray) -> torch.Tensor:
-    with torch.inference_mode():
-        return SamMaskGenerator(sam, opts)._embed(image)
+    ms, total = seconds(lambda: gen.generate(image))
+    return ms.masks, enc[0] if features is None else 0.0, total
 
 
 def bench_model(name: str, images: list[np.ndarray], args: argparse.Namespace,
-                row: Callable[..., None]) -> tuple[float, float]:  # fmt: skip
+                row: Row) -> tuple[float, float]:  # fmt: skip
     """Print this model's rows; return (stock seconds, our seconds) over all images."""
     torch.manual_seed(0)
     sam = tie_upscaling_kernels(SAM_BUILDERS[name]().eval())
     opts = AmgOptions(args.pps, args.batch, 0.0, 0.0, args.nms, args.mra)
-    stock_s = ours_s = 0.0
+    warm = dataclasses.replace(opts, points_per_side=min(args.pps, 8))
+    run_stock(sam, warm, images[0])  # first calls allocate and build kernels: not timed
+    run_ours(sam, warm, images[0])
+    stock_s = ours_s = rle_s = 0.0
     for i, image in enumerate(images):
-        s_masks, s_enc, s_total = run_stock(sam, opts, image)
+        s_masks, s_enc, s_rle, s_total = run_stock(sam, opts, image)
         o_masks, o_enc, o_total = run_ours(sam, opts, image)
         n_s, n_o, worst = match_masks(s_masks, o_masks)
         same = "yes" if n_s == n_o and worst >= 0.99 else "NO"
-        row(name, f"image {i}: stock SamAutomaticMaskGenerator", s_enc, s_total, n_s, "")
-        row(name, f"image {i}: ours", o_enc, o_total, n_o, f"same masks: {same} (IoU>={worst:.4f})")
-        stock_s, ours_s = stock_s + s_total, ours_s + o_total
-        if i == 0 and not args.no_ablation:
-            ablate(name, sam, opts, image, (s_enc, o_enc), row)
+        row(
+            f"image {i}: stock SamAutomaticMaskGenerator", s_enc, s_total, n_s, f"RLE {s_rle:.2f} s"
+        )
+        row(f"image {i}: ours", o_enc, o_total, n_o, f"same masks: {same}, IoU >= {worst:.4f}")
+        stock_s, ours_s, rle_s = stock_s + s_total, ours_s + o_total, rle_s + s_rle
+        if i == 0:
+            first = (s_enc, s_total, o_enc, o_total)
     ips = f"{len(images) / stock_s:.3f} vs {len(images) / ours_s:.3f} images/s"
-    print(
-        f"{name}: stock {stock_s:.2f} s, ours {ours_s:.2f} s ({ips}), ratio {stock_s / ours_s:.2f}x"
-    )
+    print(f"{name}: stock {stock_s:.2f} s, ours {ours_s:.2f} s ({ips}), {stock_s / ours_s:.2f}x; "
+          f"without stock's RLE time {(stock_s - rle_s) / ours_s:.2f}x")  # fmt: skip
+    if not args.no_ablation:
+        ablate(sam, opts, images[0], first, row, batches=not args.quick)
+        take_apart(sam, opts, images[0])
     return stock_s, ours_s
 
 
-def ablate(name: str, sam: torch.nn.Module, opts: AmgOptions, image: np.ndarray,
-           enc_s: tuple[float, float], row: Callable[..., None]) -> None:  # fmt: skip
-    """Our generator with the changes added one at a time (prompt part timed, encoder reused)."""
-    stock_feats = features_of(sam, AmgOptions(fast_encoder=False), image)
-    steps = [
-        ("+ post at output size from low-res logits, no RLE", dict(fast_decoder=False), 0),
-        ("+ folded decoder (shared layer 0, channels-last upscaling)", {}, 0),
-        ("+ fused encoder attention (= ours)", {}, 1),
-        ("  ours with points_per_batch 256", dict(points_per_batch=256), 1),
-        ("  ours with points_per_batch 16", dict(points_per_batch=16), 1),
+def ablate(sam: Sam, opts: AmgOptions, image: np.ndarray, first: tuple[float, ...], row: Row,
+           batches: bool) -> None:  # fmt: skip
+    """Our generator with the changes added one at a time, image 0 (the prompt part is re-run
+    on cached features; the encoder column is copied from the full runs)."""
+    s_enc, s_total, o_enc, o_total = first
+    features = SamMaskGenerator(sam, AmgOptions(fast_encoder=False))._embed(image)
+    print("ablation, image 0 (cumulative)")
+    row("  stock", s_enc, s_total, None, "")
+    steps: list[tuple[str, dict[str, Any]]] = [
+        ("  + post at output size from low-res logits, bool masks", {"fast_decoder": False}),
+        ("  + folded decoder, channels-last upscaling", {}),
     ]
-    for label, change, enc_kind in steps:
-        variant = AmgOptions(**{**opts.__dict__, "fast_encoder": enc_kind == 1, **change})
-        _, _, prompts = run_ours(sam, variant, image, stock_feats)
-        row(name, f"  ablation {label}", enc_s[enc_kind], enc_s[enc_kind] + prompts, None, "")
+    if batches:
+        steps += [(f"  ours, points_per_batch {n}", {"points_per_batch": n}) for n in (16, 256)]
+    for i, (label, change) in enumerate(steps):
+        enc = s_enc if i < 2 else o_enc
+        _, _, prompts = run_ours(sam, dataclasses.replace(opts, **change), image, features)
+        row(label, enc, enc + prompts, None, "")
+        if i == 1:
+            row(
+                "  + fused encoder attention and linears (= ours)", o_enc, o_enc + prompts, None, ""
+            )
+
+
+@torch.inference_mode()
+def take_apart(sam: Sam, opts: AmgOptions, image: np.ndarray) -> None:
+    """One batch of prompts of image 0, stock's steps and ours, timed one by one."""
+    gen = SamMaskGenerator(sam, dataclasses.replace(opts, fast_encoder=False))
+    features = gen._embed(image)
+    grid = amg.build_point_grid(opts.points_per_side)[: opts.points_per_batch] * 256
+    coords = torch.as_tensor(gen.transform.apply_coords(grid, (256, 256)))
+    labels = torch.ones((len(coords), 1), dtype=torch.int)
+    sparse, dense = sam.prompt_encoder((coords[:, None], labels), None, None)
+    pe = sam.prompt_encoder.get_dense_pe()
+    (low, _), t_dec = seconds(lambda: sam.mask_decoder(features, pe, sparse, dense, True))
+    up, t_up = seconds(lambda: sam.postprocess_masks(low, (1024, 1024), (256, 256)).flatten(0, 1))
+    _, t_stab = seconds(lambda: amg.calculate_stability_score(up, 0.0, 1.0))
+    binary, t_bin = seconds(lambda: up > 0)
+    _, t_box = seconds(lambda: amg.batched_mask_to_box(binary))
+    _, t_rle = seconds(lambda: [amg.rle_to_mask(r) for r in amg.mask_to_rle_pytorch(binary)])
+    side, t_side = seconds(lambda: ImageSide(sam, features))
+    (_, _, low2), t_ours = seconds(lambda: decode_masks(sam, side, sparse))
+    with torch.no_grad(), torch.inference_mode(False):
+        _, t_grad = seconds(lambda: decode_masks(sam, ImageSide(sam, features), sparse))
+    mh, mw = gen._resize_matrices((256, 256), (256, 256))
+    logits, t_mat = seconds(lambda: mh @ low2.flatten(0, 1) @ mw)
+    print(f"one batch of {len(coords)} prompts, seconds: stock decoder {t_dec:.2f}, upsample "
+          f"to 1024 and back {t_up:.2f}, stability {t_stab:.2f}, threshold {t_bin:.2f}, boxes "
+          f"{t_box:.2f}, RLE encode + decode {t_rle:.2f}")  # fmt: skip
+    print(f"  ours: shared image side {t_side:.2f}, decoder {t_ours:.2f} (under no_grad instead "
+          f"of inference_mode {t_grad:.2f}), resize matrices {t_mat:.2f}, max |logit diff| "
+          f"{(logits.view_as(up) - up).abs().max():.1e}")  # fmt: skip
 
 
 def main() -> int:
@@ -139,22 +204,30 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--pps", type=int, default=16, help="points_per_side")
     parser.add_argument("--batch", type=int, default=64, help="points_per_batch")
-    parser.add_argument("--nms", type=float, default=0.7, help="box_nms_thresh")
+    parser.add_argument(
+        "--nms",
+        type=float,
+        default=0.9,
+        help="box_nms_thresh (0.7 keeps 3 "
+        "masks of random vit_b: its masks are nested variants of a few shapes)",
+    )
     parser.add_argument("--mra", type=int, default=0, help="min_mask_region_area")
-    parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--no-ablation", action="store_true", help="only the side-by-side runs")
     args = parser.parse_args()
     models, n_images = (["tiny"], 1) if args.quick else (["tiny", "vit_b"], args.images)
     images = demo_images(n_images)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, pps {args.pps}, "
-          f"batch {args.batch}, box_nms {args.nms}, min_region_area {args.mra}, "
-          f"{n_images} image(s) 256x256")  # fmt: skip
-    print(f"{'model':6} {'pipeline':62} {'encoder s':>9} {'total s':>8} {'masks':>5}  check")
-
-    def row(model: str, label: str, enc: float, total: float, n: int | None, note: str) -> None:
-        print(f"{model:6} {label:62} {enc:9.2f} {total:8.2f} {'' if n is None else n:>5}  {note}")
-
+          f"points_per_batch {args.batch}, box_nms_thresh {args.nms}, min_mask_region_area "
+          f"{args.mra}, {n_images} image(s) 256x256")  # fmt: skip
     result = (1.0, 1.0)
     for name in models:
+        print(f"\n{name:6} {'pipeline':58} {'encoder s':>9} {'total s':>8} {'masks':>5}  check")
+
+        def row(label: str, enc: float, total: float, n: Any, note: str, name: str = name) -> None:
+            print(
+                f"{name:6} {label:58} {enc:9.2f} {total:8.2f} {'' if n is None else n:>5}  {note}"
+            )
+
         result = bench_model(name, images, args, row)
     print(f"masks speedup: {result[0] / result[1]:.2f}x")
     return 0

@@ -56,17 +56,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def relabel_pool(
     args: argparse.Namespace, params: Params, state: dict[str, Any], ids: list[str], out: Path
-) -> Path:
-    """Pseudo-labels of ``ids`` by the model holding ``state``, in ``out`` (kept for a resume)."""
-    if not out.is_dir():
-        teacher, meta = load_checkpoint(args.teacher)
-        teacher.load_state_dict(state)
-        conf, batch, names = params.pseudo.conf_threshold, params.pseudo.batch_size, meta["classes"]
-        with atomic_path(out) as tmp:
-            generate_pseudo_labels(
-                teacher, args.prepared, ids, args.masks, tmp, conf, batch, class_names=names
-            )
-    return out
+) -> dict[str, Any] | None:
+    """Pseudo-label ``ids`` with the model holding ``state`` into ``out`` (kept for a resume);
+    returns their quality vs hidden ground truth (None if unknown or ``out`` already existed)."""
+    if out.is_dir():
+        return None
+    teacher, meta = load_checkpoint(args.teacher)
+    teacher.load_state_dict(state)
+    conf, batch, names = params.pseudo.conf_threshold, params.pseudo.batch_size, meta["classes"]
+    with atomic_path(out) as tmp:
+        summary = generate_pseudo_labels(
+            teacher, args.prepared, ids, args.masks, tmp, conf, batch, class_names=names
+        )
+    return summary.get("vs_hidden_gt")
 
 
 def train_round(
@@ -101,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if not set(pool_ids) <= set(load_pseudo_ids(args.pseudo)):
         raise InputError(f"{args.pseudo}: no pseudo-labels for ratio {params.ratio}'s pool")
     weights = resolve_class_weights(cfg.class_weights, classes, args.data_metrics)
-    base = TrainConfig.from_params(cfg, weights, params.seed)
+    try:
+        base = TrainConfig.from_params(cfg, weights, params.seed)
+    except ValueError as exc:
+        raise InputError(f"{args.params}: student: {exc}") from None
     score = functools.partial(
         evaluate_splits, prepared=args.prepared, masks=args.masks, batch_size=cfg.batch_size,
         class_names=classes, use_masks=cfg.use_masks,
@@ -109,15 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_root, live = args.out.parent / ".student_ckpt", open_live(args.live)
     report: dict[str, Any] = {}
     best: tuple[int, float, dict[str, Any]] | None = None  # (round, val mIoU, weights)
-    pseudo_dir = args.pseudo
+    pseudo_dir, quality = args.pseudo, None
     for r in range(1, cfg.iterations + 1):
         if best is not None:  # the best student so far is the teacher
-            pseudo_dir = relabel_pool(args, params, best[2], pool_ids, ckpt_root / f"pseudo{r}")
+            pseudo_dir = ckpt_root / f"pseudo{r}"
+            quality = relabel_pool(args, params, best[2], pool_ids, pseudo_dir)
         config = dataclasses.replace(base, seed=params.seed + r)
         pool = (pool_ids, pseudo_dir)
         model = train_round(args, cfg, config, splits, pool, ckpt_root / f"iter{r}", live)
         scores = score(model, split_ids={s: splits.get(s, []) for s in ("train", "val")})
-        quality = measure_pseudo_quality(pseudo_dir, args.prepared, pool_ids, classes)
+        quality = quality or measure_pseudo_quality(pseudo_dir, args.prepared, pool_ids, classes)
         report[f"iter{r}"] = {**scores, "pseudo": quality or {"miou": None}}
         val = scores.get("val", scores["train"])["miou"] or 0.0
         if best is None or val > best[1]:

@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     if not splits.get("train"):
         raise InputError(f"{args.prepared}/splits.json: the train split is empty")
     weights = resolve_class_weights(cfg.class_weights, params.class_names, args.data_metrics)
-    config = TrainConfig.from_params(cfg, weights, params.seed)
+    try:
+        config = TrainConfig.from_params(cfg, weights, params.seed)
+    except ValueError as exc:
+        raise InputError(f"{args.params}: warmup: {exc}") from None
     log.info("class weights %s", [round(w, 4) for w in weights])
 
     model = build_model(params.clip, params.prompts, drop_path=cfg.drop_path)

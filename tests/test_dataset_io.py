@@ -256,7 +256,7 @@ def test_unknown_colour_above_limit_fails(tmp_path: Path) -> None:
     msg = _raises(
         tmp_path, f"{path}: colour (12,200,7) is not in labelmap.txt (80 pixels", read=True
     )
-    assert "1 more unknown colours, 81 pixels in all" in msg
+    assert "1 more unknown values, 81 pixels in all" in msg
     export = open_export(tmp_path, "cvat", CLASSES, unknown_colour_max_pixels=81)
     label, unknown = export.decode_label_file(export.items[1].label)
     assert unknown == 81 and (label[:5] == 255).all() and label[11, 0] == 255
@@ -401,5 +401,9 @@ def test_cvat_export_rejects_bad_items(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="bad or duplicate export id 'x'"):
         write_cvat_export(tmp_path / "o.zip", ["a"], [(1, 1, 1)], [item, item])
     assert not list(tmp_path.iterdir())
+    Image.fromarray(np.zeros((H + 1, W, 3), np.uint8)).save(tmp_path / "p.png")
+    with pytest.raises(ValueError, match="size != label"):
+        write_cvat_export(tmp_path / "o", ["a"], [(1, 1, 1)], [("y", tmp_path / "p.png", item[2])])
+    assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="distinct colour"):
         write_cvat_export(tmp_path / "o", ["a", "b"], [(1, 1, 1), (1, 1, 1)], [])

@@ -15,14 +15,15 @@ import torch
 import yaml
 from PIL import Image
 
-from opensam.aggregation import prepare_mask_inputs, winner_index
-from opensam.augment import Augmenter
+from opensam.aggregation import nu_pool_weights, prepare_mask_inputs, winner_index
+from opensam.augment import Augmenter, warp_masks
 from opensam.constants import IGNORE_INDEX
 from opensam.datasets import (
     SegDataset,
     collate_batch,
     make_loader,
     make_train_loaders,
+    pool_weights_from_winner,
     set_loader_epoch,
 )
 from opensam.errors import InputError
@@ -269,3 +270,61 @@ def test_bad_inputs_name_the_file(project: dict[str, Path], tmp_path: Path) -> N
     ds = SegDataset(project["prepared"], [first], None, tmp_path / "missing.h5", GRID)
     with pytest.raises(InputError, match="missing.h5"):
         ds[0]
+
+
+def partition_masks(label: np.ndarray) -> MaskSet:
+    """Disjoint masks (like superpixels): each class region cut into quadrants."""
+    h, w = label.shape
+    masks = []
+    for c in range(4):
+        for qy in (slice(0, h // 2), slice(h // 2, h)):
+            for qx in (slice(0, w // 2), slice(w // 2, w)):
+                m = np.zeros((h, w), bool)
+                m[qy, qx] = label[qy, qx] == c
+                masks.append(m)
+    stack = np.stack([m for m in masks if m.any()])
+    area = stack.reshape(len(stack), -1).sum(1)
+    order = np.argsort(-area, kind="stable")
+    n = len(stack)
+    return MaskSet(stack[order], area[order].astype(np.int32), np.ones(n, np.float32),
+                   np.ones(n, np.float32), boxes_xywh(stack[order]))  # fmt: skip
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (3, 5)])
+def test_pool_weights_from_winner_equal_the_stacks(grid: tuple[int, int]) -> None:
+    label = scene(np.random.default_rng(4), 40)[1]
+    masks = torch.from_numpy(partition_masks(label).masks)
+    got = pool_weights_from_winner(winner_index(masks), masks.shape[0], grid)
+    assert torch.allclose(got, nu_pool_weights(masks, grid), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_disjoint_masks_take_the_winner_path_with_the_same_result(
+    project: dict[str, Path], tmp_path: Path, augment: bool
+) -> None:
+    train = ids(project, "train")[:3]
+    attrs = {"generator": "test", "model": "none", "checkpoint_sha256": "", "pps": 4,
+             "min_region_area": 0, "image_size": 48}  # fmt: skip
+    stacks = {}
+    with MaskStoreWriter(tmp_path / "d.h5", attrs) as writer:
+        for image_id in train:
+            label = np.asarray(Image.open(project["prepared"] / "labels" / f"{image_id}.png"))
+            stacks[image_id] = partition_masks(label)
+            writer.write(image_id, stacks[image_id])
+    aug = Augmenter() if augment else None
+    labels = project["prepared"] / "labels"
+    ds = SegDataset(project["prepared"], train, labels, tmp_path / "d.h5", GRID, augment=aug)
+    ds.set_epoch(2)
+    for epoch_pass in range(2):  # the first pass finds the masks disjoint, the second uses it
+        for i, image_id in enumerate(train):
+            item = ds[i]
+            masks = torch.from_numpy(stacks[image_id].masks)
+            if aug is not None:
+                image = torch.zeros(3, 48, 48)
+                index = aug(image, None, None, np.random.default_rng([0, 2, i])).source_index
+                assert index is not None
+                masks = warp_masks(masks, index)
+            ref = prepare_mask_inputs(masks, GRID)
+            assert torch.equal(item["winner"], ref.winner), (epoch_pass, image_id)
+            assert torch.allclose(item["pool_weights"], ref.pool_weights, atol=1e-6)
+    assert set(ds._disjoint) == set(train)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,16 @@ from opensam.config import load_params
 from opensam.errors import InputError
 from opensam.model import build_model, load_checkpoint, save_checkpoint
 from opensam.pseudo_labels import generate_pseudo_labels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Stages call seed_everything, which takes OPENSAM_THREADS; two OpenMP threads on a busy
+    2-core machine spin against each other, so these smoke tests use one."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPENSAM_THREADS", "1")
+        yield
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="module")

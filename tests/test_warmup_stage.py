@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -33,6 +35,16 @@ def warmup_args(p: dict[str, Path], out: Path) -> list[str]:
         "--metrics", str(out / "metrics" / "warmup.json"), "--live", str(out / "live"),
         "--params", str(p["params"]),
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Stages call seed_everything, which takes OPENSAM_THREADS; two OpenMP threads on a busy
+    2-core machine spin against each other, so these smoke tests use one."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPENSAM_THREADS", "1")
+        yield
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="module")

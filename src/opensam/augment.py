@@ -136,10 +136,12 @@ def nearest_index(xs: torch.Tensor, ys: torch.Tensor, height: int, width: int) -
     return torch.where(inside, yi * width + xi, torch.full_like(xi, -1))
 
 
-def warp_label(label: torch.Tensor, source_index: torch.Tensor) -> torch.Tensor:
-    """Nearest-sample label (H, W) int64 at source_index (H, W) int64; 255 where it is -1."""
+def warp_label(
+    label: torch.Tensor, source_index: torch.Tensor, fill: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Nearest-sample label (H, W) int64 at source_index (H, W) int64; ``fill`` where it is -1."""
     picked = label.reshape(-1)[source_index.clamp(min=0)]
-    return torch.where(source_index >= 0, picked, torch.full_like(picked, IGNORE_INDEX))
+    return torch.where(source_index >= 0, picked, torch.full_like(picked, fill))
 
 
 def warp_masks(masks: torch.Tensor, source_index: torch.Tensor) -> torch.Tensor:

@@ -165,7 +165,7 @@ class Params:
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
-    """Turn a YAML value into ``tp`` (dataclass, tuple, union, scalar), naming ``where`` on error."""
+    """Turn a YAML value into ``tp`` (dataclass, tuple, union, scalar); errors name ``where``."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, dict):
@@ -192,7 +192,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise InputError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        pairs = enumerate(zip(args, value, strict=True))
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in pairs)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise InputError(f"{where}: expected a number, got {value!r}")

@@ -1,8 +1,8 @@
-"""Write a CVAT Segmentation Mask 1.1 export (directory or .zip) from class maps.
+"""A CVAT Segmentation Mask 1.1 export: its layout, ``labelmap.txt`` parsing, and the writer.
 
-The layout is the one :mod:`opensam.dataset_io` reads: ``labelmap.txt``,
-``SegmentationClass/<id>.png`` (RGB colours), ``ImageSets/Segmentation/default.txt`` and
-``JPEGImages/<id>.<ext>``, so export -> import gives back the same class maps.
+Layout: ``labelmap.txt`` (``name:r,g,b:parts:actions`` lines), ``SegmentationClass/<id>.png``
+(RGB colours), ``ImageSets/Segmentation/default.txt`` (ids) and ``JPEGImages/<id>.<ext>``.
+:mod:`opensam.dataset_io` reads it, so export -> import gives back the same class maps.
 """
 
 from __future__ import annotations
@@ -18,13 +18,46 @@ import numpy as np
 from PIL import Image
 
 from opensam.constants import IGNORE_INDEX
+from opensam.errors import InputError
+from opensam.images import read_image_size
 from opensam.runtime import atomic_path
 
 log = logging.getLogger(__name__)
 
 RGB = tuple[int, int, int]
 ExportItem = tuple[str, np.ndarray | str | Path, np.ndarray]
-_SETS, _LABELS, _IMAGES = "ImageSets/Segmentation/", "SegmentationClass/", "JPEGImages/"
+SETS_DIR, LABELS_DIR, IMAGES_DIR = "ImageSets/Segmentation/", "SegmentationClass/", "JPEGImages/"
+
+
+def parse_labelmap(text: str, name: str) -> dict[str, RGB]:
+    """Parse CVAT ``labelmap.txt`` text into {label name: (r, g, b)}, in file order.
+
+    Raises InputError naming ``name`` for a missing/bad colour, a duplicate name or colour, or no
+    labels at all.
+    """
+    colours: dict[str, RGB] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split(":")
+        label = fields[0].strip()
+        try:
+            rgb = tuple(int(v) for v in fields[1].split(","))
+            if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+                raise ValueError
+        except (IndexError, ValueError):
+            raise InputError(
+                f"{name}: line {number}: expected 'name:r,g,b::', got '{line}'"
+            ) from None
+        if not label or label.lower() in (k.lower() for k in colours):
+            raise InputError(f"{name}: line {number}: empty or duplicate label name '{label}'")
+        if rgb in colours.values():
+            raise InputError(f"{name}: line {number}: colour {rgb} is used twice")
+        colours[label] = (rgb[0], rgb[1], rgb[2])
+    if not colours:
+        raise InputError(f"{name}: labelmap is empty")
+    return colours
 
 
 def _lines(lines: Iterable[str]) -> bytes:
@@ -87,7 +120,7 @@ def _write_lists(
     lines = [f"{n}:{r},{g},{b}::" for n, (r, g, b) in zip(class_names, colours, strict=True)]
     lines.append(f"void:{void[0]},{void[1]},{void[2]}::")
     put("labelmap.txt", b"# label:color_rgb:parts:actions\n" + _lines(lines))
-    put(_SETS + "default.txt", _lines(ids))
+    put(SETS_DIR + "default.txt", _lines(ids))
 
 
 def _write_items(
@@ -109,12 +142,14 @@ def _write_items(
                 raise ValueError(f"{item_id}: image {image.shape[:2]} != label {label.shape}")
             buf = io.BytesIO()
             Image.fromarray(np.ascontiguousarray(image, np.uint8)).save(buf, "JPEG", quality=95)
-            put(f"{_IMAGES}{item_id}.jpg", buf.getvalue())
+            put(f"{IMAGES_DIR}{item_id}.jpg", buf.getvalue())
         else:
-            put(f"{_IMAGES}{item_id}{Path(image).suffix.lower()}", Path(image).read_bytes())
+            if read_image_size(image) != label.shape:  # the label is in the oriented frame
+                raise ValueError(f"{item_id}: photo {image} size != label {label.shape}")
+            put(f"{IMAGES_DIR}{item_id}{Path(image).suffix.lower()}", Path(image).read_bytes())
         buf = io.BytesIO()
         Image.fromarray(palette[label]).save(buf, "PNG")
-        put(f"{_LABELS}{item_id}.png", buf.getvalue())
+        put(f"{LABELS_DIR}{item_id}.png", buf.getvalue())
         ids.append(item_id)
         seen.add(item_id)
     return ids

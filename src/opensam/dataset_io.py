@@ -1,6 +1,6 @@
 """Import a labelled export (CVAT Segmentation Mask 1.1 or Pascal VOC, directory or .zip) and
-an unlabelled folder. ``write_cvat_export`` (from :mod:`opensam.cvat_export`) writes the CVAT
-layout back.
+an unlabelled folder. ``write_cvat_export`` and ``parse_labelmap`` (from
+:mod:`opensam.cvat_export`) are re-exported here.
 
 Layout read (``<root>`` is the directory, the zip's root, or the zip's single top folder)::
 
@@ -29,7 +29,11 @@ import numpy as np
 
 from opensam.config import ClassSpec
 from opensam.constants import IGNORE_INDEX
-from opensam.cvat_export import write_cvat_export
+from opensam.cvat_export import IMAGES_DIR as _IMAGES
+from opensam.cvat_export import LABELS_DIR as _LABELS
+from opensam.cvat_export import SETS_DIR as _SETS
+from opensam.cvat_export import parse_labelmap as parse_labelmap  # re-exported
+from opensam.cvat_export import write_cvat_export as write_cvat_export  # re-exported
 from opensam.errors import InputError
 from opensam.images import (
     FileRef,
@@ -43,9 +47,6 @@ from opensam.images import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Export", "LabelledItem", "UnlabelledItem", "FileRef", "open_export", "list_unlabelled"]
-__all__ += ["parse_labelmap", "voc_colormap", "warn_unknown_colours", "write_cvat_export"]
-
 RGB = tuple[int, int, int]
 FORMATS = ("cvat", "voc")
 VOC_CLASSES = (
@@ -53,7 +54,6 @@ VOC_CLASSES = (
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )  # fmt: skip
-_SETS, _LABELS, _IMAGES = "ImageSets/Segmentation/", "SegmentationClass/", "JPEGImages/"
 
 
 @dataclass(frozen=True)
@@ -140,37 +140,6 @@ class _Tree:
         return [n for n in self.names if n.startswith(folder)]
 
 
-def parse_labelmap(text: str, name: str) -> dict[str, RGB]:
-    """Parse CVAT ``labelmap.txt`` text into {label name: (r, g, b)}, in file order.
-
-    Raises InputError naming ``name`` for a missing/bad colour, a duplicate name or colour, or no
-    labels at all.
-    """
-    colours: dict[str, RGB] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.split(":")
-        label = fields[0].strip()
-        try:
-            rgb = tuple(int(v) for v in fields[1].split(","))
-            if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-                raise ValueError
-        except (IndexError, ValueError):
-            raise InputError(
-                f"{name}: line {number}: expected 'name:r,g,b::', got '{line}'"
-            ) from None
-        if not label or label.lower() in (k.lower() for k in colours):
-            raise InputError(f"{name}: line {number}: empty or duplicate label name '{label}'")
-        if rgb in colours.values():
-            raise InputError(f"{name}: line {number}: colour {rgb} is used twice")
-        colours[label] = (rgb[0], rgb[1], rgb[2])
-    if not colours:
-        raise InputError(f"{name}: labelmap is empty")
-    return colours
-
-
 def voc_colormap(n: int = 256) -> list[RGB]:
     """The standard Pascal VOC palette: the colour of index ``i`` for i < n."""
 
@@ -223,25 +192,32 @@ class Export:
         index = load_label_index(ref.source(), str(ref)) if self.format == "voc" else None
         if index is not None:
             lut = self._index_lut[index]
-            unknown = lut < 0
-            ids = np.where(unknown, IGNORE_INDEX, lut).astype(np.uint8)
-            values, what = index[unknown].astype(np.int64), "index {3}"
+            ids = np.where(lut < 0, IGNORE_INDEX, lut).astype(np.uint8)
+            n_unknown = int(np.count_nonzero(lut < 0))
+            raw, known, what = index, np.flatnonzero(self._index_lut >= 0), "index {3}"
         else:
-            codes = load_label_codes(ref.source(), str(ref))
-            pos = np.minimum(np.searchsorted(self._codes, codes), len(self._codes) - 1)
-            known = self._codes[pos] == codes
-            unknown = ~known
-            ids = np.where(known, self._code_ids[pos], IGNORE_INDEX).astype(np.uint8)
-            values, what = codes[unknown].astype(np.int64), "colour ({2},{1},{0})"
+            raw = load_label_codes(ref.source(), str(ref))
+            ids, n_unknown = self._map_codes(raw)
+            known, what = self._codes, "colour ({2},{1},{0})"
         if expect_size is not None and ids.shape != tuple(expect_size):
             raise InputError(
                 f"{ref}: label is {ids.shape[1]}x{ids.shape[0]} but its image is "
                 f"{expect_size[1]}x{expect_size[0]} (width x height)"
             )
-        n_unknown = int(values.size)
         if n_unknown > self.unknown_colour_max_pixels:
+            values = raw[np.isin(raw, known, invert=True)].astype(np.int64)
             self._raise_unknown(ref, values, what)
         return ids, n_unknown
+
+    def _map_codes(self, codes: np.ndarray) -> tuple[np.ndarray, int]:
+        """(H, W) uint32 colour codes -> ((H, W) uint8 class ids, unknown pixel count)."""
+        ids = np.full(codes.shape, IGNORE_INDEX, np.uint8)
+        n_known = 0
+        for key, class_id in zip(self._codes, self._code_ids, strict=True):
+            hit = codes == key  # a few colours: k compares are 3x faster than a searchsorted
+            ids[hit] = class_id
+            n_known += int(np.count_nonzero(hit))
+        return ids, codes.size - n_known
 
     def _raise_unknown(self, ref: FileRef, values: np.ndarray, what: str) -> None:
         uniq, counts = np.unique(values, return_counts=True)
@@ -249,7 +225,7 @@ class Export:
         desc = what.format((top >> 16) & 255, (top >> 8) & 255, top & 255, top)
         msg = f"{ref}: {desc} is not in {self.labelmap_name} ({_pixels(int(counts.max()))}"
         if len(uniq) > 1:
-            msg += f"; {len(uniq) - 1} more unknown colours, {_pixels(values.size)} in all"
+            msg += f"; {len(uniq) - 1} more unknown values, {_pixels(values.size)} in all"
         raise InputError(msg + ")")
 
 
@@ -275,7 +251,7 @@ def _class_tables(
 ) -> tuple[dict[str, RGB], np.ndarray, np.ndarray, np.ndarray]:
     """Match labelmap entries (names, colours: entry i = VOC index i) to params classes by name.
 
-    Returns the params classes' colours, the sorted colour codes with their class ids (``void``:
+    Returns the params classes' colours, the colour codes with their class ids (``void``:
     plus the VOC void colour -> 255) and the (256,) int16 index -> class id table (-1 unknown).
     """
     wanted = {_norm(c.name): i for i, c in enumerate(classes)}
@@ -292,12 +268,12 @@ def _class_tables(
     ids = [wanted.get(_norm(n), IGNORE_INDEX) for n in names]
     if void and (void_rgb := voc_colormap(256)[IGNORE_INDEX]) not in colours:
         colours, ids = [*colours, void_rgb], [*ids, IGNORE_INDEX]
-    order = np.argsort(codes := np.array([rgb_code(*c) for c in colours], np.uint32))
     index_lut = np.full(256, -1, np.int16)
     index_lut[: len(names)] = ids[: min(len(names), 256)]
     index_lut[IGNORE_INDEX] = IGNORE_INDEX
     picked = {c.name: colours[have[_norm(c.name)]] for c in classes}
-    return picked, codes[order], np.array(ids, np.uint8)[order], index_lut
+    codes = np.array([rgb_code(*c) for c in colours], np.uint32)
+    return picked, codes, np.array(ids, np.uint8), index_lut
 
 
 def _read_ids(tree: _Tree) -> list[str] | None:

@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from opensam.aggregation import nu_pool_weights, prepare_mask_inputs
-from opensam.augment import Augmenter, warp_masks
+from opensam.aggregation import bilinear_matrix, prepare_mask_inputs
+from opensam.augment import Augmenter, warp_label, warp_masks
 from opensam.constants import IGNORE_INDEX
 from opensam.errors import InputError
 from opensam.mask_store import MaskStore
@@ -65,6 +65,27 @@ def read_label(path: Path, shape: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
+def pool_weights_from_winner(
+    winner: torch.Tensor, num_masks: int, grid_hw: tuple[int, int]
+) -> torch.Tensor:
+    """NU pool weights (M, h, w) float32 of *disjoint* masks given by their index map.
+
+    winner: (H, W) int64, mask m = (winner == m), -1 = no mask. Equals
+    ``nu_pool_weights(stack)`` of that stack (W_m = A_hᵀ · mask_m · A_w / area_m) with one pass
+    over the pixels instead of M full-size masks: rows of A_w are summed per (mask, image row),
+    then contracted with A_h.
+    """
+    height, width = winner.shape
+    h, w = grid_hw
+    a_h, a_w = bilinear_matrix(height, h), bilinear_matrix(width, w)
+    ys, xs = torch.nonzero(winner >= 0, as_tuple=True)
+    mask_id = winner[ys, xs]
+    per_row = torch.zeros(num_masks * height, w).index_add_(0, mask_id * height + ys, a_w[xs])
+    pooled = torch.einsum("myj,yi->mij", per_row.reshape(num_masks, height, w), a_h)
+    area = torch.bincount(mask_id, minlength=num_masks).clamp(min=1).float()
+    return pooled / area[:, None, None]
+
+
 class SegDataset(Dataset[Item]):
     """Prepared images ``prepared/images/<id>.png`` with labels ``label_dir/<id>.png`` and the
     masks of store ``masks`` (None: no masks, M = 0 and winner all -1).
@@ -96,6 +117,7 @@ class SegDataset(Dataset[Item]):
         self.epoch = 0
         self._store: MaskStore | None = None  # opened lazily, once per process / worker
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._disjoint: dict[str, int] = {}  # id -> M, for stores whose masks never overlap
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -152,8 +174,9 @@ class SegDataset(Dataset[Item]):
         """Pool weights (M, h, w) float32 and winner (H, W) int64 of the image's masks, moved by
         ``source_index`` (see :class:`opensam.augment.Augmented`) when given.
 
-        Moved masks go through ``prepare_mask_inputs``; unmoved NU masks use the store's
-        precomputed winner, and are cached per image (validation repeats them every epoch).
+        Equal to ``prepare_mask_inputs`` of the moved stack. Disjoint masks (superpixels) are
+        fully described by the store's winner map, so only that map is moved; overlapping
+        masks (SAM) are moved as a stack. Unmoved results are cached (validation repeats them).
         """
         if self.masks_path is None:
             h, w = self.grid_hw
@@ -161,16 +184,21 @@ class SegDataset(Dataset[Item]):
             return empty, torch.full(shape, -1, dtype=torch.int64)
         if source_index is None and image_id in self._cache:
             return self._cache[image_id]
-        masks = torch.from_numpy(self._read_masks(image_id, shape))
-        if source_index is not None or self.variant != "nu":
-            if source_index is not None:
-                masks = warp_masks(masks, source_index)
-            inputs = prepare_mask_inputs(masks, self.grid_hw, variant=self.variant)
-            pool, winner = inputs.pool_weights, inputs.winner
-        else:
-            pool = nu_pool_weights(masks, self.grid_hw)
+        if self.variant == "nu" and image_id in self._disjoint:
             winner = torch.from_numpy(self.store.read_winner(image_id).astype(np.int64))
-        result = (pool.float(), winner.long())
+            if source_index is not None:
+                winner = warp_label(winner, source_index, fill=-1)
+            pool = pool_weights_from_winner(winner, self._disjoint[image_id], self.grid_hw)
+            return pool, winner
+        masks = self._read_masks(image_id, shape)
+        if self.variant == "nu" and int(masks.sum()) == int(masks.any(0).sum()):
+            self._disjoint[image_id] = masks.shape[0]
+            return self._mask_inputs(image_id, shape, source_index)
+        stack = torch.from_numpy(masks)
+        if source_index is not None:
+            stack = warp_masks(stack, source_index)
+        inputs = prepare_mask_inputs(stack, self.grid_hw, variant=self.variant)
+        result = (inputs.pool_weights.float(), inputs.winner.long())
         if source_index is None:
             self._cache[image_id] = result
         return result

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from opensam.errors import InputError
 
@@ -28,10 +27,16 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def seed_everything(seed: int, threads: int | None = None) -> None:
     """Seed python, numpy and torch, and fix torch's thread count for CPU determinism."""
+    import torch  # lazy: demo/prepare worker processes never need torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-    n = threads if threads is not None else int(os.environ.get("OPENSAM_THREADS", os.cpu_count() or 1))
+    n = (
+        threads
+        if threads is not None
+        else int(os.environ.get("OPENSAM_THREADS", os.cpu_count() or 1))
+    )
     torch.set_num_threads(max(1, n))
 
 

@@ -3,8 +3,9 @@
 :class:`SamMaskGenerator` keeps ``SamAutomaticMaskGenerator``'s semantics and returns masks at
 the prepared resolution. What it does instead of stock (each measured in ``bench/masks.py``):
 
-- encoder: global attention hands the decomposed rel-pos bias to ``scaled_dot_product_attention``
-  instead of adding it to the (heads, 4096, 4096) map in extra passes;
+- encoder: the decomposed rel-pos bias goes to ``scaled_dot_product_attention`` (stock adds it
+  to the (heads, 4096, 4096) map in two more passes); bias, GELU and residuals are fused into
+  the GEMMs (oneDNN on CPU);
 - decoder: the first layer's image side is the same for every prompt and is projected once;
   later projections of the per-prompt (4096, C) maps are folded into the 7 tokens
   (``(q W_k) x^T`` for ``q (x W_k^T)^T``); the upscaling head is two matmuls in channels-last
@@ -156,40 +157,75 @@ def load_sam(model: str, checkpoint: str | Path | None, device: str = "auto") ->
     return sam.to(dev).eval()
 
 
-def _vit_attention(attn: vit.Attention, x: Tensor) -> Tensor:
-    """ViT ``Attention.forward`` with the rel-pos bias given to SDPA: (B, H, W, C) -> same."""
-    (b, h, w, _), nh = x.shape, attn.num_heads
-    q, k, v = attn.qkv(x).reshape(b, h * w, 3, nh, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    outs = []  # per chunk of heads: (B, nh', N, d)
-    for s in range(0, nh, _HEADS_PER_CHUNK):
-        qs, ks, vs = (t[:, s : s + _HEADS_PER_CHUNK] for t in (q, k, v))
+def _linear(x: Tensor, weight: Tensor, bias: Tensor, gelu: bool = False,
+            residual: Tensor | None = None) -> Tensor:  # fmt: skip
+    """gelu(x @ weight.T + bias) or residual + x @ weight.T + bias; x (M, K), weight (N, K).
+
+    On CPU, oneDNN's fused linear applies the bias, GELU or residual in the GEMM epilogue (the
+    same values up to rounding; bias + GELU ~1.8x faster than addmm then gelu)."""
+    if x.device.type == "cpu" and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+        kind, algorithm = ("gelu", "none") if gelu else ("none", "")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, kind, [], algorithm)
+    out = torch.addmm(bias, x, weight.T)
+    out = F.gelu(out) if gelu else out
+    return out if residual is None else residual + out
+
+
+def _vit_attention(attn: vit.Attention, x: Tensor, residual: Tensor | None) -> Tensor:
+    """ViT ``Attention.forward`` (+ residual) with the rel-pos bias given to SDPA, heads in
+    chunks where N is large: x (B, H, W, C) -> (B, H, W, C)."""
+    (b, h, w, c), nh, n = x.shape, attn.num_heads, x.shape[1] * x.shape[2]
+    qkv = _linear(x.reshape(b * n, c), attn.qkv.weight, attn.qkv.bias)
+    q, k, v = qkv.view(b, n, 3, nh, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, N, d)
+    if attn.use_rel_pos:
+        rel_h, rel_w = (
+            vit.get_rel_pos(s, s, t) for s, t in ((h, attn.rel_pos_h), (w, attn.rel_pos_w))
+        )
+    out = x.new_empty(b, n, nh, q.shape[-1])
+    chunk = _HEADS_PER_CHUNK if n > 1024 else nh
+    for s in range(0, nh, chunk):
+        qs, ks, vs = (t[:, s : s + chunk] for t in (q, k, v))
         bias = None
         if attn.use_rel_pos:
             rq = qs.reshape(-1, h, w, qs.shape[-1])
-            rel_h = torch.einsum("bhwc,hkc->bhwk", rq, vit.get_rel_pos(h, h, attn.rel_pos_h))
-            rel_w = torch.einsum("bhwc,wkc->bhwk", rq, vit.get_rel_pos(w, w, attn.rel_pos_w))
-            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(*qs.shape[:3], h * w)
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias, scale=attn.scale))
-    out = torch.cat(outs, dim=1).view(b, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-    return attn.proj(out)
+            # contiguous: einsum returns permuted views, and a broadcast sum of those would
+            # inherit their layout and need a second (heads, N, N) copy to reshape
+            rh = torch.einsum("bhwc,hkc->bhwk", rq, rel_h).contiguous()
+            rw = torch.einsum("bhwc,wkc->bhwk", rq, rel_w).contiguous()
+            bias = (rh[..., :, None] + rw[..., None, :]).view(*qs.shape[:3], n)
+        sdpa = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias, scale=attn.scale)
+        out[:, :, s : s + chunk] = sdpa.transpose(1, 2)
+    res = None if residual is None else residual.reshape(b * n, c)
+    return _linear(out.view(b * n, c), attn.proj.weight, attn.proj.bias, residual=res).view(x.shape)
+
+
+def _vit_mlp(mlp: modeling.common.MLPBlock, x: Tensor, residual: Tensor) -> Tensor:
+    """residual + ``MLPBlock`` (x) with bias, exact GELU and residual fused into the GEMMs."""
+    if not isinstance(mlp.act, torch.nn.GELU) or mlp.act.approximate != "none":
+        return residual + mlp(x)
+    hidden = _linear(x.reshape(-1, x.shape[-1]), mlp.lin1.weight, mlp.lin1.bias, gelu=True)
+    res = residual.reshape(hidden.shape[0], -1)
+    return _linear(hidden, mlp.lin2.weight, mlp.lin2.bias, residual=res).view(x.shape)
 
 
 def encode_image(encoder: modeling.ImageEncoderViT, x: Tensor) -> Tensor:
-    """``ImageEncoderViT.forward`` with fused attention, equal up to float rounding.
+    """``ImageEncoderViT.forward`` with fused attention and linears, equal up to rounding.
 
     x: (1, 3, S, S) float32, normalised and padded -> (1, C, S/16, S/16) float32.
     """
     x = encoder.patch_embed(x)
     x = x + encoder.pos_embed if encoder.pos_embed is not None else x
     for blk in encoder.blocks:
-        shortcut, x, hw = x, blk.norm1(x), (x.shape[1], x.shape[2])
         if blk.window_size > 0:
-            x, pad_hw = vit.window_partition(x, blk.window_size)
-        x = _vit_attention(blk.attn, x)
-        if blk.window_size > 0:
-            x = vit.window_unpartition(x, blk.window_size, pad_hw, hw)
-        x = shortcut + x
-        x = x + blk.mlp(blk.norm2(x))
+            hw = (x.shape[1], x.shape[2])
+            windows, pad_hw = vit.window_partition(blk.norm1(x), blk.window_size)
+            windows = _vit_attention(blk.attn, windows, None)
+            x = x + vit.window_unpartition(windows, blk.window_size, pad_hw, hw)
+        else:
+            x = _vit_attention(blk.attn, blk.norm1(x), x)
+        x = _vit_mlp(blk.mlp, blk.norm2(x), x)
     return encoder.neck(x.permute(0, 3, 1, 2))
 
 
@@ -207,7 +243,7 @@ def _t2i_shared(attn: two_way.Attention, q_tok: Tensor, k_img: Tensor, v_img: Te
     (b, t, _), nh, n = q_tok.shape, attn.num_heads, k_img.shape[0]
     q = _heads(attn.q_proj(q_tok), nh).transpose(0, 1).reshape(nh, b * t, -1)
     d = q.shape[-1]
-    scores = q @ k_img.view(n, nh, d).permute(1, 2, 0) / math.sqrt(d)  # (nh, B*T, N)
+    scores = (q / math.sqrt(d)) @ k_img.view(n, nh, d).permute(1, 2, 0)  # (nh, B*T, N)
     out = torch.softmax(scores, dim=-1) @ v_img.view(n, nh, d).transpose(0, 1)
     return attn.out_proj(out.view(nh, b, t, d).permute(1, 2, 0, 3).reshape(b, t, nh * d))
 
@@ -239,6 +275,7 @@ def _i2t(attn: two_way.Attention, tok: Tensor, tok_pe: Tensor, x: Tensor, x_pe: 
     (b, t, c), nh = tok.shape, attn.num_heads
     k = _heads(attn.k_proj(tok_pe), nh)  # (B, nh, T, d)
     d, n = k.shape[-1], x.shape[-2]
+    k = k / math.sqrt(d)
     if q_img is not None:
         kt = k.transpose(0, 1).reshape(nh, b * t, d)
         scores = (kt @ q_img.view(n, nh, d).permute(1, 2, 0)).view(nh, b, t, n).transpose(0, 1)
@@ -247,13 +284,13 @@ def _i2t(attn: two_way.Attention, tok: Tensor, tok_pe: Tensor, x: Tensor, x_pe: 
         kq = (k @ attn.q_proj.weight.view(nh, d, c)).reshape(b, nh * t, c)
         kb = (k * attn.q_proj.bias.view(1, nh, 1, d)).sum(-1).reshape(b, nh * t, 1)
         scores = torch.baddbmm(kb, kq, x_pe.transpose(1, 2)).view(b, nh, t, n)
-    probs = torch.softmax(scores / math.sqrt(d), dim=-2).reshape(b, nh * t, n)
+    probs = torch.softmax(scores, dim=-2).reshape(b, nh * t, n)
     vo = _heads(attn.v_proj(tok), nh) @ attn.out_proj.weight.view(c, nh, d).permute(1, 2, 0)
     vo = (vo + attn.out_proj.bias / nh).reshape(b, nh * t, c)
     return torch.baddbmm(x, probs.transpose(1, 2), vo)
 
 
-class _ImageSide:
+class ImageSide:
     """Prompt-independent decoder inputs of one image, (N, C): keys0 (embedding + no-mask
     embedding) and pe; (N, Ci): the first layer's projections k0, v0 and q0."""
 
@@ -268,7 +305,7 @@ class _ImageSide:
         self.q0 = first.cross_attn_image_to_token.q_proj(self.keys0 + self.pe)
 
 
-def _run_transformer(tr: modeling.TwoWayTransformer, side: _ImageSide, tokens: Tensor
+def _run_transformer(tr: modeling.TwoWayTransformer, side: ImageSide, tokens: Tensor
                      ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``TwoWayTransformer.forward`` for B prompts of one image: tokens (B, T, C) -> queries
     (B, T, C) and keys (B, N, C)."""
@@ -291,15 +328,15 @@ def _run_transformer(tr: modeling.TwoWayTransformer, side: _ImageSide, tokens: T
 def _upscale_masks(dec: modeling.MaskDecoder, keys: Tensor, mask_tokens: Tensor) -> Tensor:
     """Multimask low-res logits: keys (B, h*w, C) with h = w, mask tokens (B, 3, C) ->
     (B, 3, 4h, 4w) float32. ``output_upscaling`` channels-last: a stride-2 2x2 transposed conv
-    is a (C -> 2*2*C') matmul with fused bias, LayerNorm2d a layer_norm over the last axis."""
-    conv1, norm, act1, conv2, act2 = dec.output_upscaling
+    is a (C -> 2*2*C') linear map, LayerNorm2d a layer_norm over the last axis."""
+    conv1, norm, act1, conv2, _ = dec.output_upscaling  # act2: GELU, fused into _linear
     (b, n, c), h = keys.shape, math.isqrt(keys.shape[1])  # the embedding grid is square
     c1, c2 = conv1.weight.shape[1], conv2.weight.shape[1]
-    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)  # rows (C), columns (2, 2, C1)
-    x = torch.addmm(conv1.bias.repeat(4), keys.reshape(-1, c), w1).view(-1, c1)
+    w1 = conv1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c)  # rows (2, 2, C1)
+    x = _linear(keys.reshape(b * n, c), w1, conv1.bias.repeat(4)).view(-1, c1)
     x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
-    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-    x = act2(torch.addmm(conv2.bias.repeat(4), x, w2)).view(b, -1, c2)
+    w2 = conv2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)
+    x = _linear(x, w2, conv2.bias.repeat(4), gelu=True).view(b, 16 * n, c2)
     mlps = dec.output_hypernetworks_mlps[1:]
     hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(mlps)], dim=1)
     masks = (hyper @ x.transpose(1, 2)).view(b, len(mlps), h, h, 2, 2, 2, 2)
@@ -307,7 +344,7 @@ def _upscale_masks(dec: modeling.MaskDecoder, keys: Tensor, mask_tokens: Tensor)
     return masks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, len(mlps), 4 * h, 4 * h)
 
 
-def decode_masks(sam: Sam, side: _ImageSide, sparse: Tensor, iou_thresh: float = 0.0
+def decode_masks(sam: Sam, side: ImageSide, sparse: Tensor, iou_thresh: float = 0.0
                  ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """SAM's mask decoder (multimask output) for B point prompts of one image.
 
@@ -368,8 +405,6 @@ class SamMaskGenerator:
 
     def __init__(self, model: Sam, options: AmgOptions) -> None:
         self.model, self.opts = model, options
-        self.model_name = ""  # for the mask store's attrs, set by build_sam_generator
-        self.checkpoint_sha256 = ""  # "" = random weights
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self._matrices: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
 
@@ -417,7 +452,7 @@ class SamMaskGenerator:
         """Kept masks (n, H, W) bool, predicted IoU (n,) and stability (n,) float32."""
         opts, image_hw = self.opts, (int(image.shape[0]), int(image.shape[1]))
         features = self._embed(image)
-        side = _ImageSide(self.model, features) if opts.fast_decoder else None
+        side = ImageSide(self.model, features) if opts.fast_decoder else None
         grid = amg.build_point_grid(opts.points_per_side) * np.array(image_hw)[None, ::-1]
         coords = torch.as_tensor(
             self.transform.apply_coords(grid, image_hw), device=features.device
@@ -437,7 +472,7 @@ class SamMaskGenerator:
             iou, stab = iou[keep], stab[keep]
         return masks, iou, stab
 
-    def _predict_batch(self, features: Tensor, side: _ImageSide | None, coords: Tensor,
+    def _predict_batch(self, features: Tensor, side: ImageSide | None, coords: Tensor,
                        mats: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:  # fmt: skip
         """Prompts (B, 2) float64 in the model frame -> masks (K, H, W) bool, predicted IoU,
         stability (K,) float32 and boxes (K, 4) xyxy inclusive, filtered as in stock's
@@ -502,7 +537,7 @@ def _to_mask_set(masks: np.ndarray, iou: np.ndarray, stab: np.ndarray, out_hw: t
                  ) -> MaskSet:  # fmt: skip
     """(n, H, W) bool masks in NMS order -> MaskSet sorted by area, largest first (stable), empty
     masks dropped, boxes in the store's convention (w, h = pixels spanned)."""
-    area = masks.reshape(masks.shape[0], -1).sum(axis=1)
+    area = masks.sum(axis=(1, 2))
     order = np.argsort(-area, kind="stable")
     order = order[area[order] > 0]
     if order.size == 0:
@@ -515,18 +550,15 @@ def _to_mask_set(masks: np.ndarray, iou: np.ndarray, stab: np.ndarray, out_hw: t
 def build_sam_generator(sam: SamParams, points_per_side: int, min_region_area: int,
                         image_size: int) -> SamMaskGenerator:  # fmt: skip
     """Load ``sam.model`` / ``sam.checkpoint`` on ``sam.device`` and wrap it in a generator
-    for image_size x image_size prepared images (its resize matrices are built up front).
-
-    The generator carries ``model_name`` and ``checkpoint_sha256`` for the mask store's attrs.
-    """
+    for image_size x image_size prepared images (its resize matrices are built up front)."""
     if sam.input not in ("prepared", "original"):
         raise InputError(f"sam.input: expected prepared or original, got {sam.input!r}")
+    if sam.points_per_batch < 1 or sam.crop_n_layers < 0:
+        raise InputError("sam: points_per_batch must be >= 1 and crop_n_layers >= 0")
     model = load_sam(sam.model, sam.checkpoint, sam.device)
     gen = SamMaskGenerator(model, AmgOptions(
         points_per_side, sam.points_per_batch, sam.pred_iou_thresh, sam.stability_score_thresh,
         sam.box_nms_thresh, min_region_area, sam.crop_n_layers, sam.input == "original",
     ))  # fmt: skip
-    gen.model_name = sam.model
-    gen.checkpoint_sha256 = file_sha256(sam.checkpoint) if sam.checkpoint else ""
     gen._resize_matrices((image_size, image_size), (image_size, image_size))
     return gen

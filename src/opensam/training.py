@@ -75,7 +75,11 @@ class TrainConfig:
         """Raise ValueError on values the loop cannot run with."""
         ok = self.epochs >= 1 and self.batch_size >= 1 and 0 <= self.t1 <= self.t2 <= 1
         if not ok or not 0 <= self.lr_min <= self.lr_max or self.lr_max <= 0:
-            raise ValueError(f"bad training config: {self}")
+            raise ValueError(
+                "need epochs, batch_size >= 1, 0 <= lr_min <= lr_max, lr_max > 0, "
+                f"0 <= t1 <= t2 <= 1; got epochs={self.epochs}, batch_size={self.batch_size}, "
+                f"lr_min={self.lr_min}, lr_max={self.lr_max}, t1={self.t1}, t2={self.t2}"
+            )
 
 
 @dataclass
@@ -251,46 +255,55 @@ def _build_loop(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> 
     return _Loop(model, optimizer, scheduler, config, steps_per_epoch, weight)
 
 
+def _train_step(
+    loop: _Loop, batch: Mapping[str, Any], pseudo: _Cycler | None, alpha: float
+) -> tuple[torch.Tensor, float, float | None]:
+    """One optimizer step on a labelled batch (+ α·loss of a pseudo batch when α > 0).
+
+    Returns the labelled batch's log-probabilities (detached) and its / the pseudo loss."""
+    cfg, model = loop.config, loop.model
+    log_probs = forward_model(model, batch, cfg.use_masks)
+    loss = segmentation_loss(log_probs, batch["label"].to(log_probs.device), loop.weight)
+    labelled_loss, pseudo_loss = float(loss.detach()), None
+    if pseudo is not None and alpha > 0:
+        pbatch = pseudo.next()
+        plog = forward_model(model, pbatch, cfg.use_masks)
+        ploss = segmentation_loss(plog, pbatch["label"].to(plog.device), loop.weight)
+        loss = loss + alpha * ploss
+        pseudo_loss = float(ploss.detach())
+    loop.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    loop.optimizer.step()
+    loop.scheduler.step()
+    return log_probs.detach(), labelled_loss, pseudo_loss
+
+
 def _train_epoch(
     loop: _Loop, train_loader: DataLoader, pseudo_loader: DataLoader | None
 ) -> dict[str, Any]:
     """One epoch of steps; returns the epoch's history entry (without validation)."""
-    cfg, model = loop.config, loop.model
-    model.train()
+    cfg = loop.config
+    loop.model.train()
     labelled = _Cycler(train_loader, cfg.seed, loop.epoch)
     pseudo = _Cycler(pseudo_loader, cfg.seed + 1, loop.epoch) if pseudo_loader else None
-    sums, conf, alpha = [0.0, 0.0, 0.0], None, 0.0  # total, labelled, pseudo losses
-    pseudo_steps = 0
-    bar = tqdm(
-        range(loop.steps_per_epoch), desc=f"epoch {loop.epoch + 1}", unit="step", leave=False
-    )
-    for i in bar:
+    total, sup, unsup, conf, alpha = 0.0, 0.0, [], None, 0.0
+    steps = range(loop.steps_per_epoch)
+    for i in (bar := tqdm(steps, desc=f"epoch {loop.epoch + 1}", unit="step", leave=False)):
         step = loop.epoch * loop.steps_per_epoch + i
-        batch = labelled.next()
-        log_probs = forward_model(model, batch, cfg.use_masks)
-        target = batch["label"].to(log_probs.device)
-        loss = segmentation_loss(log_probs, target, loop.weight)
-        sums[1] += float(loss.detach())
         alpha = alpha_ramp(step, loop.total_steps, cfg.alpha_f, cfg.t1, cfg.t2) if pseudo else 0.0
-        if pseudo is not None and alpha > 0:
-            pbatch = pseudo.next()
-            plog = forward_model(model, pbatch, cfg.use_masks)
-            ploss = segmentation_loss(plog, pbatch["label"].to(plog.device), loop.weight)
-            loss = loss + alpha * ploss
-            sums[2], pseudo_steps = sums[2] + float(ploss.detach()), pseudo_steps + 1
-        loop.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        loop.optimizer.step()
-        loop.scheduler.step()
-        sums[0] += float(loss.detach())
+        batch = labelled.next()
+        log_probs, loss, ploss = _train_step(loop, batch, pseudo, alpha)
+        total, sup = total + loss + alpha * (ploss or 0.0), sup + loss
+        unsup += [ploss] if ploss is not None else []
         batch_conf = confusion_of(log_probs, batch["label"], log_probs.shape[1])
         conf = batch_conf if conf is None else conf + batch_conf
-        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}")
+    n = loop.steps_per_epoch
     return {
         "epoch": loop.epoch + 1,
-        "train/loss": sums[0] / loop.steps_per_epoch,  # labelled + α(t)·pseudo
-        "train/loss_labelled": sums[1] / loop.steps_per_epoch,
-        "train/loss_pseudo": sums[2] / pseudo_steps if pseudo_steps else None,
+        "train/loss": total / n,  # labelled + α(t)·pseudo
+        "train/loss_labelled": sup / n,
+        "train/loss_pseudo": sum(unsup) / len(unsup) if unsup else None,
         "train/miou": 100.0 * miou_from_confusion(conf) if conf is not None else 0.0,
         "lr": loop.optimizer.param_groups[0]["lr"],
         "alpha": alpha,
@@ -406,7 +419,9 @@ def train_model(
     max(len(train), len(pseudo)) steps (the shorter loader cycles). ``checkpoint_dir`` holds
     ``last.pt``, written after every epoch and resumed from when it matches ``config``. ``live``
     is a DVCLive ``Live`` (or None); a resumed run replays the earlier epochs into it.
-    ``on_epoch_end(epoch, entry)`` runs after each epoch's checkpoint is written.
+    ``on_epoch_end(epoch, entry)`` runs after each epoch's checkpoint is written. History
+    entries: epoch, train/loss (labelled + α·pseudo), train/loss_labelled, train/loss_pseudo,
+    train/miou (running, over the augmented training batches), lr, alpha, val/miou (percent).
     """
     config.validate()
     use_pseudo = pseudo_loader is not None and config.alpha_f > 0
