@@ -47,8 +47,14 @@ def module_closure(script: Path) -> set[str]:
     return seen
 
 
+PIPELINES = ("dvc.yaml", "predict/dvc.yaml")  # predict/ is off the main path, wdir = root
+
+
 def _stages() -> dict[str, dict]:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    stages: dict[str, dict] = {}
+    for name in PIPELINES:
+        stages.update(yaml.safe_load((ROOT / name).read_text())["stages"])
+    return stages
 
 
 def _script(stage: dict) -> Path:
@@ -79,13 +85,17 @@ def test_closure_follows_lazy_imports(tmp_path: Path) -> None:
 
 def sync_dvc_yaml() -> None:
     """Rewrite dvc.yaml's src/ deps of every stage to the import closure (keeps all else)."""
-    lines = (ROOT / "dvc.yaml").read_text().splitlines()
     closures = {
         str(_script(stage).relative_to(ROOT)): sorted(module_closure(_script(stage)))
         for stage in _stages().values()
     }
+    for name in PIPELINES:
+        _sync_file(ROOT / name, closures)
+
+
+def _sync_file(path: Path, closures: dict[str, list[str]]) -> None:
     out: list[str] = []
-    for line in lines:
+    for line in path.read_text().splitlines():
         item = line.strip().removeprefix("- ")
         if line.strip().startswith("- src/opensam/"):
             continue
@@ -93,7 +103,7 @@ def sync_dvc_yaml() -> None:
         if line.strip().startswith("- stages/") and item in closures:
             indent = line[: len(line) - len(line.lstrip())]
             out.extend(f"{indent}- {dep}" for dep in closures[item])
-    (ROOT / "dvc.yaml").write_text("\n".join(out) + "\n")
+    path.write_text("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":

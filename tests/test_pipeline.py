@@ -30,7 +30,7 @@ TINY = {
     "ratio": 1,
     "ablation": {"images": 3},
     "warmup": {"epochs": 1, "batch_size": 4},
-    "student": {"iterations": 2, "epochs": 1, "batch_size": 4},
+    "student": {"iterations": 2, "epochs": 2, "batch_size": 2},
     "eval": {"batch_size": 8, "overlays": 2},
 }
 
@@ -62,6 +62,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proj = tmp_path_factory.mktemp("proj")
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, proj / name)
+    shutil.copytree(ROOT / "predict", proj / "predict")
     shutil.copytree(ROOT / "stages", proj / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(
         ROOT / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
@@ -117,6 +118,18 @@ def test_exp_run_reruns_only_dependent_stages(
     assert stages_run(out) == expected, out[-3000:]
 
 
+def test_predict_pipeline_is_off_the_main_path(project: Path) -> None:
+    dvc = str(BIN / "dvc")
+    run(project, "git", "checkout", "-q", "--", ".")
+    run(project, dvc, "checkout", "-q", check=False)
+    assert "predict" not in run(project, dvc, "repro", "--dry")
+    out = run(project, dvc, "repro", "predict/dvc.yaml")
+    assert stages_run(out) == {"predict/dvc.yaml:predict"}
+    summary = json.loads((project / "metrics" / "predict.json").read_text())
+    assert summary["images"] == 12
+    assert len(list((project / "data" / "predictions" / "labels").glob("*.png"))) == 12
+
+
 def test_ratio_experiments_compare(project: Path) -> None:
     dvc = str(BIN / "dvc")
     run(project, "git", "checkout", "-q", "--", ".")
@@ -126,7 +139,8 @@ def test_ratio_experiments_compare(project: Path) -> None:
     shown = run(project, dvc, "exp", "show", "--json")
     assert "r1" in shown and "r3" in shown
     diff = json.loads(run(project, dvc, "exp", "diff", "r1", "r3", "--json"))
-    assert diff["params"]["params.yaml"]["ratio"] == {"old": 1, "new": 3}
+    ratio = diff["params"]["params.yaml"]["ratio"]
+    assert (ratio["old"], ratio["new"]) == (1, 3)
     assert "metrics/student.json" in diff["metrics"] or "metrics/eval.json" in diff["metrics"]
     mdiff = run(project, dvc, "metrics", "diff", "r1", "r3")
     assert "miou" in mdiff
