@@ -59,6 +59,8 @@ def load_models(args: argparse.Namespace, params: Params) -> dict[str, nn.Module
     """The three models, classes checked against params (checkpoints first: fail fast)."""
     teacher, _ = load_checkpoint(args.teacher, expected_classes=params.class_names)
     student, _ = load_checkpoint(args.student, expected_classes=params.class_names)
+    # loading consumed random numbers: reseed so this is the zeroshot stage's exact model
+    seed_everything(params.seed)
     zeroshot = build_model(params.clip, params.prompts)
     return {"zeroshot": zeroshot, "teacher": teacher, "student": student}
 
