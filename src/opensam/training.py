@@ -9,7 +9,6 @@ the last one and ends with the same weights), and the best epoch kept by validat
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -20,16 +19,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from opensam.config import TrainParams
-from opensam.constants import IGNORE_INDEX
 from opensam.datasets import set_loader_epoch
-from opensam.errors import InputError
 from opensam.evaluation import evaluate_model
+from opensam.losses import alpha_ramp as alpha_ramp
+from opensam.losses import class_weights_from_fractions as class_weights_from_fractions
+from opensam.losses import cosine_lr as cosine_lr
+from opensam.losses import resolve_class_weights as resolve_class_weights
+from opensam.losses import segmentation_loss as segmentation_loss
 from opensam.metrics import confusion_matrix, miou_from_confusion, miou_report
 from opensam.runtime import atomic_path
 
@@ -92,79 +93,6 @@ class TrainResult:
     best_state: dict[str, torch.Tensor]
     last_state: dict[str, torch.Tensor]
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def cosine_lr(step: int, total: int, lr_max: float, lr_min: float) -> float:
-    """η_t = η_min + ½(η_max − η_min)(1 + cos(π·t/T)) for step t of T."""
-    t = min(max(step, 0), total)
-    return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * t / max(total, 1)))
-
-
-def alpha_ramp(step: int, total: int, alpha_f: float, t1: float, t2: float) -> float:
-    """Pseudo-label loss weight: 0 before T1 = t1·T, linear up to α_f at T2 = t2·T, α_f after."""
-    start, end = t1 * total, t2 * total
-    if step < start:
-        return 0.0
-    if step >= end:
-        return float(alpha_f)
-    return float(alpha_f) * (step - start) / (end - start)
-
-
-def class_weights_from_fractions(
-    fractions: Mapping[str, float], class_names: Sequence[str]
-) -> list[float]:
-    """Normalised inverse pixel frequency: w_c ∝ 1 / f_c, Σ w_c = 1 (fractions in any unit).
-
-    A class with no pixels gets the largest weight of the others (a warning is logged).
-    """
-    missing = [c for c in class_names if c not in fractions]
-    if missing:
-        raise ValueError(f"no class fraction for {', '.join(missing)}")
-    inv = [1.0 / float(fractions[c]) if float(fractions[c]) > 0 else 0.0 for c in class_names]
-    if max(inv) == 0.0:
-        raise ValueError("every class fraction is zero")
-    for c, v in zip(class_names, inv, strict=True):
-        if v == 0.0:
-            log.warning("class %r has no training pixels; giving it the largest weight", c)
-    inv = [v if v > 0 else max(inv) for v in inv]
-    total = sum(inv)
-    return [v / total for v in inv]
-
-
-def resolve_class_weights(
-    spec: str | Sequence[float], class_names: Sequence[str], data_metrics: Path
-) -> list[float]:
-    """``auto`` → :func:`class_weights_from_fractions` of ``data_metrics``' train split, else the
-    given list (one weight per class)."""
-    if not isinstance(spec, str):
-        if len(spec) != len(class_names):
-            raise InputError(f"class_weights: {len(spec)} values for {len(class_names)} classes")
-        return [float(w) for w in spec]
-    if spec != "auto":
-        raise InputError(f"class_weights: expected 'auto' or a list, got {spec!r}")
-    try:
-        data = json.loads(Path(data_metrics).read_text())
-        fractions = data["train"]["class_fractions"]
-    except FileNotFoundError:
-        raise InputError(f"{data_metrics}: not found (run the prepare stage)") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise InputError(f"{data_metrics}: no train.class_fractions") from None
-    try:
-        return class_weights_from_fractions(fractions, class_names)
-    except ValueError as exc:
-        raise InputError(f"{data_metrics}: {exc}") from None
-
-
-def segmentation_loss(
-    log_probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
-) -> torch.Tensor:
-    """Weighted NLL of log_probs (B, C, H, W) float vs target (B, H, W) int64, 255 ignored.
-
-    The mean is weighted (PyTorch's convention); a batch with no labelled pixel gives 0.
-    """
-    if not bool((target != IGNORE_INDEX).any()):
-        return log_probs.sum() * 0.0
-    return F.nll_loss(log_probs, target, weight=weight, ignore_index=IGNORE_INDEX)
 
 
 def forward_model(model: nn.Module, batch: Mapping[str, Any], use_masks: bool) -> torch.Tensor:
