@@ -30,6 +30,7 @@ from opensam.aggregation import bilinear_matrix, prepare_mask_inputs
 from opensam.augment import Augmenter, warp_label, warp_masks
 from opensam.constants import IGNORE_INDEX
 from opensam.errors import InputError
+from opensam.images import read_label_png
 from opensam.mask_store import MaskStore
 
 log = logging.getLogger(__name__)
@@ -51,18 +52,7 @@ def read_image(path: Path) -> torch.Tensor:
 
 def read_label(path: Path, shape: tuple[int, int]) -> torch.Tensor:
     """A mode-L class-id PNG as (H, W) int64; its size must equal ``shape`` (H, W)."""
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "P"):
-                raise InputError(f"{path}: expected a mode L label image, got mode {img.mode}")
-            arr = np.asarray(img, dtype=np.uint8)
-    except FileNotFoundError:
-        raise InputError(f"{path}: label not found") from None
-    except OSError as exc:
-        raise InputError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
-    if arr.shape != shape:
-        raise InputError(f"{path}: label size {arr.shape} differs from the image's {shape}")
-    return torch.from_numpy(arr.astype(np.int64))
+    return torch.from_numpy(read_label_png(path, shape).astype(np.int64))
 
 
 def pool_weights_from_winner(

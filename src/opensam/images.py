@@ -271,3 +271,19 @@ def resize_label(label: np.ndarray, size: Size) -> np.ndarray:
 def save_png(array: np.ndarray, path: str | os.PathLike[str], **kwargs: Any) -> None:
     """Write (H, W) uint8 as mode ``L`` or (H, W, 3) uint8 as ``RGB`` PNG."""
     Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(path, format="PNG", **kwargs)
+
+
+def read_label_png(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A mode-L class-id PNG as (H, W) uint8; ``shape`` (H, W) is checked when given."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P"):
+                raise InputError(f"{path}: expected a mode L label image, got mode {img.mode}")
+            arr = np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise InputError(f"{path}: label not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+    if shape is not None and arr.shape != tuple(shape):
+        raise InputError(f"{path}: label size {arr.shape} differs from the image's {tuple(shape)}")
+    return arr

@@ -28,6 +28,7 @@ from torch import nn
 from opensam.constants import IGNORE_INDEX
 from opensam.errors import InputError
 from opensam.evaluation import build_loader, load_splits, predict_loader
+from opensam.images import read_label_png as read_label_png
 from opensam.metrics import confusion_matrix, miou_report
 
 log = logging.getLogger(__name__)
@@ -119,22 +120,6 @@ def generate_pseudo_labels(
         summary["vs_hidden_gt"] = quality
     log.info("pseudo-labels: %s", {k: v for k, v in summary.items() if k != "vs_hidden_gt"})
     return summary
-
-
-def read_label_png(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """A mode-L class-id PNG as (H, W) uint8; ``shape`` (H, W) is checked when given."""
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "P"):
-                raise InputError(f"{path}: expected a mode L label image, got mode {img.mode}")
-            arr = np.asarray(img, dtype=np.uint8)
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found") from None
-    except OSError as exc:
-        raise InputError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
-    if shape is not None and arr.shape != tuple(shape):
-        raise InputError(f"{path}: size {arr.shape} differs from the expected {tuple(shape)}")
-    return arr
 
 
 def measure_pseudo_quality(
