@@ -38,7 +38,6 @@ def test_repo_params_load_and_are_frozen() -> None:
         ({"warmup": {"epochs": 1.5}}, "warmup.epochs: expected an integer"),
         ({"warmup": {"bogus": 1}}, "warmup: unknown key(s) bogus"),
         ({"classes": []}, "'classes' is empty"),
-        ({"ratio": 9}, "ratio 9 exceeds masks.max_ratio 8"),
     ],
 )
 def test_bad_params_name_the_problem(patch: dict, fragment: str, tmp_path: Path) -> None:

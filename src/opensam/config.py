@@ -239,11 +239,6 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         raise InputError(f"{source}: min_region_area must be >= 0, got {params.min_region_area}")
     if params.ratio < 0:
         raise InputError(f"{source}: ratio must be >= 0, got {params.ratio}")
-    if params.ratio > params.masks.max_ratio:
-        raise InputError(
-            f"{source}: ratio {params.ratio} exceeds masks.max_ratio {params.masks.max_ratio}"
-            " (masks are precomputed only for the first max_ratio × n_train unlabelled images)"
-        )
     return params
 
 
