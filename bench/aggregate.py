@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from opensam.aggregation import (
+from opensam.model.aggregation import (
     aggregate_log_probs,
     aggregate_log_probs_naive,
     nu_pool_weights,

@@ -6,10 +6,10 @@ After a flip / crop / rotation the pool weights (M, h, w) and the winner (H, W) 
 masks are needed. Masks are disjoint here, like the demo's superpixels (a Voronoi partition into
 pps² cells, M ≈ 256 at pps 16), on an 8×8 embedding grid (opensam-tiny or convnext_base_w at
 256 px). Both paths give the same result (winner exactly, weights to ~1e-7):
-- baseline: ``opensam.augment.warp_masks`` (nearest-sample the (M, H, W) stack) then
-  ``opensam.aggregation.prepare_mask_inputs`` (the separable NU adjoint + winner argmax);
+- baseline: ``opensam.data.augment.warp_masks`` (nearest-sample the (M, H, W) stack) then
+  ``opensam.model.aggregation.prepare_mask_inputs`` (the separable NU adjoint + winner argmax);
 - ours (``SegDataset``'s path for disjoint masks): move only the stored winner map
-  (``warp_label``) and pool with ``opensam.datasets.pool_weights_from_winner``.
+  (``warp_label``) and pool with ``opensam.data.datasets.pool_weights_from_winner``.
 Times are medians over images after a warm-up, one thread: wall and, in brackets, this
 process's CPU time (the one to trust on a shared machine). The last line is
 ``augmented_masks speedup: N.NNx`` (baseline CPU ms / our CPU ms). ``--quick``: 4 images.
@@ -25,9 +25,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from opensam.aggregation import prepare_mask_inputs, winner_index
-from opensam.augment import Augmenter, warp_label, warp_masks
-from opensam.datasets import pool_weights_from_winner
+from opensam.data.augment import Augmenter, warp_label, warp_masks
+from opensam.data.datasets import pool_weights_from_winner
+from opensam.model.aggregation import prepare_mask_inputs, winner_index
 
 GRID = (8, 8)
 Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # masks, stored winner, source index

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/mask_store.py [--quick] [--images 16] [--pps 16]
 
-Masks are SLIC superpixels (``opensam.superpixels``, the demo generator) of procedural demo
-scenes (``opensam.demo.render_scene``, 1024x683 resized to 256x256). Each layout writes the same
+Masks are SLIC superpixels (``opensam.masks.superpixels``, the demo generator) of procedural demo
+scenes (``opensam.data.demo.render_scene``, 1024x683 resized to 256x256). Each layout writes the same
 masks to its own HDF5 file, one group per image; "read" is reading one image's masks back as
 (n, H, W) bool. Rows:
 - baseline: the (n, H, W) bool stack as is, gzip, h5py's automatic chunks;
@@ -28,16 +28,10 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from opensam.demo import render_scene
-from opensam.mask_store import (
-    AttrValue,
-    MaskSet,
-    MaskStore,
-    MaskStoreWriter,
-    pack_masks,
-    unpack_masks,
-)
-from opensam.superpixels import compute_superpixels
+from opensam.data.demo import render_scene
+from opensam.masks.arrays import MaskSet, pack_masks, unpack_masks
+from opensam.masks.store import AttrValue, MaskStore, MaskStoreWriter
+from opensam.masks.superpixels import compute_superpixels
 
 SIZE = 256
 

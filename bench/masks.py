@@ -30,9 +30,9 @@ from segment_anything import automatic_mask_generator as stock_amg
 from segment_anything.modeling import Sam
 from segment_anything.utils import amg
 
-from opensam.demo import render_scene
+from opensam.data.demo import render_scene
 from opensam.images import resize_image
-from opensam.sam_masks import (
+from opensam.masks.sam import (
     SAM_BUILDERS,
     AmgOptions,
     ImageSide,

@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/predict.py [--quick] [--images 16] [--checkpoint models/student.pt]
 
-Synthetic demo photos (``opensam.demo.render_scene``, 1024×683 JPEGs) are predicted end to end
+Synthetic demo photos (``opensam.data.demo.render_scene``, 1024×683 JPEGs) are predicted end to end
 (load + resize, region masks, model, class map / overlay / CSV writing) by
-:func:`opensam.predict.predict_photos`, once with the params masks (``superpixels``, pps 16, what
+:func:`opensam.apps.predict.predict_photos`, once with the params masks (``superpixels``, pps 16, what
 ``opensam predict`` uses by default) and once with ``--masks none`` (per-pixel prediction). The
 model is ``models/student.pt`` if present, else a random-init ``opensam-tiny`` at 256 px (the
 demo's architecture; weights do not change the speed). There is no baseline implementation of
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from opensam.apps.predict import Photo, PredictResult, build_mask_generator, predict_photos
 from opensam.config import ClipParams, MasksParams, SamParams
-from opensam.demo import render_scene
-from opensam.model import OpenSamModel, build_model, load_checkpoint
-from opensam.predict import Photo, PredictResult, build_mask_generator, predict_photos
+from opensam.data.demo import render_scene
+from opensam.model.segmenter import OpenSamModel, build_model, load_checkpoint
 from opensam.runtime import seed_everything
 
 CLASSES = ["lizard", "hand", "color board", "background"]

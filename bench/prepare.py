@@ -25,8 +25,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from opensam.config import ClassSpec, SplitParams
-from opensam.dataset_io import list_unlabelled, open_export, write_cvat_export
-from opensam.prepare import prepare_dataset
+from opensam.data.cvat import write_cvat_export
+from opensam.data.importers import list_unlabelled, open_export
+from opensam.data.prepare import prepare_dataset
 
 NAMES = ["lizard", "hand", "color board", "background"]
 COLOURS = [(250, 220, 40), (40, 200, 60), (40, 90, 230), (0, 0, 0)]

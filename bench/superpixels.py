@@ -2,12 +2,12 @@
 
     .venv/bin/python bench/superpixels.py [--quick] [--images 8] [--pps 8 16 32]
 
-Images are procedural demo scenes (``opensam.demo.render_scene``, 1024x683 resized to 256x256).
+Images are procedural demo scenes (``opensam.data.demo.render_scene``, 1024x683 resized to 256x256).
 Both produce the same kind of MaskSet (a partition into ~pps² masks, sorted by area, with xywh
 boxes):
 - baseline: ``skimage.segmentation.slic`` on the RGB image (skimage's own rgb2lab), one
   ``labels == i`` comparison per mask, boxes from ``skimage.measure.regionprops``;
-- ours: ``opensam.superpixels.compute_superpixels`` (OpenCV Lab, slic on it, one scatter for
+- ours: ``opensam.masks.superpixels.compute_superpixels`` (OpenCV Lab, slic on it, one scatter for
   all masks, boxes from ``scipy.ndimage.find_objects``).
 Times are medians over images, after one warm-up call: wall time and, in brackets, this
 process's CPU time (the figure to trust on a machine shared with other jobs). The last line is
@@ -26,9 +26,9 @@ from PIL import Image
 from skimage.measure import regionprops
 from skimage.segmentation import slic
 
-from opensam.demo import render_scene
-from opensam.mask_store import MaskSet
-from opensam.superpixels import compute_superpixels
+from opensam.data.demo import render_scene
+from opensam.masks.arrays import MaskSet
+from opensam.masks.superpixels import compute_superpixels
 
 SIZE = 256
 COMPACTNESS = 10.0

@@ -5,7 +5,7 @@
 
 Reads params `ablation.images` (the first that many train images), `masks` and `sam`; `pps` and
 the minimum region area come from the command line (dvc.yaml's matrix over `ablation.pps` x
-`ablation.min_region_area`). Writes one mask store (format: `opensam.mask_store`), resumable
+`ablation.min_region_area`). Writes one mask store (format: `opensam.masks.store`), resumable
 like the `masks` stage.
 """
 
@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from opensam.config import load_params
-from opensam.mask_generators import ablation_image_ids, precompute_masks, read_splits
+from opensam.masks.generators import ablation_image_ids, precompute_masks, read_splits
 from opensam.runtime import run_main, seed_everything
 
 SEED = 0  # mask generation draws no random numbers; fixed so the stage needn't read `seed`

@@ -24,16 +24,16 @@ from torch import nn
 
 from opensam.config import Params, load_params
 from opensam.errors import InputError
-from opensam.evaluation import (
+from opensam.eval.evaluation import (
     PlotCollector,
     class_colors,
     evaluate_model_modes,
     format_eval_table,
     load_splits,
 )
-from opensam.metrics import miou_report
-from opensam.model import build_model, load_checkpoint
-from opensam.plots import save_confusion_png, write_confusion_json
+from opensam.eval.metrics import miou_report
+from opensam.eval.plots import save_confusion_png, write_confusion_json
+from opensam.model.segmenter import build_model, load_checkpoint
 from opensam.runtime import atomic_path, run_main, seed_everything
 
 log = logging.getLogger("stages.evaluate")

@@ -5,7 +5,7 @@
 Reads params `pps`, `min_region_area`, `masks` (generator, max_ratio, compactness) and `sam`;
 the image size comes from `data/prepared/splits.json`. Masks cover all labelled images and the
 first `masks.max_ratio x len(train)` unlabelled ones, so any `ratio <= max_ratio` reuses them.
-Writes `data/masks.h5` (format: `opensam.mask_store`). An interrupted run leaves
+Writes `data/masks.h5` (format: `opensam.masks.store`). An interrupted run leaves
 `data/.masks.h5.partial`; rerunning with the same settings resumes from it.
 """
 
@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from opensam.config import load_params
-from opensam.mask_generators import mask_image_ids, precompute_masks, read_splits
+from opensam.masks.generators import mask_image_ids, precompute_masks, read_splits
 from opensam.runtime import run_main, seed_everything
 
 SEED = 0  # mask generation draws no random numbers; fixed so the stage needn't read `seed`

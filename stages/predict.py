@@ -6,7 +6,7 @@
 Params: ``predict.*``, ``classes`` (names and overlay colours), and the mask settings of training
 (``pps``, ``min_region_area``, ``masks.*``, ``sam.*``). Photos: every id of
 ``splits["unlabelled"]``, from its original file (``splits["sources"]``) when that is a plain file,
-else the prepared image. Writes ``data/predictions/`` (layout in :mod:`opensam.predict`) and
+else the prepared image. Writes ``data/predictions/`` (layout in :mod:`opensam.apps.predict`) and
 ``metrics/predict.json``: images, images/s, failed, mean confidence, class fractions (%), and
 ``vs_hidden_gt`` (mIoU against ``prepared/unlabelled_gt``, percent) when available. With
 ``predict.enabled: false`` both are written empty: ``{"enabled": false}``.
@@ -20,10 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from opensam.config import Params, load_params
-from opensam.evaluation import class_colors, load_splits
-from opensam.model import load_checkpoint
-from opensam.predict import (
+from opensam.apps.predict import (
     Photo,
     build_mask_generator,
     build_summary,
@@ -31,8 +28,11 @@ from opensam.predict import (
     score_class_maps,
     write_summary,
 )
-from opensam.pseudo_labels import HIDDEN_GT_DIR
+from opensam.config import Params, load_params
+from opensam.eval.evaluation import class_colors, load_splits
+from opensam.model.segmenter import load_checkpoint
 from opensam.runtime import atomic_path, run_main, seed_everything
+from opensam.train.pseudo_labels import HIDDEN_GT_DIR
 
 log = logging.getLogger("stages.predict")
 

@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 
 from opensam.config import load_params
-from opensam.dataset_io import list_unlabelled, open_export
+from opensam.data.importers import list_unlabelled, open_export
+from opensam.data.prepare import prepare_dataset
 from opensam.errors import InputError
-from opensam.prepare import prepare_dataset
 from opensam.runtime import atomic_path, run_main, seed_everything
 
 log = logging.getLogger("stages.prepare")

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from opensam.config import load_params
 from opensam.errors import InputError
-from opensam.evaluation import load_splits
-from opensam.model import load_checkpoint
-from opensam.pseudo_labels import generate_pseudo_labels, select_pool_ids
+from opensam.eval.evaluation import load_splits
+from opensam.model.segmenter import load_checkpoint
 from opensam.runtime import atomic_path, run_main, seed_everything
+from opensam.train.pseudo_labels import generate_pseudo_labels, select_pool_ids
 
 log = logging.getLogger("stages.pseudolabel")
 

@@ -21,25 +21,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from opensam.augment import Augmenter
 from opensam.config import ClipParams, Params, StudentParams, load_params
-from opensam.datasets import make_train_loaders
+from opensam.data.augment import Augmenter
+from opensam.data.datasets import make_train_loaders
 from opensam.errors import InputError
-from opensam.evaluation import load_splits
-from opensam.model import OpenSamModel, load_checkpoint, save_checkpoint
-from opensam.pseudo_labels import (
+from opensam.eval.evaluation import load_splits
+from opensam.model.segmenter import OpenSamModel, load_checkpoint, save_checkpoint
+from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
+from opensam.train.loop import TrainConfig, evaluate_splits, open_live, train_model
+from opensam.train.losses import resolve_class_weights
+from opensam.train.pseudo_labels import (
     generate_pseudo_labels,
     load_pseudo_ids,
     measure_pseudo_quality,
     select_pool_ids,
-)
-from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
-from opensam.training import (
-    TrainConfig,
-    evaluate_splits,
-    open_live,
-    resolve_class_weights,
-    train_model,
 )
 
 log = logging.getLogger("stages.student")

@@ -16,20 +16,15 @@ import json
 import logging
 from pathlib import Path
 
-from opensam.augment import Augmenter
 from opensam.config import load_params
-from opensam.datasets import make_train_loaders
+from opensam.data.augment import Augmenter
+from opensam.data.datasets import make_train_loaders
 from opensam.errors import InputError
-from opensam.evaluation import load_splits
-from opensam.model import build_model, save_checkpoint
+from opensam.eval.evaluation import load_splits
+from opensam.model.segmenter import build_model, save_checkpoint
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
-from opensam.training import (
-    TrainConfig,
-    evaluate_splits,
-    open_live,
-    resolve_class_weights,
-    train_model,
-)
+from opensam.train.loop import TrainConfig, evaluate_splits, open_live, train_model
+from opensam.train.losses import resolve_class_weights
 
 log = logging.getLogger("stages.warmup")
 

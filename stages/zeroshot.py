@@ -22,12 +22,12 @@ import torch
 from tqdm import tqdm
 
 from opensam.config import Params, load_params
-from opensam.datasets import read_image, read_label
+from opensam.data.datasets import read_image, read_label
 from opensam.errors import InputError
-from opensam.evaluation import load_splits
-from opensam.mask_store import MaskStore
-from opensam.metrics import confusion_matrix, format_miou_table, miou_from_confusion
-from opensam.model import OpenSamModel, build_model
+from opensam.eval.evaluation import load_splits
+from opensam.eval.metrics import confusion_matrix, format_miou_table, miou_from_confusion
+from opensam.masks.store import MaskStore
+from opensam.model.segmenter import OpenSamModel, build_model
 from opensam.runtime import atomic_path, run_main, seed_everything
 
 log = logging.getLogger("stages.zeroshot")

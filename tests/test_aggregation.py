@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opensam.aggregation import (
+from opensam.model.aggregation import (
     aggregate_log_probs,
     aggregate_log_probs_naive,
     bilinear_matrix,

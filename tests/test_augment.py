@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from opensam.augment import AugmentConfig, Augmenter, gaussian_blur, jitter_colour, sample_affine
 from opensam.constants import IGNORE_INDEX
+from opensam.data.augment import (
+    AugmentConfig,
+    Augmenter,
+    gaussian_blur,
+    jitter_colour,
+    sample_affine,
+)
 
 GEOMETRIC_ONLY = AugmentConfig(
     hflip_prob=0.5, scale=(0.3, 1.0), rotate_deg=15.0,

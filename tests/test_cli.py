@@ -14,11 +14,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from opensam.cli import main
+from opensam.apps.cli import main
+from opensam.apps.predict import CSV_NAME, LABELS_DIR, OVERLAYS_DIR, SUMMARY_NAME
 from opensam.config import ClassSpec, ClipParams, load_params
-from opensam.dataset_io import open_export
-from opensam.model import build_model, save_checkpoint
-from opensam.predict import CSV_NAME, LABELS_DIR, OVERLAYS_DIR, SUMMARY_NAME
+from opensam.data.importers import open_export
+from opensam.model.segmenter import build_model, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENSAM = Path(sys.executable).parent / "opensam"

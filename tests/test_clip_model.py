@@ -10,7 +10,8 @@ import pytest
 import torch
 from timm.layers import DropPath
 
-from opensam.clip_model import (
+from opensam.errors import InputError
+from opensam.model.clip import (
     TINY_MODEL,
     DenseImageTower,
     create_clip,
@@ -18,7 +19,6 @@ from opensam.clip_model import (
     get_tokenizer,
     resolve_pretrained,
 )
-from opensam.errors import InputError
 
 BASE_REPO = "laion/CLIP-convnext_base_w-laion2B-s13B-b82K"
 

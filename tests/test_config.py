@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opensam.cli import main as cli_main
+from opensam.apps.cli import main as cli_main
+from opensam.apps.presets import apply_preset, merge_params
 from opensam.config import load_params, parse_params
 from opensam.errors import InputError
-from opensam.presets import apply_preset, merge_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

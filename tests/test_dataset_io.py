@@ -1,4 +1,4 @@
-"""Tests for opensam.dataset_io (CVAT / VOC import, dir or zip) and opensam.cvat_export."""
+"""Tests for opensam.data.importers (CVAT / VOC import, dir or zip) and opensam.data.cvat."""
 
 from __future__ import annotations
 
@@ -11,14 +11,8 @@ import pytest
 from PIL import Image
 
 from opensam.config import ClassSpec
-from opensam.dataset_io import (
-    VOC_CLASSES,
-    list_unlabelled,
-    open_export,
-    parse_labelmap,
-    voc_colormap,
-    write_cvat_export,
-)
+from opensam.data.cvat import parse_labelmap, write_cvat_export
+from opensam.data.importers import VOC_CLASSES, list_unlabelled, open_export, voc_colormap
 from opensam.errors import InputError
 
 LABELMAP = {

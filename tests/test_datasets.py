@@ -15,10 +15,9 @@ import torch
 import yaml
 from PIL import Image
 
-from opensam.aggregation import nu_pool_weights, prepare_mask_inputs, winner_index
-from opensam.augment import Augmenter, warp_masks
 from opensam.constants import IGNORE_INDEX
-from opensam.datasets import (
+from opensam.data.augment import Augmenter, warp_masks
+from opensam.data.datasets import (
     SegDataset,
     collate_batch,
     make_loader,
@@ -27,7 +26,9 @@ from opensam.datasets import (
     set_loader_epoch,
 )
 from opensam.errors import InputError
-from opensam.mask_store import MaskSet, MaskStoreWriter, boxes_xywh
+from opensam.masks.arrays import MaskSet, boxes_xywh
+from opensam.masks.store import MaskStoreWriter
+from opensam.model.aggregation import nu_pool_weights, prepare_mask_inputs, winner_index
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["lizard", "hand", "color board", "background"]
@@ -147,7 +148,7 @@ def test_no_labels_and_no_masks(project: dict[str, Path]) -> None:
 
 
 def test_unaugmented_winner_is_the_stores(project: dict[str, Path]) -> None:
-    from opensam.mask_store import MaskStore
+    from opensam.masks.store import MaskStore
 
     store = MaskStore(project["masks"])
     ds = SegDataset(project["prepared"], ids(project, "train"), None, project["masks"], GRID)

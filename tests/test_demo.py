@@ -1,4 +1,4 @@
-"""Tests of the procedural demo data (opensam.demo) and its stage script."""
+"""Tests of the procedural demo data (opensam.data.demo) and its stage script."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from opensam import demo
 from opensam.constants import IGNORE_INDEX
+from opensam.data import demo
 from opensam.errors import InputError
 
 W, H = 160, 107

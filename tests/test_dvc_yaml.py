@@ -78,9 +78,9 @@ def test_stage_declares_exactly_its_sources(name: str) -> None:
 
 def test_closure_follows_lazy_imports(tmp_path: Path) -> None:
     script = tmp_path / "s.py"
-    script.write_text("def f():\n    from opensam.model import build_model\n")
-    assert "src/opensam/model.py" in module_closure(script)
-    assert "src/opensam/clip_model.py" in module_closure(script)  # model imports clip_model
+    script.write_text("def f():\n    from opensam.model.segmenter import build_model\n")
+    assert "src/opensam/model/segmenter.py" in module_closure(script)
+    assert "src/opensam/model/clip.py" in module_closure(script)  # model imports clip_model
 
 
 def sync_dvc_yaml() -> None:

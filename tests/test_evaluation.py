@@ -23,7 +23,7 @@ from test_pseudo_labels import (
 
 from opensam.constants import IGNORE_INDEX
 from opensam.errors import InputError
-from opensam.evaluation import (
+from opensam.eval.evaluation import (
     PlotCollector,
     build_loader,
     class_colors,
@@ -33,8 +33,8 @@ from opensam.evaluation import (
     predict_loader,
     render_overlay,
 )
-from opensam.metrics import miou_report
-from opensam.plots import confusion_rows, save_confusion_png, write_confusion_json
+from opensam.eval.metrics import miou_report
+from opensam.eval.plots import confusion_rows, save_confusion_png, write_confusion_json
 
 PALETTE = np.array(COLORS, np.uint8)
 
@@ -184,7 +184,7 @@ def test_evaluate_stage_main(
                 assert set(report) == {"miou", "iou"} and set(report["iou"]) == set(CLASSES)
                 assert 0.0 <= report["miou"] <= 100.0
     # one shared embedding per batch gives the numbers of separate single-mode evaluations
-    from opensam.model import load_checkpoint
+    from opensam.model.segmenter import load_checkpoint
 
     student, _ = load_checkpoint(models[1])
     for mode, use_masks in (("with_masks", True), ("without_masks", False)):

@@ -15,17 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from opensam.errors import InputError
-from opensam.mask_store import (
-    MaskSet,
-    MaskStore,
-    MaskStoreWriter,
-    boxes_xywh,
-    compute_winner,
-    pack_masks,
-    partial_path,
-    unpack_masks,
-    validate_store,
-)
+from opensam.masks.arrays import MaskSet, boxes_xywh, compute_winner, pack_masks, unpack_masks
+from opensam.masks.store import MaskStore, MaskStoreWriter, partial_path, validate_store
 
 
 def make_attrs(size: int, **over: object) -> dict:

@@ -1,4 +1,4 @@
-"""The `masks` / `ablation_masks` stages and opensam.mask_generators, on tiny prepared projects."""
+"""The `masks` / `ablation_masks` stages and opensam.masks.generators, on tiny prepared projects."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ import pytest
 import yaml
 from PIL import Image
 
-import opensam.mask_generators as mg
+import opensam.masks.generators as mg
 from opensam.errors import InputError
-from opensam.mask_store import MaskSet, MaskStore, partial_path
+from opensam.masks.arrays import MaskSet
+from opensam.masks.store import MaskStore, partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ SIZE = 32
 # appends the image id to $COUNTER, then sleeps $DELAY seconds (so the test can kill it mid-run).
 WRAPPER = """
 import os, runpy, sys, time
-import opensam.mask_generators as mg
+import opensam.masks.generators as mg
 inner = mg.MASK_GENERATORS["superpixels"]
 class Counting:
     def __init__(self, gen):

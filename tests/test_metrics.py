@@ -10,7 +10,7 @@ import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from opensam.constants import IGNORE_INDEX
-from opensam.metrics import (
+from opensam.eval.metrics import (
     confusion_matrix,
     format_miou_table,
     iou_from_confusion,

@@ -7,11 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from opensam.aggregation import aggregate_log_probs, collate_mask_inputs, prepare_mask_inputs
-from opensam.clip_model import create_clip
 from opensam.config import ClipParams
 from opensam.errors import InputError
-from opensam.model import DECODERS, OpenSamModel, build_model, load_checkpoint, save_checkpoint
+from opensam.model.aggregation import aggregate_log_probs, collate_mask_inputs, prepare_mask_inputs
+from opensam.model.clip import create_clip
+from opensam.model.segmenter import (
+    DECODERS,
+    OpenSamModel,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 CLASSES = ["lizard", "hand", "color board", "background"]
 PROMPTS = ["a lizard", "a human hand", "a color board", "a background"]

@@ -1,4 +1,4 @@
-"""opensam.predict: batched prediction of photo folders, the output folder, and the predict stage.
+"""opensam.apps.predict: batched prediction of photo folders, the output folder, and the predict stage.
 
 A tiny opensam-tiny checkpoint (random init, image_size 64) is saved once per module; photos are
 small synthetic files written into tmp_path.
@@ -17,12 +17,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from opensam.cli import list_photos
-from opensam.config import ClipParams
-from opensam.errors import InputError
-from opensam.images import resize_label
-from opensam.model import build_model, load_checkpoint, save_checkpoint
-from opensam.predict import (
+from opensam.apps.cli import list_photos
+from opensam.apps.predict import (
     CSV_NAME,
     FAILED_NAME,
     LABELS_DIR,
@@ -36,7 +32,11 @@ from opensam.predict import (
     infer_batch,
     predict_photos,
 )
-from opensam.superpixels import SuperpixelGenerator
+from opensam.config import ClipParams
+from opensam.errors import InputError
+from opensam.images import resize_label
+from opensam.masks.superpixels import SuperpixelGenerator
+from opensam.model.segmenter import build_model, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["lizard", "hand", "color board", "background"]

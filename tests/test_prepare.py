@@ -1,4 +1,4 @@
-"""Tests for opensam.prepare and the `prepare` stage (main() on a tiny project, and DVC)."""
+"""Tests for opensam.data.prepare and the `prepare` stage (main() on a tiny project, and DVC)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import yaml
 from PIL import Image
 
 from opensam.config import SplitParams
-from opensam.dataset_io import write_cvat_export
+from opensam.data.cvat import write_cvat_export
+from opensam.data.prepare import class_fractions, make_splits, resolve_split_sizes
 from opensam.errors import InputError
-from opensam.prepare import class_fractions, make_splits, resolve_split_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["lizard", "hand", "color board", "background"]

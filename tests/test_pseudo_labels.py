@@ -21,8 +21,9 @@ from torch import nn
 from opensam.config import ClipParams
 from opensam.constants import IGNORE_INDEX
 from opensam.errors import InputError
-from opensam.mask_store import MaskSet, MaskStoreWriter, boxes_xywh
-from opensam.pseudo_labels import (
+from opensam.masks.arrays import MaskSet, boxes_xywh
+from opensam.masks.store import MaskStoreWriter
+from opensam.train.pseudo_labels import (
     CONFIDENCE_DIR,
     IDS_FILE,
     LABELS_DIR,
@@ -139,7 +140,7 @@ def stub_prediction() -> np.ndarray:
 
 def write_tiny_checkpoint(path: Path) -> None:
     """An untrained opensam-tiny model saved with save_checkpoint."""
-    from opensam.model import build_model, save_checkpoint
+    from opensam.model.segmenter import build_model, save_checkpoint
 
     torch.manual_seed(0)
     model = build_model(ClipParams(), [f"a {c}" for c in CLASSES])

@@ -15,8 +15,8 @@ from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
 
 from opensam.config import SamParams
 from opensam.errors import InputError
-from opensam.mask_store import boxes_xywh
-from opensam.sam_masks import (
+from opensam.masks.arrays import boxes_xywh
+from opensam.masks.sam import (
     SAM_URL,
     AmgOptions,
     ImageSide,
@@ -197,7 +197,7 @@ def test_checkpoint_round_trip_and_random_init_warning(
     loaded = load_sam("tiny", path, "cpu")
     for (name, a), b in zip(tiny.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    with caplog.at_level(logging.WARNING, logger="opensam.sam_masks"):
+    with caplog.at_level(logging.WARNING, logger="opensam.masks.sam"):
         load_sam("tiny", None, "auto")
     assert "random weights" in caplog.text
 

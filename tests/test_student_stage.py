@@ -15,8 +15,8 @@ from test_warmup_stage import load_stage
 
 from opensam.config import load_params
 from opensam.errors import InputError
-from opensam.model import build_model, load_checkpoint, save_checkpoint
-from opensam.pseudo_labels import generate_pseudo_labels
+from opensam.model.segmenter import build_model, load_checkpoint, save_checkpoint
+from opensam.train.pseudo_labels import generate_pseudo_labels
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from opensam.mask_store import boxes_xywh
-from opensam.superpixels import (
+from opensam.masks.arrays import boxes_xywh
+from opensam.masks.superpixels import (
     SuperpixelGenerator,
     compute_superpixels,
     merge_small_regions,

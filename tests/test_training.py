@@ -14,21 +14,18 @@ import torch.nn.functional as F
 from test_datasets import write_tiny_project
 from torch import nn
 
-from opensam.augment import Augmenter
 from opensam.config import StudentParams, TrainParams
 from opensam.constants import IGNORE_INDEX
-from opensam.datasets import make_train_loaders
+from opensam.data.augment import Augmenter
+from opensam.data.datasets import make_train_loaders
 from opensam.errors import InputError
-from opensam.training import (
-    TrainConfig,
-    TrainResult,
+from opensam.train.loop import TrainConfig, TrainResult, open_live, train_model
+from opensam.train.losses import (
     alpha_ramp,
     class_weights_from_fractions,
     cosine_lr,
-    open_live,
     resolve_class_weights,
     segmentation_loss,
-    train_model,
 )
 
 GRID = (2, 2)

@@ -15,7 +15,7 @@ import torch
 from test_datasets import CLASSES, write_tiny_project
 
 from opensam.errors import InputError
-from opensam.model import load_checkpoint
+from opensam.model.segmenter import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,12 +14,13 @@ import torch
 import yaml
 from PIL import Image
 
-from opensam.aggregation import prepare_mask_inputs
 from opensam.config import ClipParams
 from opensam.errors import InputError
-from opensam.mask_store import MaskSet, MaskStoreWriter
-from opensam.metrics import confusion_matrix, miou_from_confusion
-from opensam.model import OpenSamModel, build_model
+from opensam.eval.metrics import confusion_matrix, miou_from_confusion
+from opensam.masks.arrays import MaskSet
+from opensam.masks.store import MaskStoreWriter
+from opensam.model.aggregation import prepare_mask_inputs
+from opensam.model.segmenter import OpenSamModel, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64

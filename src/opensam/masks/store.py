@@ -43,12 +43,7 @@ import numpy as np
 
 from opensam.constants import MASK_STORE_FORMAT_VERSION
 from opensam.errors import InputError
-from opensam.mask_arrays import MaskSet as MaskSet
-from opensam.mask_arrays import boxes_xywh as boxes_xywh
-from opensam.mask_arrays import check_mask_set
-from opensam.mask_arrays import compute_winner as compute_winner
-from opensam.mask_arrays import pack_masks as pack_masks
-from opensam.mask_arrays import unpack_masks as unpack_masks
+from opensam.masks.arrays import MaskSet, check_mask_set, compute_winner, pack_masks, unpack_masks
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from opensam.config import SplitParams
 from opensam.constants import IGNORE_INDEX
-from opensam.dataset_io import Export, LabelledItem, UnlabelledItem, warn_unknown_colours
+from opensam.data.importers import Export, LabelledItem, UnlabelledItem, warn_unknown_colours
 from opensam.errors import InputError
 from opensam.images import FileRef, resize_image, resize_label, save_png
 

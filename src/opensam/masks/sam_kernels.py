@@ -1,4 +1,4 @@
-"""The fast paths of :class:`opensam.sam_masks.SamMaskGenerator`: SAM's compute kernels.
+"""The fast paths of :class:`opensam.masks.sam.SamMaskGenerator`: SAM's compute kernels.
 
 - encoder (:func:`encode_image`): the decomposed rel-pos bias goes to
   ``scaled_dot_product_attention`` (stock adds it to the (heads, 4096, 4096) map in two more

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from opensam.aggregation import aggregate_log_probs, prepare_mask_inputs
-from opensam.clip_model import (
+from opensam.config import ClipParams
+from opensam.errors import InputError
+from opensam.model.aggregation import aggregate_log_probs, prepare_mask_inputs
+from opensam.model.clip import (
     DenseImageTower,
     create_clip,
     create_visual,
@@ -23,8 +25,6 @@ from opensam.clip_model import (
     get_tokenizer,
     image_mean_std,
 )
-from opensam.config import ClipParams
-from opensam.errors import InputError
 from opensam.runtime import atomic_path
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class UpsampleDecoder(Decoder):
     """The thesis's decoder ("NU"): bilinear upsampling to image size, no parameters.
 
     The map passes through unchanged: the upsampling is folded exactly into the aggregation
-    (pool weights and per-pixel logits on the (h, w) grid, see :mod:`opensam.aggregation`).
+    (pool weights and per-pixel logits on the (h, w) grid, see :mod:`opensam.model.aggregation`).
     """
 
     def __init__(self, embed_dim: int) -> None:
@@ -152,7 +152,7 @@ class OpenSamModel(nn.Module):
         winner: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """images (B, 3, H, W) float in [0, 1]; pool_weights (B, M, h, w) float32 and winner
-        (B, H, W) int64 (see :func:`opensam.aggregation.prepare_mask_inputs`) or None →
+        (B, H, W) int64 (see :func:`opensam.model.aggregation.prepare_mask_inputs`) or None →
         (B, C, H, W) log-probabilities."""
         out_hw = (images.shape[-2], images.shape[-1])
         return self.log_probs(self.embed(images), out_hw, pool_weights, winner)

@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import slic
 
-from opensam.mask_store import MaskSet
+from opensam.masks.arrays import MaskSet
 
 log = logging.getLogger(__name__)
 

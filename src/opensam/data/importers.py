@@ -1,6 +1,6 @@
 """Import a labelled export (CVAT Segmentation Mask 1.1 or Pascal VOC, directory or .zip) and
 an unlabelled folder. ``write_cvat_export`` and ``parse_labelmap`` (from
-:mod:`opensam.cvat_export`) are re-exported here.
+:mod:`opensam.data.cvat`) are re-exported here.
 
 Layout read (``<root>`` is the directory, the zip's root, or the zip's single top folder)::
 
@@ -29,11 +29,10 @@ import numpy as np
 
 from opensam.config import ClassSpec
 from opensam.constants import IGNORE_INDEX
-from opensam.cvat_export import IMAGES_DIR as _IMAGES
-from opensam.cvat_export import LABELS_DIR as _LABELS
-from opensam.cvat_export import SETS_DIR as _SETS
-from opensam.cvat_export import parse_labelmap as parse_labelmap  # re-exported
-from opensam.cvat_export import write_cvat_export as write_cvat_export  # re-exported
+from opensam.data.cvat import IMAGES_DIR as _IMAGES
+from opensam.data.cvat import LABELS_DIR as _LABELS
+from opensam.data.cvat import SETS_DIR as _SETS
+from opensam.data.cvat import parse_labelmap
 from opensam.errors import InputError
 from opensam.images import (
     FileRef,

@@ -33,13 +33,13 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from opensam.aggregation import MaskInputs, collate_mask_inputs, prepare_mask_inputs
 from opensam.config import MasksParams, SamParams
 from opensam.errors import InputError
 from opensam.images import load_rgb_and_size, read_image_size, resize_image, resize_label, save_png
-from opensam.mask_generators import MaskGenerator, build_generator
+from opensam.masks.generators import MaskGenerator, build_generator
+from opensam.masks.superpixels import SuperpixelGenerator
+from opensam.model.aggregation import MaskInputs, collate_mask_inputs, prepare_mask_inputs
 from opensam.runtime import atomic_path
-from opensam.superpixels import SuperpixelGenerator
 
 log = logging.getLogger(__name__)
 
@@ -385,8 +385,8 @@ def score_class_maps(
     """mIoU report (percent) of ``pred_dir/labels/<id>.png`` against ``gt_dir/<id>.png`` (mode L
     class ids, 255 ignored), each prediction resized (nearest) to its ground truth's size, plus
     ``images``, the number scored. None when no id has both files."""
-    from opensam.metrics import confusion_matrix, miou_report
-    from opensam.pseudo_labels import read_label_png
+    from opensam.eval.metrics import confusion_matrix, miou_report
+    from opensam.images import read_label_png
 
     total, scored = np.zeros((len(class_names),) * 2, dtype=np.int64), 0
     for image_id in ids:

@@ -2,7 +2,7 @@
 
 Layout: ``labelmap.txt`` (``name:r,g,b:parts:actions`` lines), ``SegmentationClass/<id>.png``
 (RGB colours), ``ImageSets/Segmentation/default.txt`` (ids) and ``JPEGImages/<id>.<ext>``.
-:mod:`opensam.dataset_io` reads it, so export -> import gives back the same class maps.
+:mod:`opensam.data.importers` reads it, so export -> import gives back the same class maps.
 """
 
 from __future__ import annotations

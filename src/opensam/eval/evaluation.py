@@ -3,7 +3,7 @@
 Inference runs the model's own forward pass, either with SAM mask aggregation (``use_masks=True``:
 the batch's ``pool_weights`` and ``winner`` from the mask store) or per pixel (``use_masks=False``:
 ``pool_weights=None``, the upsampled embedding · text prediction). mIoU itself is computed only in
-:mod:`opensam.metrics`; this module accumulates the confusion matrix it reads.
+:mod:`opensam.eval.metrics`; this module accumulates the confusion matrix it reads.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from opensam.constants import IGNORE_INDEX
-from opensam.datasets import SegDataset, make_loader
+from opensam.data.datasets import SegDataset, make_loader
 from opensam.errors import InputError
-from opensam.metrics import confusion_matrix
-from opensam.plots import DEFAULT_STRIDE, confusion_rows
+from opensam.eval.metrics import confusion_matrix
+from opensam.eval.plots import DEFAULT_STRIDE, confusion_rows
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def forward_batch_modes(
 ) -> list[torch.Tensor]:
     """(B, C, H, W) float32 CPU log-probabilities of one batch, one per ``use_masks`` in ``modes``.
 
-    A model with ``embed``/``log_probs`` (:class:`opensam.model.OpenSamModel`) embeds the images
+    A model with ``embed``/``log_probs`` (:class:`opensam.model.segmenter.OpenSamModel`) embeds the images
     once for all modes (the image tower dominates the cost); any other module is called once per
     mode as ``model(images, pool_weights=..., winner=...)``.
     """
@@ -230,7 +230,7 @@ def image_to_uint8(image: torch.Tensor) -> np.ndarray:
 
 class PlotCollector:
     """A :data:`BatchSink` that writes ``overlay_dir/<id>.png`` for the first ``max_overlays``
-    images and keeps DVC confusion rows (:func:`opensam.plots.confusion_rows`) for all of them."""
+    images and keeps DVC confusion rows (:func:`opensam.eval.plots.confusion_rows`) for all of them."""
 
     def __init__(
         self,

@@ -5,7 +5,7 @@
 
 ``predict`` input: a folder, searched recursively (hidden files and folders skipped), or a
 ``.txt`` file with one photo path per line (relative paths are relative to the list file, ``#``
-starts a comment). Output layout: :mod:`opensam.predict`. Heavy modules (torch) are imported
+starts a comment). Output layout: :mod:`opensam.apps.predict`. Heavy modules (torch) are imported
 only by the subcommand that needs them, so ``opensam --help`` is instant.
 """
 
@@ -28,7 +28,7 @@ from opensam.errors import InputError
 from opensam.images import IMAGE_EXTENSIONS, is_image_name
 
 if TYPE_CHECKING:
-    from opensam.predict import Photo
+    from opensam.apps.predict import Photo
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class PhotoList:
 def _assign_ids(paths: Sequence[Path], root: Path) -> list[Photo]:
     """Ids: paths relative to ``root`` without extension, ``/`` -> ``__``; a clash (a.jpg and
     a.png) appends the extension (``a_jpg``, ``a_png``)."""
-    from opensam.predict import Photo
+    from opensam.apps.predict import Photo
 
     ids = [p.relative_to(root).with_suffix("").as_posix().replace("/", "__") for p in paths]
     clash = {i for i, n in Counter(ids).items() if n > 1}
@@ -108,7 +108,7 @@ def check_output_dir(source: Path, out_dir: Path) -> None:
 
 
 def _cmd_preset(args: argparse.Namespace) -> int:
-    from opensam.presets import apply_preset
+    from opensam.apps.presets import apply_preset
     from opensam.runtime import atomic_path
 
     path = Path(args.params)
@@ -124,10 +124,10 @@ def _cmd_preset(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from opensam import predict
+    from opensam.apps import predict
     from opensam.config import load_params
-    from opensam.evaluation import class_colors
-    from opensam.model import load_checkpoint
+    from opensam.eval.evaluation import class_colors
+    from opensam.model.segmenter import load_checkpoint
     from opensam.runtime import seed_everything
 
     if args.batch_size is not None and args.batch_size < 1:
@@ -161,7 +161,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def read_summary(pred_dir: Path) -> dict[str, Any]:
     """``pred_dir/summary.json``, as written by ``opensam predict``."""
-    from opensam.predict import SUMMARY_NAME
+    from opensam.apps.predict import SUMMARY_NAME
 
     path = Path(pred_dir) / SUMMARY_NAME
     try:
@@ -213,9 +213,9 @@ def export_least_confident(
     as a CVAT Segmentation Mask 1.1 export (``out``: a .zip or a folder) with the photos, from
     ``images`` (id -> path) when given, else from the CSV paths. Returns the exported ids.
     """
-    from opensam.dataset_io import write_cvat_export
-    from opensam.predict import CSV_NAME, LABELS_DIR, read_rows
-    from opensam.pseudo_labels import read_label_png
+    from opensam.apps.predict import CSV_NAME, LABELS_DIR, read_rows
+    from opensam.data.cvat import write_cvat_export
+    from opensam.images import read_label_png
 
     if n < 1:
         raise InputError(f"--n must be >= 1, got {n}")

@@ -26,12 +26,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from opensam.aggregation import bilinear_matrix, prepare_mask_inputs
-from opensam.augment import Augmenter, warp_label, warp_masks
 from opensam.constants import IGNORE_INDEX
+from opensam.data.augment import Augmenter, warp_label, warp_masks
 from opensam.errors import InputError
 from opensam.images import read_label_png
-from opensam.mask_store import MaskStore
+from opensam.masks.store import MaskStore
+from opensam.model.aggregation import bilinear_matrix, prepare_mask_inputs
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class SegDataset(Dataset[Item]):
         self, image_id: str, shape: tuple[int, int], source_index: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool weights (M, h, w) float32 and winner (H, W) int64 of the image's masks, moved by
-        ``source_index`` (see :class:`opensam.augment.Augmented`) when given.
+        ``source_index`` (see :class:`opensam.data.augment.Augmented`) when given.
 
         Equal to ``prepare_mask_inputs`` of the moved stack. Disjoint masks (superpixels) are
         fully described by the store's winner map, so only that map is moved; overlapping

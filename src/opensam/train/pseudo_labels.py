@@ -27,9 +27,9 @@ from torch import nn
 
 from opensam.constants import IGNORE_INDEX
 from opensam.errors import InputError
-from opensam.evaluation import build_loader, load_splits, predict_loader
-from opensam.images import read_label_png as read_label_png
-from opensam.metrics import confusion_matrix, miou_report
+from opensam.eval.evaluation import build_loader, load_splits, predict_loader
+from opensam.eval.metrics import confusion_matrix, miou_report
+from opensam.images import read_label_png
 
 log = logging.getLogger(__name__)
 

@@ -24,15 +24,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from opensam.config import TrainParams
-from opensam.datasets import set_loader_epoch
-from opensam.evaluation import evaluate_model
-from opensam.losses import alpha_ramp as alpha_ramp
-from opensam.losses import class_weights_from_fractions as class_weights_from_fractions
-from opensam.losses import cosine_lr as cosine_lr
-from opensam.losses import resolve_class_weights as resolve_class_weights
-from opensam.losses import segmentation_loss as segmentation_loss
-from opensam.metrics import confusion_matrix, miou_from_confusion, miou_report
+from opensam.data.datasets import set_loader_epoch
+from opensam.eval.evaluation import evaluate_model
+from opensam.eval.metrics import confusion_matrix, miou_from_confusion, miou_report
 from opensam.runtime import atomic_path
+from opensam.train.losses import alpha_ramp, cosine_lr, segmentation_loss
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +338,7 @@ def train_model(
 ) -> TrainResult:
     """Train ``model`` in place and leave it holding the best epoch's weights.
 
-    train_loader / pseudo_loader yield :func:`opensam.datasets.collate_batch` batches (labels
+    train_loader / pseudo_loader yield :func:`opensam.data.datasets.collate_batch` batches (labels
     255 = ignore); with a pseudo loader every step adds α(t)·loss(pseudo batch), and an epoch has
     max(len(train), len(pseudo)) steps (the shorter loader cycles). ``checkpoint_dir`` holds
     ``last.pt``, written after every epoch and resumed from when it matches ``config``. ``live``

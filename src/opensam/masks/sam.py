@@ -13,7 +13,7 @@ the prepared resolution. What it does instead of stock (each measured in ``bench
 - post-processing: stock's 256 -> 1024 -> crop -> output bilinear chain is linear and separable,
   so it is two small matrix products; masks stay boolean tensors (no RLE round trips).
 
-The encoder/decoder kernels live in :mod:`opensam.sam_kernels` (re-exported here).
+The encoder/decoder kernels live in :mod:`opensam.masks.sam_kernels` (re-exported here).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from torchvision.ops import nms
 
 from opensam.config import SamParams
 from opensam.errors import InputError
-from opensam.mask_store import MaskSet, boxes_xywh
-from opensam.sam_kernels import ImageSide, decode_masks, encode_image, resize_matrix
+from opensam.masks.arrays import MaskSet, boxes_xywh
+from opensam.masks.sam_kernels import ImageSide, decode_masks, encode_image, resize_matrix
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from opensam.config import MasksParams, SamParams
 from opensam.errors import InputError
-from opensam.mask_store import AttrValue, MaskSet, MaskStore, MaskStoreWriter, validate_store
+from opensam.masks.arrays import MaskSet
+from opensam.masks.store import AttrValue, MaskStore, MaskStoreWriter, validate_store
+from opensam.masks.superpixels import SuperpixelGenerator
 from opensam.runtime import remove_path
-from opensam.superpixels import SuperpixelGenerator
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def _build_sam(
     pps: int, min_region_area: int, masks: MasksParams, sam: SamParams, image_size: int
 ) -> MaskGenerator:
     # heavy: torch + segment_anything; the ignore covers a sam_masks without the builder yet
-    from opensam.sam_masks import build_sam_generator  # type: ignore[attr-defined]
+    from opensam.masks.sam import build_sam_generator  # type: ignore[attr-defined]
 
     generator: MaskGenerator = build_sam_generator(sam, pps, min_region_area, image_size)
     return generator

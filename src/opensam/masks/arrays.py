@@ -3,7 +3,7 @@
 Bit packing (:func:`pack_masks` / :func:`unpack_masks`), the per-pixel ``winner`` index
 (:func:`compute_winner`), the store's xywh bbox convention (:func:`boxes_xywh`) and the shape
 check a MaskSet must pass before it is written (:func:`check_mask_set`). No file I/O here; the
-HDF5 format lives in :mod:`opensam.mask_store`, which re-exports these names.
+HDF5 format lives in :mod:`opensam.masks.store`, which re-exports these names.
 """
 
 from __future__ import annotations
