@@ -30,7 +30,7 @@ from segment_anything import automatic_mask_generator as stock_amg
 from segment_anything.modeling import Sam
 from segment_anything.utils import amg
 
-from opensam.data.demo import render_scene
+from opensam.demo.dataset import render_scene
 from opensam.images import resize_image
 from opensam.masks.sam import (
     SAM_BUILDERS,

@@ -2,19 +2,18 @@
 
     .venv/bin/python bench/predict.py [--quick] [--images 16] [--checkpoint models/student.pt]
 
-Synthetic demo photos (``opensam.data.demo.render_scene``, 1024×683 JPEGs) are predicted end to end
+Synthetic demo photos (``opensam.demo.scene.render_scene``, 1024×683 JPEGs) are predicted end to end
 (load + resize, region masks, model, class map / overlay / CSV writing) by
-:func:`opensam.apps.predict.predict_photos`, once with the params masks (``superpixels``, pps 16, what
-``opensam predict`` uses by default) and once with ``--masks none`` (per-pixel prediction). The
-model is ``models/student.pt`` if present, else a random-init ``opensam-tiny`` at 256 px (the
-demo's architecture; weights do not change the speed). There is no baseline implementation of
-predict; the comparison is the mask cost. The row ``superpixels, 1 thread`` is the same run with one
-worker thread instead of torch's thread count (loading, SLIC and writing run per photo in a
-thread pool), to show what the threads buy. The last line is ``predict speedup: N.NNx`` = images/s
-with ``--masks none`` / images/s with superpixel masks, i.e. how much faster prediction is
-without region masks. Each mode runs ``--repeats`` times, interleaved, and its fastest run is
-reported (robust to other jobs on a shared machine). ``--quick``: 4 photos, best of 2.
-"""
+:func:`opensam.apps.predict.predict_photos`, once with the params masks (``superpixels``, pps 16,
+what ``opensam predict`` uses by default) and once with ``--masks none`` (per-pixel prediction). The
+model is ``models/student.pt`` if present, else a random-init ``opensam-tiny`` at 256 px (the demo's
+architecture; weights do not change the speed). There is no baseline implementation of predict; the
+comparison is the mask cost. The row ``superpixels, 1 thread`` is the same run with one worker
+thread instead of torch's thread count (loading, SLIC and writing run per photo in a thread pool),
+to show what the threads buy. The last line is ``predict speedup: N.NNx`` = images/s with ``--masks
+none`` / images/s with superpixel masks, i.e. how much faster prediction is without region masks.
+Each mode runs ``--repeats`` times, interleaved, and its fastest run is reported (robust to other
+jobs on a shared machine). ``--quick``: 4 photos, best of 2."""
 
 from __future__ import annotations
 
@@ -26,9 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from opensam.apps.predict import Photo, PredictResult, build_mask_generator, predict_photos
+from opensam.apps.predict import Photo, PredictResult, predict_photos
+from opensam.apps.predict_setup import MaskChoice, build_mask_generator
 from opensam.config import ClipParams, MasksParams, SamParams
-from opensam.data.demo import render_scene
+from opensam.demo.dataset import render_scene
 from opensam.model.segmenter import OpenSamModel, build_model, load_checkpoint
 from opensam.runtime import seed_everything
 
@@ -85,7 +85,9 @@ def run(
     args: argparse.Namespace,
     workers: int | None = None,
 ) -> PredictResult:
-    generator = build_mask_generator(masks, args.pps, 0, MasksParams(), SamParams(), size)
+    generator = build_mask_generator(
+        MaskChoice(masks, args.pps, 0), MasksParams(), SamParams(), size
+    )
     return predict_photos(
         model, photos, out, CLASSES, COLORS, size, generator, args.batch_size, workers=workers
     )

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/superpixels.py [--quick] [--images 8] [--pps 8 16 32]
 
-Images are procedural demo scenes (``opensam.data.demo.render_scene``, 1024x683 resized to 256x256).
+Images are procedural demo scenes (``opensam.demo.scene.render_scene``, 1024x683 resized to
+256x256).
 Both produce the same kind of MaskSet (a partition into ~pps² masks, sorted by area, with xywh
 boxes):
 - baseline: ``skimage.segmentation.slic`` on the RGB image (skimage's own rgb2lab), one
@@ -26,7 +27,7 @@ from PIL import Image
 from skimage.measure import regionprops
 from skimage.segmentation import slic
 
-from opensam.data.demo import render_scene
+from opensam.demo.dataset import render_scene
 from opensam.masks.arrays import MaskSet
 from opensam.masks.superpixels import compute_superpixels
 

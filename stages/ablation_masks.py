@@ -15,7 +15,8 @@ import argparse
 from pathlib import Path
 
 from opensam.config import load_params
-from opensam.masks.generators import ablation_image_ids, precompute_masks, read_splits
+from opensam.masks.generators import ablation_image_ids, precompute_masks
+from opensam.prepared import read_prepared
 from opensam.runtime import run_main, seed_everything
 
 SEED = 0  # mask generation draws no random numbers; fixed so the stage needn't read `seed`
@@ -35,12 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(SEED)
-    splits = read_splits(args.prepared)
-    ids = ablation_image_ids(splits, params.ablation.images, str(args.params))
+    prepared = read_prepared(args.prepared)
+    ids = ablation_image_ids(prepared, params.ablation.images, str(args.params))
     precompute_masks(  # logs masks per image and bytes per image
-        args.prepared,
+        prepared,
         args.out,
-        splits,
         ids,
         pps=args.pps,
         min_region_area=args.min_region_area,

@@ -4,7 +4,7 @@
 
 Reads params ``seed`` and ``demo`` (labelled, unlabelled, width, height). Writes ``--out``
 atomically: ``labelmap.txt``, ``ImageSets/Segmentation/default.txt``, ``JPEGImages/``,
-``SegmentationClass/``, ``unlabelled/`` and ``unlabelled_gt/`` (see ``opensam.data.demo``).
+``SegmentationClass/``, ``unlabelled/`` and ``unlabelled_gt/`` (see ``opensam.demo.dataset``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from opensam.config import load_params
-from opensam.data.demo import generate_demo
+from opensam.demo.dataset import generate_demo
 from opensam.errors import InputError
 from opensam.runtime import run_main, seed_everything
 

@@ -18,28 +18,21 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from opensam.config import Params, load_params
-from opensam.errors import InputError
-from opensam.eval.evaluation import (
-    PlotCollector,
-    class_colors,
-    evaluate_model_modes,
-    format_eval_table,
-    load_splits,
-)
-from opensam.eval.metrics import miou_report
+from opensam.eval.evaluation import PlotCollector, evaluate_models, format_eval_table
 from opensam.eval.plots import save_confusion_png, write_confusion_json
-from opensam.model.segmenter import build_model, load_checkpoint
+from opensam.eval.zeroshot import build_zeroshot_model
+from opensam.masks.settings import check_store_settings, open_mask_store
+from opensam.masks.store import MaskStore
+from opensam.model.segmenter import load_checkpoint
+from opensam.prepared import class_colors, read_prepared
 from opensam.runtime import atomic_path, run_main, seed_everything
 
 log = logging.getLogger("stages.evaluate")
 
-SPLITS = ("train", "val", "test")
-MODES = {"with_masks": True, "without_masks": False}
 PLOTTED = ("student", "test")  # with masks: the confusion matrix and overlays
 
 
@@ -55,65 +48,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_models(args: argparse.Namespace, params: Params) -> dict[str, nn.Module]:
-    """The three models, classes checked against params (checkpoints first: fail fast)."""
-    teacher, _ = load_checkpoint(args.teacher, expected_classes=params.class_names)
-    student, _ = load_checkpoint(args.student, expected_classes=params.class_names)
-    # loading consumed random numbers: reseed so this is the zeroshot stage's exact model
-    seed_everything(params.seed)
-    zeroshot = build_model(params.clip, params.prompts)
-    return {"zeroshot": zeroshot, "teacher": teacher, "student": student}
-
-
-def evaluate_all(
-    args: argparse.Namespace, params: Params, splits: dict[str, Any], plots: PlotCollector
-) -> tuple[dict[str, Any], Any]:
-    """All (model, mode, split) reports, and the plotted combination's confusion matrix.
-
-    Both mask modes come from one pass per (model, split): the images are embedded once."""
-    results: dict[str, Any] = {}
-    plotted_conf = None
-    modes = tuple(MODES.values())  # with masks first: the plots show the with-masks prediction
-    for model_name, model in load_models(args, params).items():
-        results[model_name] = {mode: {} for mode in MODES}
-        for split in SPLITS:
-            ids = list(splits.get(split, []))
-            if not ids:
-                log.warning("split %s is empty; skipped", split)
-                continue
-            plotted = (model_name, split) == PLOTTED
-            confs = evaluate_model_modes(
-                model,
-                args.prepared,
-                ids,
-                args.prepared / "labels",
-                args.masks,
-                params.eval.batch_size,
-                modes,
-                sink=plots if plotted else None,
-            )
-            plotted_conf = confs[True] if plotted else plotted_conf
-            for mode, use_masks in MODES.items():
-                results[model_name][mode][split] = miou_report(confs[use_masks], params.class_names)
-    return results, plotted_conf
+def load_models(args: argparse.Namespace, params: Params, store: MaskStore) -> dict[str, nn.Module]:
+    """The three models; checkpoints checked against params' classes and the mask store."""
+    models: dict[str, nn.Module] = {}
+    for name, path in (("teacher", args.teacher), ("student", args.student)):
+        models[name], meta = load_checkpoint(
+            path, params.class_names, classes_from=str(args.params)
+        )
+        check_store_settings(meta.get("masks"), store, path)
+    zeroshot = build_zeroshot_model(params.clip, params.prompts, params.seed)
+    return {"zeroshot": zeroshot, **models}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
-    splits = load_splits(args.prepared)
-    if list(splits.get("classes", params.class_names)) != params.class_names:
-        raise InputError(f"{args.prepared}/splits.json: classes differ from {args.params}")
-    if not args.masks.is_file():
-        raise InputError(f"{args.masks}: mask store not found (run the masks stage)")
-    colors = class_colors([c.color for c in params.classes], splits.get("colors"))
+    prepared = read_prepared(args.prepared)
+    prepared.check_classes(params.class_names, f"{args.params} classes")
+    colors = class_colors([c.color for c in params.classes], prepared.colors)
     with atomic_path(args.plots) as plots_dir:
         (plots_dir / "overlays").mkdir(parents=True)
         plots = PlotCollector(
             plots_dir / "overlays", colors, params.class_names, params.eval.overlays
         )
-        results, plotted_conf = evaluate_all(args, params, splits, plots)
+        models = load_models(args, params, open_mask_store(args.masks))
+        results, plotted_conf = evaluate_models(
+            models, prepared, args.masks, params.eval.batch_size, PLOTTED, plots
+        )
         write_confusion_json(plots_dir / "confusion.json", plots.rows)
         if plotted_conf is not None:
             save_confusion_png(plots_dir / "confusion.png", plotted_conf, params.class_names)

@@ -1,4 +1,4 @@
-"""Stage `predict`: the best student labels the whole unlabelled pool (``predict.enabled``).
+"""Stage `predict`: the best student labels the whole unlabelled pool.
 
     python stages/predict.py --prepared data/prepared --student models/student.pt \
         --out data/predictions --metrics metrics/predict.json
@@ -8,8 +8,8 @@ Params: ``predict.*``, ``classes`` (names and overlay colours), and the mask set
 ``splits["unlabelled"]``, from its original file (``splits["sources"]``) when that is a plain file,
 else the prepared image. Writes ``data/predictions/`` (layout in :mod:`opensam.apps.predict`) and
 ``metrics/predict.json``: images, images/s, failed, mean confidence, class fractions (%), and
-``vs_hidden_gt`` (mIoU against ``prepared/unlabelled_gt``, percent) when available. With
-``predict.enabled: false`` both are written empty: ``{"enabled": false}``.
+``vs_hidden_gt`` (mIoU against ``prepared/unlabelled_gt``, percent) when available. The masks are
+those the student was trained with (recorded in its checkpoint).
 """
 
 from __future__ import annotations
@@ -22,17 +22,16 @@ from typing import Any
 
 from opensam.apps.predict import (
     Photo,
-    build_mask_generator,
     build_summary,
     predict_photos,
     score_class_maps,
     write_summary,
 )
+from opensam.apps.predict_setup import build_mask_generator, choose_masks, overlay_colors
 from opensam.config import Params, load_params
-from opensam.eval.evaluation import class_colors, load_splits
 from opensam.model.segmenter import load_checkpoint
+from opensam.prepared import Prepared, read_prepared
 from opensam.runtime import atomic_path, run_main, seed_everything
-from opensam.train.pseudo_labels import HIDDEN_GT_DIR
 
 log = logging.getLogger("stages.predict")
 
@@ -56,58 +55,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def pool_photos(prepared: Path, splits: dict[str, Any]) -> list[Photo]:
+def pool_photos(prepared: Prepared) -> list[Photo]:
     """The unlabelled pool: original photo files where they exist, else prepared images."""
-    sources = splits.get("sources") or {}
     photos = []
-    for image_id in map(str, splits.get("unlabelled", [])):
-        original = Path(str(sources.get(image_id, "")))
-        use_original = image_id in sources and original.is_file()
-        photos.append(
-            Photo(image_id, original if use_original else prepared / "images" / f"{image_id}.png")
-        )
+    for image_id in prepared.unlabelled:
+        original = Path(prepared.sources.get(image_id, ""))
+        use_original = image_id in prepared.sources and original.is_file()
+        photos.append(Photo(image_id, original if use_original else prepared.image_path(image_id)))
     return photos
-
-
-def write_disabled(out: Path, metrics: Path) -> None:
-    """``predict.enabled: false``: an empty output folder and ``{"enabled": false}``."""
-    log.info("predict.enabled is false: writing an empty %s", out)
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-    with atomic_path(metrics) as tmp:
-        tmp.write_text(json.dumps({"enabled": False}, indent=2) + "\n")
 
 
 def predict_pool(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     """Predict the unlabelled pool into ``args.out``; return the metrics mapping."""
-    splits = load_splits(args.prepared)
-    photos = pool_photos(args.prepared, splits)
-    model, meta = load_checkpoint(args.student, expected_classes=params.class_names)
+    prepared = read_prepared(args.prepared)
+    photos = pool_photos(prepared)
+    model, meta = load_checkpoint(args.student, params.class_names, classes_from=str(args.params))
     size = int(meta["image_size"])
-    masks = build_mask_generator(
-        params.masks.generator, params.pps, params.min_region_area, params.masks, params.sam, size
-    )
-    colors = class_colors([c.color for c in params.classes], splits.get("colors"))
+    choice = choose_masks(meta, params, checkpoint=str(args.student))
+    masks = build_mask_generator(choice, params.masks, params.sam, size)
+    colors = overlay_colors(params, meta)
     log.info("predicting %d unlabelled photos with %s", len(photos), args.student)
     with atomic_path(args.out) as tmp:
         result = predict_photos(
-            model,
-            photos,
-            tmp,
-            params.class_names,
-            colors,
-            size,
-            masks,
-            batch_size=params.predict.batch_size,
-            low_conf=params.predict.low_conf,
-        )
-        info = {"checkpoint": str(args.student), "masks": params.masks.generator}
+            model, photos, tmp, params.class_names, colors, size, masks,
+            batch_size=params.predict.batch_size, low_conf=params.predict.low_conf,
+        )  # fmt: skip
+        info = {"checkpoint": str(args.student), "masks": choice.generator}
         summary = build_summary(result, params.class_names, colors, info)
         write_summary(tmp, summary)
         ids = [p.id for p in photos]
-        quality = score_class_maps(tmp, args.prepared / HIDDEN_GT_DIR, ids, params.class_names)
-    metrics = {"enabled": True, **{k: summary[k] for k in METRIC_KEYS}}
-    metrics["failed"] = len(summary["failed"])
+        quality = score_class_maps(tmp, prepared.hidden_gt_dir, ids, params.class_names)
+    metrics = {**{k: summary[k] for k in METRIC_KEYS}, "failed": len(summary["failed"])}
     if quality is not None:
         metrics["vs_hidden_gt"] = quality
         log.info("predictions vs hidden ground truth: mIoU %.2f", quality["miou"])
@@ -118,9 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
-    if not params.predict.enabled:
-        write_disabled(args.out, args.metrics)
-        return 0
     metrics = predict_pool(args, params)
     with atomic_path(args.metrics) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -17,11 +17,11 @@ import logging
 from pathlib import Path
 
 from opensam.config import load_params
-from opensam.errors import InputError
-from opensam.eval.evaluation import load_splits
+from opensam.masks.settings import check_store_settings, open_mask_store
 from opensam.model.segmenter import load_checkpoint
+from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, run_main, seed_everything
-from opensam.train.pseudo_labels import generate_pseudo_labels, select_pool_ids
+from opensam.train.pseudo_labels import generate_pseudo_labels
 
 log = logging.getLogger("stages.pseudolabel")
 
@@ -41,30 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
-    splits = load_splits(args.prepared)
-    if not args.masks.is_file():
-        raise InputError(f"{args.masks}: mask store not found (run the masks stage)")
+    prepared = read_prepared(args.prepared)
+    store = open_mask_store(args.masks)
     model, meta = load_checkpoint(args.teacher)
     classes = list(meta["classes"])
-    if splits.get("classes") and list(splits["classes"]) != classes:
-        raise InputError(
-            f"{args.teacher}: classes {classes} differ from {args.prepared}/splits.json "
-            f"{splits['classes']}"
-        )
-    ids = select_pool_ids(splits.get("unlabelled", []), len(splits.get("train", [])), params.ratio)
+    prepared.check_classes(classes, str(args.teacher))
+    check_store_settings(meta.get("masks"), store, args.teacher)
+    ids = prepared.pool_ids(params.ratio)
     log.info("pseudo-labelling %d unlabelled images (ratio %d)", len(ids), params.ratio)
     with atomic_path(args.out) as tmp:
         summary = generate_pseudo_labels(
-            model,
-            args.prepared,
-            ids,
-            args.masks,
-            tmp,
-            params.pseudo.conf_threshold,
-            params.pseudo.batch_size,
-            use_masks=True,
-            class_names=classes,
-        )
+            model, prepared.root, ids, args.masks, tmp, params.pseudo.conf_threshold,
+            params.pseudo.batch_size, use_masks=True, class_names=classes,
+        )  # fmt: skip
     with atomic_path(args.metrics) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     if "vs_hidden_gt" in summary:

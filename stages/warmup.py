@@ -20,8 +20,9 @@ from opensam.config import load_params
 from opensam.data.augment import Augmenter
 from opensam.data.datasets import make_train_loaders
 from opensam.errors import InputError
-from opensam.eval.evaluation import load_splits
+from opensam.masks.settings import open_mask_store, store_settings
 from opensam.model.segmenter import build_model, save_checkpoint
+from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
 from opensam.train.loop import TrainConfig, evaluate_splits, open_live, train_model
 from opensam.train.losses import resolve_class_weights
@@ -45,17 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
-    cfg = params.warmup
-    splits = load_splits(args.prepared)
-    if list(splits.get("classes", params.class_names)) != params.class_names:
-        raise InputError(
-            f"{args.prepared}/splits.json: classes {splits['classes']} differ from params "
-            f"{params.class_names} (rerun the prepare stage)"
-        )
-    if not args.masks.is_file():
-        raise InputError(f"{args.masks}: mask store not found (run the masks stage)")
-    if not splits.get("train"):
-        raise InputError(f"{args.prepared}/splits.json: the train split is empty")
+    cfg, prepared = params.warmup, read_prepared(args.prepared)
+    prepared.check_classes(params.class_names, f"{args.params} classes")
+    store = open_mask_store(args.masks)
+    if not prepared.train:
+        raise InputError(f"{prepared.splits_path}: the train split is empty")
     weights = resolve_class_weights(cfg.class_weights, params.class_names, args.data_metrics)
     try:
         config = TrainConfig.from_params(cfg, weights, params.seed)
@@ -64,35 +59,26 @@ def main(argv: list[str] | None = None) -> int:
     log.info("class weights %s", [round(w, 4) for w in weights])
 
     model = build_model(params.clip, params.prompts, drop_path=cfg.drop_path)
-    image_size = int(splits["image_size"])
     train_loader, _, val_loader = make_train_loaders(
-        args.prepared, splits["train"], splits.get("val", []),
-        args.masks if cfg.use_masks else None, model.grid_hw(image_size), cfg.batch_size,
-        params.seed, Augmenter() if cfg.augment else None, num_workers=cfg.num_workers,
+        prepared.root, prepared.train, prepared.val, args.masks if cfg.use_masks else None,
+        model.grid_hw(prepared.image_size), cfg.batch_size, params.seed,
+        Augmenter() if cfg.augment else None, num_workers=cfg.num_workers,
     )  # fmt: skip
-    ckpt_dir = args.out.parent / ".warmup_ckpt"
-    live = open_live(args.live)
+    ckpt_dir, live = args.out.parent / ".warmup_ckpt", open_live(args.live)
     result = train_model(
         model, train_loader, config, val_loader=val_loader, checkpoint_dir=ckpt_dir, live=live
     )
     live.end()
-
-    split_ids = {s: splits.get(s, []) for s in ("train", "val", "test")}
     report = evaluate_splits(
-        model, args.prepared, split_ids, args.masks, cfg.batch_size, params.class_names
+        model, prepared.root, prepared.split_ids(), args.masks, cfg.batch_size, params.class_names
     )
-    metrics = {"best_epoch": result.best_epoch, **report}
     save_checkpoint(
-        args.out,
-        model,
-        params.class_names,
-        params.clip,
-        image_size,
-        epoch=result.best_epoch,
-        val_miou=result.best_miou,
-    )
+        args.out, model, params.class_names, params.clip, prepared.image_size,
+        epoch=result.best_epoch, val_miou=result.best_miou, masks=store_settings(store),
+        labelmap_colors=[list(c) for c in prepared.colors],
+    )  # fmt: skip
     with atomic_path(args.metrics) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        tmp.write_text(json.dumps({"best_epoch": result.best_epoch, **report}, indent=2) + "\n")
     remove_path(ckpt_dir)
     log.info(
         "teacher: best epoch %d, %s", result.best_epoch, {s: r["miou"] for s, r in report.items()}

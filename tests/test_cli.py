@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import repo_params
 from PIL import Image
 
 from opensam.apps.cli import main
@@ -20,7 +21,6 @@ from opensam.config import ClassSpec, ClipParams, load_params
 from opensam.data.importers import open_export
 from opensam.model.segmenter import build_model, save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 OPENSAM = Path(sys.executable).parent / "opensam"
 SIZE = 64
 
@@ -29,9 +29,7 @@ SIZE = 64
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A params file (pps 4), a tiny checkpoint of its classes and one with other classes."""
     root = tmp_path_factory.mktemp("project")
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["pps"] = 4
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    (root / "params.yaml").write_text(yaml.safe_dump(repo_params(pps=4)))
     params = load_params(root / "params.yaml")
     model = build_model(ClipParams(), params.prompts)
     save_checkpoint(root / "student.pt", model, params.class_names, ClipParams(), SIZE)
@@ -76,7 +74,8 @@ def test_console_script_help() -> None:
         [str(OPENSAM), "predict", "--help"], capture_output=True, text=True, timeout=120
     )
     assert sub.returncode == 0
-    for option in ("--out", "--checkpoint", "--masks", "--batch-size", "--low-conf", "--overwrite"):
+    options = ("--out", "--checkpoint", "--masks", "--pps", "--min-region-area", "--batch-size")
+    for option in (*options, "--low-conf", "--overwrite"):
         assert option in sub.stdout
 
 
@@ -165,11 +164,12 @@ def test_export_cvat_uses_the_data_set_labelmap_colours(project: Path, tmp_path:
     prepared.mkdir()
     names = load_params(project / "params.yaml").class_names
     colours = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]]
-    (prepared / "splits.json").write_text(json.dumps({"classes": names, "colors": colours}))
+    splits = {"image_size": SIZE, "classes": names, "colors": colours}
+    (prepared / "splits.json").write_text(json.dumps(splits))
     out, _ = _export(project, tmp_path, 2, "--prepared", str(prepared))
     with zipfile.ZipFile(out) as archive:
         labelmap = archive.read("labelmap.txt").decode()
-    assert "lizard:1,2,3::" in labelmap and "background:10,11,12::" in labelmap
+    assert f"{names[0]}:1,2,3::" in labelmap and f"{names[3]}:10,11,12::" in labelmap
     export = open_export(out, "cvat", [ClassSpec(n, n) for n in names])
     assert len(export.items) == 2
 

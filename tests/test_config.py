@@ -21,9 +21,16 @@ def _raw() -> dict:
 
 
 def test_repo_params_load_and_are_frozen() -> None:
+    """The structure of the repository's params.yaml, not the demo's values: a user who follows
+    README's "Using your own data" (other classes, other data paths) keeps this test green."""
     params = load_params(ROOT / "params.yaml")
-    assert params.class_names == ["lizard", "hand", "color board", "background"]
+    names = params.class_names
+    assert names and len(set(names)) == len(names) and all(isinstance(n, str) for n in names)
+    assert len(params.prompts) == len(names) and all(params.prompts)
+    assert all(c.color is None or len(c.color) == 3 for c in params.classes)
+    assert params.data.source and params.data.format in ("cvat", "voc")
     assert params.student.iterations >= 1
+    assert 0 <= params.ratio <= params.masks.max_ratio
     assert isinstance(params.ablation.pps, tuple)
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.pps = 3  # type: ignore[misc]
@@ -50,8 +57,23 @@ def test_bad_params_name_the_problem(patch: dict, fragment: str, tmp_path: Path)
     assert fragment in str(err.value)
 
 
+def test_own_data_params_load(tmp_path: Path) -> None:
+    """README "Using your own data": another export, another unlabelled folder, other classes."""
+    own = {
+        "data": {"source": "/x/export.zip", "unlabelled": "/x/photos", "unlabelled_gt": None},
+        "classes": [{"name": "cat", "prompt": "a cat"}, {"name": "sky", "prompt": "the sky"}],
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(merge_params(_raw(), own)))
+    params = load_params(path)
+    assert params.class_names == ["cat", "sky"] and params.data.unlabelled_gt is None
+
+
 def test_class_weights_accept_list_or_auto() -> None:
-    raw = merge_params(_raw(), {"warmup": {"class_weights": [0.4, 0.4, 0.15, 0.05]}})
+    four = [{"name": n, "prompt": n} for n in "abcd"]  # one weight per class, whatever params say
+    raw = merge_params(
+        _raw(), {"classes": four, "warmup": {"class_weights": [0.4, 0.4, 0.15, 0.05]}}
+    )
     assert parse_params(raw).warmup.class_weights == (0.4, 0.4, 0.15, 0.05)
     assert parse_params(_raw()).warmup.class_weights == "auto"
 

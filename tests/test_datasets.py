@@ -1,6 +1,6 @@
 """SegDataset, collate_batch and make_loader on a tiny synthetic prepared folder + mask store.
 
-``write_tiny_project`` is also used by the training and stage tests.
+The scene project (``write_tiny_project``, ``scene``, ``region_masks``) is in conftest.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
+from conftest import region_masks, scene, write_tiny_project
 from PIL import Image
 
 from opensam.constants import IGNORE_INDEX
@@ -30,88 +30,7 @@ from opensam.masks.arrays import MaskSet, boxes_xywh
 from opensam.masks.store import MaskStoreWriter
 from opensam.model.aggregation import nu_pool_weights, prepare_mask_inputs, winner_index
 
-ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ["lizard", "hand", "color board", "background"]
-COLOURS = np.array([[60, 170, 60], [225, 180, 150], [40, 60, 200], [235, 235, 225]], np.uint8)
 GRID = (2, 2)
-
-
-def scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A (H, W, 3) uint8 photo and its (H, W) uint8 label: board, hand, lizard on paper."""
-    label = np.full((size, size), 3, np.uint8)
-    yy, xx = np.mgrid[:size, :size]
-    for c, radius in ((2, 0.22), (1, 0.18), (0, 0.14)):
-        cy, cx = rng.uniform(0.25, 0.75, 2) * size
-        r = radius * size
-        label[(np.abs(yy - cy) < r) & (np.abs(xx - cx) < 1.4 * r) if c == 2
-              else (yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = c  # fmt: skip
-    y, x = rng.integers(0, size - 4, 2)
-    label[y : y + 3, x : x + 3] = IGNORE_INDEX  # a paper scrap
-    image = COLOURS[np.minimum(label, 3)].astype(np.float64)
-    image += rng.normal(0, 12, image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8), label
-
-
-def region_masks(label: np.ndarray) -> MaskSet:
-    """Masks = each class's region plus the background's quadrants, sorted largest first."""
-    h, w = label.shape
-    masks = [label == c for c in range(4) if (label == c).any()]
-    bg = label == 3
-    for qy in (slice(0, h // 2), slice(h // 2, h)):
-        for qx in (slice(0, w // 2), slice(w // 2, w)):
-            q = np.zeros_like(bg)
-            q[qy, qx] = bg[qy, qx]
-            masks.append(q)
-    stack = np.stack([m for m in masks if m.any()])
-    area = stack.reshape(len(stack), -1).sum(1)
-    order = np.argsort(-area, kind="stable")
-    stack = stack[order]
-    n = len(stack)
-    return MaskSet(stack, area[order].astype(np.int32), np.ones(n, np.float32),
-                   np.ones(n, np.float32), boxes_xywh(stack))  # fmt: skip
-
-
-def write_tiny_project(
-    root: Path, n_train: int = 6, n_val: int = 3, n_test: int = 2, n_unlab: int = 6,
-    size: int = 64, seed: int = 0,
-) -> dict[str, Path]:  # fmt: skip
-    """prepared/ (images, labels, unlabelled_gt, splits.json), masks.h5, metrics/data.json and a
-    tiny params.yaml (opensam-tiny, 64 px, 2 warm-up epochs, 2 student rounds of 1 epoch)."""
-    rng = np.random.default_rng(seed)
-    prepared = root / "prepared"
-    for sub in ("images", "labels", "unlabelled_gt"):
-        (prepared / sub).mkdir(parents=True, exist_ok=True)
-    names = {"train": n_train, "val": n_val, "test": n_test, "unlabelled": n_unlab}
-    splits: dict[str, Any] = {"image_size": size, "classes": CLASSES, "colors": COLOURS.tolist()}
-    attrs = {"generator": "test", "model": "none", "checkpoint_sha256": "", "pps": 4,
-             "min_region_area": 0, "image_size": size}  # fmt: skip
-    counts = np.zeros(4, np.int64)
-    with MaskStoreWriter(root / "masks.h5", attrs) as writer:
-        for split, n in names.items():
-            splits[split] = [f"{split[:2]}{i:02d}" for i in range(n)]
-            for image_id in splits[split]:
-                image, label = scene(rng, size)
-                Image.fromarray(image).save(prepared / "images" / f"{image_id}.png")
-                sub = "unlabelled_gt" if split == "unlabelled" else "labels"
-                Image.fromarray(label, mode="L").save(prepared / sub / f"{image_id}.png")
-                writer.write(image_id, region_masks(label))
-                if split == "train":
-                    counts += np.bincount(label[label < 4], minlength=4)
-    splits["unlabelled_gt"] = True
-    (prepared / "splits.json").write_text(json.dumps(splits))
-    fractions = {c: float(100 * counts[i] / counts.sum()) for i, c in enumerate(CLASSES)}
-    data = root / "metrics" / "data.json"
-    data.parent.mkdir(parents=True, exist_ok=True)
-    data.write_text(json.dumps({"train": {"images": n_train, "class_fractions": fractions}}))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params.update(image_size=size, ratio=1)
-    params["clip"] = {"model": "opensam-tiny", "pretrained": None}
-    train = {"epochs": 2, "batch_size": 4, "lr_max": 0.002, "lr_min": 0.0001}
-    params["warmup"].update(train)
-    params["student"].update(train, epochs=1, iterations=2)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return {"prepared": prepared, "masks": root / "masks.h5", "data": data,
-            "params": root / "params.yaml", "splits": prepared / "splits.json"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -1,30 +1,20 @@
-"""Tests of the procedural demo data (opensam.data.demo) and its stage script."""
+"""Tests of the procedural demo data (opensam.demo.dataset) and its stage script."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import yaml
+from conftest import load_stage
 from PIL import Image
 
 from opensam.constants import IGNORE_INDEX
-from opensam.data import demo
+from opensam.demo import dataset as demo
 from opensam.errors import InputError
 
 W, H = 160, 107
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_stage() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("demo_data_stage", ROOT / "stages/demo_data.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _parse_labelmap(path: Path) -> dict[tuple[int, int, int], str]:
@@ -182,7 +172,7 @@ def _write_params(path: Path, **demo_params: int) -> Path:
 
 
 def test_stage_main_writes_the_export(tmp_path: Path) -> None:
-    stage = _load_stage()
+    stage = load_stage("demo_data")
     params = _write_params(tmp_path / "params.yaml")
     out = tmp_path / "data" / "demo"
     assert stage.main(["--out", str(out), "--params", str(params)]) == 0
@@ -201,7 +191,7 @@ def test_stage_main_writes_the_export(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", [{"labelled": 0}, {"unlabelled": -1}, {"width": 8}])
 def test_stage_main_rejects_bad_params(tmp_path: Path, bad: dict[str, int]) -> None:
-    stage = _load_stage()
+    stage = load_stage("demo_data")
     params = _write_params(tmp_path / "params.yaml", **bad)
     with pytest.raises(InputError, match="params.yaml: demo"):
         stage.main(["--out", str(tmp_path / "out"), "--params", str(params)])

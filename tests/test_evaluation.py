@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_pseudo_labels import (
+from conftest import (
     CLASSES,
     COLORS,
     SIZE,
     StubModel,
     load_stage,
-    make_project,
+    make_quadrant_project,
+    read_png,
     stub_prediction,
     write_params,
     write_tiny_checkpoint,
@@ -26,27 +26,23 @@ from opensam.errors import InputError
 from opensam.eval.evaluation import (
     PlotCollector,
     build_loader,
-    class_colors,
     colorize_labels,
     evaluate_model,
     format_eval_table,
+    loader_confusions,
     predict_loader,
     render_overlay,
 )
 from opensam.eval.metrics import miou_report
 from opensam.eval.plots import confusion_rows, save_confusion_png, write_confusion_json
+from opensam.model.segmenter import forward_batch
 
 PALETTE = np.array(COLORS, np.uint8)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_project(tmp_path_factory.mktemp("proj"))
-
-
-def read_png(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img)
+    return make_quadrant_project(tmp_path_factory.mktemp("proj"))
 
 
 @pytest.mark.parametrize("use_masks", [True, False])
@@ -81,6 +77,27 @@ def test_evaluate_model_matches_direct_confusion(project: tuple[Path, Path]) -> 
     assert conf.sum() == 3 * (SIZE - 1) * SIZE  # the top row is ignored
 
 
+def test_loader_confusions_restores_the_training_mode(project: tuple[Path, Path]) -> None:
+    prepared, masks = project
+    model, ids = StubModel().train(), ["t0", "t1", "v0"]
+    loader = build_loader(model, prepared, ids, prepared / "labels", masks, 2)
+    confs = loader_confusions(model, loader, (True, False))
+    assert model.training  # evaluated in eval mode, handed back in training mode
+    expected = evaluate_model(StubModel(), prepared, ids, prepared / "labels", masks, 2, True)
+    np.testing.assert_array_equal(confs[True], expected)
+    assert confs[True].sum() == confs[False].sum()
+
+
+def test_forward_batch_uses_masks_only_when_asked(project: tuple[Path, Path]) -> None:
+    prepared, masks = project
+    model = StubModel()
+    batch = next(iter(build_loader(model, prepared, ["t0", "t1"], None, masks, 2)))
+    out = forward_batch(model, batch, use_masks=False)
+    assert out.shape == (2, len(CLASSES), SIZE, SIZE) and out.requires_grad  # autograd kept
+    forward_batch(model, batch, use_masks=True)
+    assert [none for none, _ in model.calls] == [True, False]
+
+
 def test_colorize_and_overlay() -> None:
     label = np.array([[0, 1], [IGNORE_INDEX, 3]], np.uint8)
     pred = np.array([[2, 2], [0, 1]], np.uint8)
@@ -93,14 +110,6 @@ def test_colorize_and_overlay() -> None:
     np.testing.assert_array_equal(panel[1, 2], [0, 0, 0])  # 255 = black
     np.testing.assert_array_equal(panel[1, 3], COLORS[3])
     np.testing.assert_array_equal(panel[:, 4:], colorize_labels(pred, PALETTE))
-
-
-def test_class_colors_fallback_and_palette() -> None:
-    colors = class_colors([(1, 2, 3), None, None], fallback=[[9, 9, 9], [4, 5, 6]])
-    np.testing.assert_array_equal(colors[:2], [[1, 2, 3], [4, 5, 6]])
-    assert colors.dtype == np.uint8 and colors[2].any()  # generated, not black
-    generated = class_colors([None] * 4)
-    assert len({tuple(c) for c in generated}) == 4
 
 
 @pytest.mark.parametrize("stride", [1, 3, 8])

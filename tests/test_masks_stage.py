@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -11,29 +10,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import h5py
 import numpy as np
 import pytest
 import yaml
+from conftest import ROOT, load_stage
 from PIL import Image
 
 import opensam.masks.generators as mg
 from opensam.errors import InputError
 from opensam.masks.arrays import MaskSet
 from opensam.masks.store import MaskStore, partial_path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_stage(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from opensam.prepared import Prepared, read_prepared
 
 masks_stage = load_stage("masks")
 ablation_stage = load_stage("ablation_masks")
@@ -112,7 +101,8 @@ def store_content(path: Path) -> dict:
 
 
 def test_mask_image_ids_cover_labelled_and_max_ratio_pool() -> None:
-    splits = {"train": ["t1", "t2"], "val": ["v"], "test": ["s"], "unlabelled": list("abcdefg")}
+    splits = Prepared(Path("p"), SIZE, ("a",), train=("t1", "t2"), val=("v",), test=("s",),
+                      unlabelled=tuple("abcdefg"))  # fmt: skip
     assert mg.mask_image_ids(splits, 2) == ["t1", "t2", "v", "s", "a", "b", "c", "d"]
     assert mg.mask_image_ids(splits, 0) == ["t1", "t2", "v", "s"]
     assert mg.mask_image_ids(splits, 9)[-1] == "g"
@@ -294,10 +284,10 @@ def _counted(path: Path) -> list[str]:
 @pytest.mark.slow
 def test_kill_and_resume(tmp_path: Path) -> None:
     prepared, params, splits = make_project(tmp_path, n_train=8, n_unl=29)  # 40 images
-    ids = mg.mask_image_ids(splits, 1)
+    ids = mg.mask_image_ids(read_prepared(prepared), 1)
     assert len(ids) == 19 and len(splits["unlabelled"]) == 29
     params.write_text(params.read_text().replace("max_ratio: 1", "max_ratio: 4"))
-    ids = mg.mask_image_ids(splits, 4)
+    ids = mg.mask_image_ids(read_prepared(prepared), 4)
     assert len(ids) == 40
     out = tmp_path / "data" / "masks.h5"
     wrapper = tmp_path / "wrapper.py"

@@ -15,7 +15,9 @@ from opensam.model.segmenter import (
     DECODERS,
     OpenSamModel,
     build_model,
+    checkpoint_clip,
     load_checkpoint,
+    read_checkpoint_meta,
     save_checkpoint,
 )
 
@@ -108,7 +110,14 @@ def test_checkpoint_errors(model: OpenSamModel, tmp_path: Path) -> None:
     with pytest.raises(InputError) as err:
         load_checkpoint(path, expected_classes=["cat", "dog"])
     assert str(err.value).startswith(f"{path}: ") and "cat" in str(err.value)
-    assert "lizard" in str(err.value)
+    assert "lizard" in str(err.value) and "params.yaml" in str(err.value)
+    with pytest.raises(InputError, match="differ from my.yaml classes"):
+        load_checkpoint(path, ["cat", "dog"], classes_from="my.yaml classes")
+    meta = read_checkpoint_meta(path)
+    assert "state_dict" not in meta and meta["classes"] == CLASSES and meta["image_size"] == 64
+    assert checkpoint_clip(meta, path) == ClipParams()
+    with pytest.raises(InputError, match=f"^{path}: bad 'clip' entry"):
+        checkpoint_clip({**meta, "clip": {"bogus": 1}}, path)
     with pytest.raises(InputError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")

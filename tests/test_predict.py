@@ -1,4 +1,5 @@
-"""opensam.apps.predict: batched prediction of photo folders, the output folder, and the predict stage.
+"""opensam.apps.predict: batched prediction of photo folders, the output folder, the predict
+stage.
 
 A tiny opensam-tiny checkpoint (random init, image_size 64) is saved once per module; photos are
 small synthetic files written into tmp_path.
@@ -7,17 +8,19 @@ small synthetic files written into tmp_path.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from conftest import CLASSES, PROMPTS, SIZE, load_stage, repo_params
 from PIL import Image
 
 from opensam.apps.cli import list_photos
+from opensam.apps.cli import main as cli_main
 from opensam.apps.predict import (
     CSV_NAME,
     FAILED_NAME,
@@ -32,17 +35,14 @@ from opensam.apps.predict import (
     infer_batch,
     predict_photos,
 )
-from opensam.config import ClipParams
+from opensam.apps.predict_setup import MaskChoice, choose_masks, overlay_colors
+from opensam.config import ClipParams, parse_params
 from opensam.errors import InputError
 from opensam.images import resize_label
 from opensam.masks.superpixels import SuperpixelGenerator
 from opensam.model.segmenter import build_model, load_checkpoint, save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ["lizard", "hand", "color board", "background"]
-PROMPTS = ["a lizard", "a human hand", "a color board", "a background"]
 COLORS = np.array([[250, 220, 40], [40, 200, 60], [40, 90, 230], [150, 60, 190]], np.uint8)
-SIZE = 64
 
 
 @pytest.fixture(scope="module")
@@ -236,17 +236,8 @@ def test_blend_overlay_and_class_percentages() -> None:
     np.testing.assert_allclose(class_percentages(labels, 4), [100 / 6, 50, 0, 100 / 6])
 
 
-def _load_stage():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("stage_predict", ROOT / "stages" / "predict.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _stage_project(tmp_path: Path, enabled: bool) -> Path:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw.update(pps=4, predict={"enabled": enabled, "batch_size": 2, "low_conf": 0.5})
+def _stage_project(tmp_path: Path) -> Path:
+    raw = repo_params(pps=4, predict={"batch_size": 2, "low_conf": 0.5})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     prepared = tmp_path / "prepared"
     for sub in ("images", "unlabelled_gt"):
@@ -274,9 +265,8 @@ def _stage_project(tmp_path: Path, enabled: bool) -> Path:
     return prepared
 
 
-@pytest.mark.parametrize("enabled", [False, True])
-def test_predict_stage(checkpoint: Path, tmp_path: Path, enabled: bool) -> None:
-    prepared = _stage_project(tmp_path, enabled)
+def test_predict_stage(checkpoint: Path, tmp_path: Path) -> None:
+    prepared = _stage_project(tmp_path)
     out, metrics = tmp_path / "predictions", tmp_path / "predict.json"
     argv = [
         "--prepared",
@@ -290,12 +280,9 @@ def test_predict_stage(checkpoint: Path, tmp_path: Path, enabled: bool) -> None:
         "--params",
         str(tmp_path / "params.yaml"),
     ]
-    assert _load_stage().main(argv) == 0
+    assert load_stage("predict").main(argv) == 0
     result = json.loads(metrics.read_text())
-    if not enabled:
-        assert result == {"enabled": False} and out.is_dir() and not list(out.iterdir())
-        return
-    assert result["enabled"] is True and result["images"] == 3 and result["failed"] == 0
+    assert result["images"] == 3 and result["failed"] == 0
     assert sum(result["class_fractions"].values()) == pytest.approx(100.0, abs=0.05)
     with Image.open(out / LABELS_DIR / "u1.png") as img:
         assert img.size == (150, 100)  # the original photo, not the prepared one
@@ -312,3 +299,80 @@ def test_build_summary_means(model, tmp_path: Path) -> None:
     assert summary["mean_confidence"] == pytest.approx(expected, abs=1e-4)
     assert summary["images"] == 4 and summary["masks"] == "none"
     assert set(summary["time_share_pct"]) == {"load", "masks", "model", "write"}
+
+
+# --- the mask settings and colours of a predict run (opensam.apps.predict_setup) -----------------
+
+TRAINED = {"generator": "superpixels", "pps": 16, "min_region_area": 0, "image_size": SIZE}
+
+
+def test_choose_masks_flag_over_checkpoint_over_params(caplog: pytest.LogCaptureFixture) -> None:
+    params = parse_params(repo_params(pps=32, min_region_area=5))
+    with caplog.at_level(logging.INFO, logger="opensam.apps.predict_setup"):
+        assert choose_masks({"masks": TRAINED}, params, checkpoint="s.pt") == MaskChoice(
+            "superpixels", 16, 0
+        )
+    assert "masks pps = 16 (from s.pt)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="opensam.apps.predict_setup"):
+        choice = choose_masks({"masks": TRAINED}, params, "none", 8, None, "s.pt")
+    assert choice == MaskChoice("none", 8, 0)
+    assert "masks pps = 8 (from flag)" in caplog.text
+    assert "masks min_region_area = 0 (from s.pt)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="opensam.apps.predict_setup"):
+        old = choose_masks({}, params, checkpoint="old.pt")  # a checkpoint without the record
+    assert old == MaskChoice(params.masks.generator, 32, 5)
+    assert "masks pps = 32 (from params.yaml (not recorded in the checkpoint))" in caplog.text
+
+
+def test_overlay_colors_params_then_labelmap_then_palette() -> None:
+    specs = repo_params()["classes"]
+    specs[1]["color"] = specs[2]["color"] = None
+    params = parse_params(repo_params(classes=specs))
+    labelmap = [[1, 1, 1], [2, 2, 2], [3, 3, 3], [4, 4, 4]]
+    colors = overlay_colors(params, {"labelmap_colors": labelmap})
+    assert colors.tolist() == [COLORS[0].tolist(), [2, 2, 2], [3, 3, 3], COLORS[3].tolist()]
+    no_labelmap = overlay_colors(params, {})
+    assert no_labelmap[1].any() and no_labelmap[1].tolist() != no_labelmap[2].tolist()
+
+
+@pytest.fixture(scope="module")
+def pps16_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint trained on superpixel masks at pps 16, and a params.yaml saying pps 32."""
+    root = tmp_path_factory.mktemp("pps16")
+    model = build_model(ClipParams(), PROMPTS)
+    save_checkpoint(root / "student.pt", model, CLASSES, ClipParams(), SIZE, masks=TRAINED)
+    (root / "params.yaml").write_text(yaml.safe_dump(repo_params(pps=32, min_region_area=0)))
+    return root / "student.pt"
+
+
+def test_predict_uses_the_checkpoints_pps_over_params(
+    pps16_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Trained at pps 16, params.yaml says 32: `opensam predict` uses 16 and logs why; --pps
+    and --min-region-area override the checkpoint."""
+    import opensam.apps.predict_setup as setup
+
+    built: list[tuple] = []
+    real = setup.build_generator
+    monkeypatch.setattr(setup, "build_generator", lambda *a: built.append(a[:3]) or real(*a))
+    (tmp_path / "in").mkdir()
+    Image.fromarray(scene(40, 50, 0)).save(tmp_path / "in" / "p.png")
+    argv = ["predict", str(tmp_path / "in"), "--checkpoint", str(pps16_checkpoint),
+            "--params", str(pps16_checkpoint.parent / "params.yaml")]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        assert cli_main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert built == [("superpixels", 16, 0)]
+    assert f"masks pps = 16 (from {pps16_checkpoint})" in caplog.text
+    assert "pps 16" in caplog.text and "pps 32" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        over = ["--out", str(tmp_path / "b"), "--pps", "8", "--min-region-area", "10"]
+        assert cli_main([*argv, *over]) == 0
+    assert built[1] == ("superpixels", 8, 10)
+    assert "masks pps = 8 (from flag)" in caplog.text
+    assert "masks min_region_area = 10 (from flag)" in caplog.text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -10,11 +9,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import yaml
+from conftest import load_stage
 from PIL import Image
 
 from opensam.config import SplitParams
@@ -28,15 +27,7 @@ COLOURS = [(250, 220, 40), (40, 200, 60), (40, 90, 230), (0, 0, 0)]
 H, W = 30, 40  # photos are 40 wide, 30 high; prepared at 16 x 16
 
 
-def _load_stage() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("stage_prepare", ROOT / "stages/prepare.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-stage = _load_stage()
+stage = load_stage("prepare")
 
 
 def _scene(seed: int) -> tuple[np.ndarray, np.ndarray]:

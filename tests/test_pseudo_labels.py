@@ -1,28 +1,32 @@
 """Pseudo-label generation, its quality against hidden ground truth, and the pseudolabel stage.
 
-The tiny-project helpers here (``make_project``, ``StubModel``, ``write_tiny_checkpoint``) are
-also used by tests/test_evaluation.py.
+The quadrant project and ``StubModel`` are in conftest.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from PIL import Image
-from torch import nn
+from conftest import (
+    CLASSES,
+    LEFT_P,
+    RIGHT_P,
+    SIZE,
+    StubModel,
+    load_stage,
+    make_quadrant_project,
+    read_png,
+    stub_prediction,
+    write_params,
+    write_tiny_checkpoint,
+)
 
-from opensam.config import ClipParams
 from opensam.constants import IGNORE_INDEX
 from opensam.errors import InputError
-from opensam.masks.arrays import MaskSet, boxes_xywh
-from opensam.masks.store import MaskStoreWriter
 from opensam.train.pseudo_labels import (
     CONFIDENCE_DIR,
     IDS_FILE,
@@ -31,139 +35,7 @@ from opensam.train.pseudo_labels import (
     hard_labels,
     load_pseudo_ids,
     measure_pseudo_quality,
-    select_pool_ids,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ["lizard", "hand", "color board", "background"]
-COLORS = [[250, 220, 40], [40, 200, 60], [40, 90, 230], [150, 60, 190]]
-SIZE = 64
-# StubModel: left half class 1 with p = 0.8, right half class 2 with p = 0.4 (255p is whole)
-LEFT, LEFT_P, RIGHT, RIGHT_P = 1, 0.8, 2, 0.4
-
-
-def quadrant_masks(n: int) -> MaskSet:
-    """The first ``n`` quadrants of a SIZE x SIZE image as masks (equal areas, so sorted)."""
-    half = SIZE // 2
-    masks = np.zeros((n, SIZE, SIZE), bool)
-    for q in range(n):
-        r, c = divmod(q, 2)
-        masks[q, r * half : (r + 1) * half, c * half : (c + 1) * half] = True
-    return MaskSet(
-        masks=masks,
-        area=masks.sum((1, 2)).astype(np.int32),
-        predicted_iou=np.ones(n, np.float32),
-        stability_score=np.ones(n, np.float32),
-        bbox=boxes_xywh(masks),
-    )
-
-
-def random_label(rng: np.random.Generator) -> np.ndarray:
-    """(SIZE, SIZE) uint8: a random class per quadrant and an ignored (255) top row."""
-    half = SIZE // 2
-    label = np.kron(rng.integers(0, len(CLASSES), (2, 2)), np.ones((half, half))).astype(np.uint8)
-    label[0] = IGNORE_INDEX
-    return label
-
-
-def make_project(
-    root: Path, n_train: int = 2, n_val: int = 1, n_test: int = 2, n_unl: int = 6
-) -> tuple[Path, Path]:
-    """A prepared-data folder and a mask store under ``root``; returns (prepared, masks.h5).
-
-    Unlabelled images have hidden ground truth; image ``u1`` has no masks (n = 0).
-    """
-    rng = np.random.default_rng(0)
-    prepared = root / "prepared"
-    for sub in ("images", "labels", "unlabelled_gt"):
-        (prepared / sub).mkdir(parents=True)
-    splits: dict = {"image_size": SIZE, "classes": CLASSES, "colors": COLORS}
-    counts = {"train": n_train, "val": n_val, "test": n_test, "unlabelled": n_unl}
-    for split, n in counts.items():
-        splits[split] = [f"{split[0]}{i}" for i in range(n)]
-        for image_id in splits[split]:
-            pixels = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(prepared / "images" / f"{image_id}.png")
-            sub = "unlabelled_gt" if split == "unlabelled" else "labels"
-            Image.fromarray(random_label(rng)).save(prepared / sub / f"{image_id}.png")
-    splits["unlabelled_gt"] = True
-    (prepared / "splits.json").write_text(json.dumps(splits))
-    masks = root / "masks.h5"
-    attrs = {"generator": "superpixels", "model": "", "checkpoint_sha256": "", "pps": 2}
-    attrs |= {"min_region_area": 0, "image_size": SIZE}
-    ids = [i for split in counts for i in splits[split]]
-    with MaskStoreWriter(masks, attrs, ids) as writer:
-        for k, image_id in enumerate(ids):
-            writer.write(image_id, quadrant_masks(0 if image_id == "u1" else 1 + k % 4))
-    return prepared, masks
-
-
-class StubModel(nn.Module):
-    """A model with known output: left half class LEFT (p = LEFT_P), right half RIGHT (RIGHT_P).
-
-    Records for every call whether pool_weights was None, and the pool_weights shape.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(()))
-        self.calls: list[tuple[bool, tuple[int, ...] | None]] = []
-
-    def grid_hw(self, image_size: int) -> tuple[int, int]:
-        return image_size // 16, image_size // 16
-
-    def forward(
-        self,
-        images: torch.Tensor,
-        pool_weights: torch.Tensor | None = None,
-        winner: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        self.calls.append(
-            (pool_weights is None, None if pool_weights is None else pool_weights.shape)
-        )
-        b, _, h, w = images.shape
-        probs = torch.empty(b, len(CLASSES), h, w)
-        left, right = slice(0, w // 2), slice(w // 2, w)
-        probs[..., left] = (1 - LEFT_P) / (len(CLASSES) - 1)
-        probs[:, LEFT, :, left] = LEFT_P
-        probs[..., right] = (1 - RIGHT_P) / (len(CLASSES) - 1)
-        probs[:, RIGHT, :, right] = RIGHT_P
-        return probs.log() + self.weight
-
-
-def stub_prediction() -> np.ndarray:
-    """The StubModel's hard labels (SIZE, SIZE)."""
-    pred = np.full((SIZE, SIZE), LEFT, np.uint8)
-    pred[:, SIZE // 2 :] = RIGHT
-    return pred
-
-
-def write_tiny_checkpoint(path: Path) -> None:
-    """An untrained opensam-tiny model saved with save_checkpoint."""
-    from opensam.model.segmenter import build_model, save_checkpoint
-
-    torch.manual_seed(0)
-    model = build_model(ClipParams(), [f"a {c}" for c in CLASSES])
-    save_checkpoint(path, model, CLASSES, ClipParams(), SIZE)
-
-
-def load_stage(name: str) -> ModuleType:
-    """Import ``stages/<name>.py`` as a module (stages are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_params(path: Path, **over: object) -> Path:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw.update(image_size=SIZE, **over)
-    raw["clip"] = {"model": "opensam-tiny", "pretrained": None}  # offline, whatever the preset
-    pairs = zip(CLASSES, COLORS, strict=True)
-    raw["classes"] = [{"name": n, "prompt": f"a {n}", "color": c} for n, c in pairs]
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def direct_miou(preds: list[np.ndarray], gts: list[np.ndarray]) -> float:
@@ -181,21 +53,7 @@ def direct_miou(preds: list[np.ndarray], gts: list[np.ndarray]) -> float:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_project(tmp_path_factory.mktemp("proj"))
-
-
-def read_png(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img)
-
-
-def test_select_pool_ids_nests_and_clips() -> None:
-    pool = [f"u{i}" for i in range(10)]
-    one, two = select_pool_ids(pool, 3, 1), select_pool_ids(pool, 3, 2)
-    assert one == pool[:3] and two == pool[:6]
-    assert set(one) < set(two)
-    assert select_pool_ids(pool, 3, 8) == pool  # fewer than wanted: all of them
-    assert select_pool_ids(pool, 3, 0) == []
+    return make_quadrant_project(tmp_path_factory.mktemp("proj"))
 
 
 def test_hard_labels_threshold_and_confidence() -> None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_datasets import write_tiny_project
+from conftest import write_tiny_project
 from torch import nn
 
 from opensam.config import StudentParams, TrainParams
@@ -54,13 +53,7 @@ def toy(seed: int = 0) -> ToyModel:
     return ToyModel()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Two OpenMP threads on a busy 2-core machine spin against each other: use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
-from test_datasets import CLASSES, write_tiny_project
+from conftest import CLASSES, SCENE_COLOURS, TINY_STORE_ATTRS, load_stage, write_tiny_project
 
 from opensam.errors import InputError
 from opensam.model.segmenter import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_stage(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def warmup_args(p: dict[str, Path], out: Path) -> list[str]:
@@ -35,16 +23,6 @@ def warmup_args(p: dict[str, Path], out: Path) -> list[str]:
         "--metrics", str(out / "metrics" / "warmup.json"), "--live", str(out / "live"),
         "--params", str(p["params"]),
     ]  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Stages call seed_everything, which takes OPENSAM_THREADS; two OpenMP threads on a busy
-    2-core machine spin against each other, so these smoke tests use one."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OPENSAM_THREADS", "1")
-        yield
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +46,10 @@ def test_warmup_writes_its_outputs(first_run: Path) -> None:
     model, meta = load_checkpoint(first_run / "models" / "teacher.pt", expected_classes=CLASSES)
     assert meta["epoch"] == metrics["best_epoch"] and meta["image_size"] == 48
     assert model.num_classes == len(CLASSES)
+    # the mask settings of the store it was trained on, and the data set's labelmap colours
+    settings = {k: TINY_STORE_ATTRS[k] for k in ("generator", "pps", "min_region_area")}
+    assert meta["masks"] == {**settings, "image_size": 48}
+    assert meta["labelmap_colors"] == SCENE_COLOURS.tolist()
     for name in ("train/loss", "val/miou"):
         rows = (first_run / "live" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
         assert len(rows) == 3  # header + 2 epochs

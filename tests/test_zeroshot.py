@@ -1,28 +1,36 @@
-"""Smoke test of stages/zeroshot.py main() on a tiny prepared project with ablation stores."""
+"""opensam.eval.zeroshot (the zero-shot model, the ablation scoring, its table and CSV) and the
+zeroshot stage, on a tiny prepared project with ablation stores."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
+import shutil
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import load_stage
 from PIL import Image
 
 from opensam.config import ClipParams
 from opensam.errors import InputError
 from opensam.eval.metrics import confusion_matrix, miou_from_confusion
+from opensam.eval.zeroshot import (
+    THESIS,
+    build_zeroshot_model,
+    format_csv,
+    format_table,
+    run_ablation,
+    select_ids,
+)
 from opensam.masks.arrays import MaskSet
-from opensam.masks.store import MaskStoreWriter
+from opensam.masks.store import MaskStore, MaskStoreWriter
 from opensam.model.aggregation import prepare_mask_inputs
-from opensam.model.segmenter import OpenSamModel, build_model
+from opensam.model.segmenter import OpenSamModel
+from opensam.prepared import read_prepared
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 CLASSES = [
     {"name": "lizard", "prompt": "a lizard"},
@@ -32,15 +40,6 @@ CLASSES = [
 ]
 TRAIN = ["t0", "t1", "t2", "t3"]
 PPS, AREAS = [8, 16], [0, 100]
-
-
-def load_stage() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("stage_zeroshot", ROOT / "stages/zeroshot.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def label_of(k: int) -> np.ndarray:
@@ -78,8 +77,9 @@ def region_masks(label: np.ndarray, split: bool, drop_small: bool) -> MaskSet:
     )
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("zeroshot")
     prepared = tmp_path / "data/prepared"
     (prepared / "images").mkdir(parents=True)
     (prepared / "labels").mkdir()
@@ -132,8 +132,7 @@ def read_rgb(root: Path, image_id: str) -> torch.Tensor:
 def prototype_model(root: Path) -> OpenSamModel:
     """The stage's random tiny model with class prototypes (mean embedding of each class's
     pixels) as text embeddings, so that predictions differ between classes and variants."""
-    torch.manual_seed(3)  # params seed: the stage seeds before building
-    model = build_model(ClipParams(), [c["prompt"] for c in CLASSES])
+    model = build_zeroshot_model(ClipParams(), [c["prompt"] for c in CLASSES], seed=3)
     with torch.no_grad():
         emb = model.embed(torch.stack([read_rgb(root, i) for i in TRAIN]))
         up = torch.nn.functional.interpolate(emb, size=(SIZE, SIZE), mode="bilinear")
@@ -143,9 +142,16 @@ def prototype_model(root: Path) -> OpenSamModel:
     return model
 
 
-def run_stage(root: Path, monkeypatch: pytest.MonkeyPatch) -> int:
-    stage = load_stage()
-    monkeypatch.setattr(stage, "build_model", lambda clip, prompts: prototype_model(root))
+def run_stage(root: Path, monkeypatch: pytest.MonkeyPatch, seen: list | None = None) -> int:
+    """The stage's main() in ``root``, its zero-shot model swapped for :func:`prototype_model`
+    (the arguments it was built with are appended to ``seen``)."""
+    stage = load_stage("zeroshot")
+
+    def build(*args: object) -> OpenSamModel:
+        (seen if seen is not None else []).append(args)
+        return prototype_model(root)
+
+    monkeypatch.setattr(stage, "build_zeroshot_model", build)
     argv = [
         "--prepared",
         "data/prepared",
@@ -185,11 +191,21 @@ def expected_miou(
     return round(100 * miou_from_confusion(conf), 2)
 
 
-def test_zeroshot_main_writes_the_table_json_and_plot(
-    project: Path, monkeypatch: pytest.MonkeyPatch
+def ablation(root: Path) -> tuple[dict[str, dict[str, float]], int]:
+    prepared = read_prepared(root / "data/prepared")
+    return run_ablation(prototype_model(root), prepared, root / "data/ablation", PPS, AREAS, 2)
+
+
+@pytest.fixture(scope="module")
+def scored(project: Path) -> tuple[dict[str, dict[str, float]], int]:
+    return ablation(project)
+
+
+def test_run_ablation_scores_every_variant(
+    project: Path, scored: tuple[dict[str, dict[str, float]], int]
 ) -> None:
-    assert run_stage(project, monkeypatch) == 0
-    results = json.loads((project / "metrics/zeroshot.json").read_text())
+    results, count = scored
+    assert count == 2
     assert list(results) == ["baseline", "nu", "nu_mra100", "pm_mra100"]
     assert list(results["nu"]) == ["pps8", "pps16"]
     values = [results["baseline"]["miou"]] + [
@@ -205,14 +221,61 @@ def test_zeroshot_main_writes_the_table_json_and_plot(
     assert results["pm_mra100"]["pps16"] == expected_miou(project, model, ids, pm16, "pm")
     assert len(set(values)) > 1  # the variants really differ on this data
 
-    csv = (project / "metrics/zeroshot_plot.csv").read_text().splitlines()
-    assert csv[0] == "pps,nu,nu_mra100,pm_mra100"
-    assert csv[1] == "8," + ",".join(
+
+def test_select_ids_and_its_errors(project: Path) -> None:
+    stores = [MaskStore(project / f"data/ablation/pps{p}_mra0.h5") for p in PPS]
+    assert select_ids(TRAIN, stores, 3, SIZE) == ["t0", "t2", "t3"]
+    assert select_ids(TRAIN, stores[:1], 2, SIZE) == ["t0", "t1"]
+    with pytest.raises(InputError, match="pps8_mra0.h5: masks are not 32x32"):
+        select_ids(TRAIN, stores, 2, 32)
+    with pytest.raises(InputError, match="no train image is in every ablation store"):
+        select_ids(["t1"], stores, 2, SIZE)
+
+
+def test_format_table_and_csv() -> None:
+    results = {"baseline": {"miou": 40.0}, "nu": {"pps8": 70.0, "pps16": 80.5}}
+    results |= {"nu_mra100": {"pps8": 69.0, "pps16": 80.0}, "pm_mra100": {"pps8": 60.0}}
+    csv = format_csv(results, [8, 16]).splitlines()
+    assert csv == ["pps,nu,nu_mra100,pm_mra100", "8,70.0,69.0,60.0", "16,80.5,80.0,"]
+    table = format_table(results, [8, 16])
+    assert "| OpenCLIP alone | 40.00 |" in table and "| + SAM, PM, MMRA=100 |" in table
+    assert f"| *thesis* | {THESIS['baseline']['miou']:.2f} |" in table
+
+
+def tiny_weights(seed: int) -> dict[str, torch.Tensor]:
+    return build_zeroshot_model(ClipParams(), [c["prompt"] for c in CLASSES], seed).state_dict()
+
+
+def test_build_zeroshot_model_is_one_model_whatever_ran_before() -> None:
+    torch.manual_seed(123)
+    first = tiny_weights(3)
+    before = torch.get_rng_state()
+    torch.rand(1000)  # other code consumed random numbers (e.g. loading checkpoints)
+    after_use = torch.get_rng_state()
+    second = tiny_weights(3)
+    assert torch.equal(torch.get_rng_state(), after_use)  # the caller's RNG is untouched
+    assert not torch.equal(before, after_use)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    other = tiny_weights(4)
+    assert any(not torch.equal(first[k], other[k]) for k in first)  # the seed matters
+
+
+def test_zeroshot_main_writes_the_table_json_and_plot(
+    project: Path, scored: tuple[dict[str, dict[str, float]], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list = []
+    assert run_stage(project, monkeypatch, seen) == 0
+    ((clip, prompts, seed),) = seen  # the library's one zero-shot model, from params
+    assert (clip.model, prompts, seed) == ("opensam-tiny", [c["prompt"] for c in CLASSES], 3)
+    results = json.loads((project / "metrics/zeroshot.json").read_text())
+    assert results == scored[0]
+    csv = (project / "metrics/zeroshot_plot.csv").read_text()
+    assert csv == format_csv(results, PPS)
+    assert csv.splitlines()[1] == "8," + ",".join(
         str(results[k]["pps8"]) for k in ("nu", "nu_mra100", "pm_mra100")
     )
-    assert len(csv) == 3 and csv[2].startswith("16,")
-
     table = (project / "metrics/zeroshot.md").read_text()
+    assert table.endswith(format_table(results, PPS))
     assert "| OpenCLIP alone | " + f"{results['baseline']['miou']:.2f} |" in table
     assert "| *thesis* | 48.92 |" in table
     assert f"| + SAM, NU |  | {results['nu']['pps8']:.2f} | " in table
@@ -220,8 +283,10 @@ def test_zeroshot_main_writes_the_table_json_and_plot(
 
 
 def test_zeroshot_missing_store_is_an_input_error(
-    project: Path, monkeypatch: pytest.MonkeyPatch
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    shutil.copytree(project, tmp_path / "copy", ignore=shutil.ignore_patterns("metrics"))
+    project = tmp_path / "copy"
     missing = project / "data/ablation/pps8_mra100.h5"
     missing.unlink()
     with pytest.raises(InputError, match="^data/ablation/pps8_mra100.h5: mask store not found"):

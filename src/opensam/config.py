@@ -130,7 +130,6 @@ class EvalParams:
 
 @dataclass(frozen=True)
 class PredictParams:
-    enabled: bool = False
     batch_size: int = 8
     low_conf: float = 0.5
 

@@ -12,7 +12,6 @@ only by the subcommand that needs them, so ``opensam --help`` is instant.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -125,8 +124,8 @@ def _cmd_preset(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from opensam.apps import predict
+    from opensam.apps.predict_setup import build_mask_generator, choose_masks, overlay_colors
     from opensam.config import load_params
-    from opensam.eval.evaluation import class_colors
     from opensam.model.segmenter import load_checkpoint
     from opensam.runtime import seed_everything
 
@@ -136,21 +135,21 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     seed_everything(params.seed)
     check_output_dir(args.input, args.out)
     listing = list_photos(args.input)
-    model, meta = load_checkpoint(args.checkpoint, expected_classes=params.class_names)
-    size, generator = int(meta["image_size"]), args.masks or params.masks.generator
-    masks = predict.build_mask_generator(
-        generator, params.pps, params.min_region_area, params.masks, params.sam, size
+    model, meta = load_checkpoint(args.checkpoint, params.class_names, classes_from=args.params)
+    size = int(meta["image_size"])
+    choice = choose_masks(
+        meta, params, args.masks, args.pps, args.min_region_area, str(args.checkpoint)
     )
-    colors = class_colors([c.color for c in params.classes])
-    log.info(
-        "%d photos, %s (%d px), masks %s", len(listing.photos), args.checkpoint, size, generator
-    )
+    masks = build_mask_generator(choice, params.masks, params.sam, size)
+    colors = overlay_colors(params, meta)
+    log.info("%d photos, %s (%d px), masks %s pps %d", len(listing.photos), args.checkpoint,
+             size, choice.generator, choice.pps)  # fmt: skip
     low_conf = params.predict.low_conf if args.low_conf is None else args.low_conf
     result = predict.predict_photos(
         model, listing.photos, args.out, params.class_names, colors, size, masks,
         args.batch_size or params.predict.batch_size, low_conf, args.overwrite, listing.refused,
     )  # fmt: skip
-    info = {"checkpoint": str(args.checkpoint), "input": str(args.input), "masks": generator}
+    info = {"checkpoint": str(args.checkpoint), "input": str(args.input), "masks": choice.generator}
     predict.write_summary(args.out, predict.build_summary(result, params.class_names, colors, info))
     log.info("%d predicted (%.2f images/s), %d skipped, %d failed -> %s", result.processed,
              result.images_per_s, result.skipped, len(result.failed), args.out)  # fmt: skip
@@ -162,14 +161,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def read_summary(pred_dir: Path) -> dict[str, Any]:
     """``pred_dir/summary.json``, as written by ``opensam predict``."""
     from opensam.apps.predict import SUMMARY_NAME
+    from opensam.runtime import read_json
 
     path = Path(pred_dir) / SUMMARY_NAME
-    try:
-        summary = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found (not an opensam predict output folder)") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc.msg})") from None
+    summary = read_json(path, "not an opensam predict output folder")
     if not isinstance(summary, dict) or not isinstance(summary.get("classes"), list):
         raise InputError(f"{path}: expected a mapping with a 'classes' list")
     return summary
@@ -187,17 +182,17 @@ def export_colors(pred_dir: Path, prepared: Path) -> tuple[list[str], list[RGB],
     export matches its CVAT project) when its classes equal the predictions'; else those of the
     predict run (params ``classes[].color``). Returns (names, colours, the file they came from).
     """
+    from opensam.prepared import SPLITS_NAME, read_prepared
+
     summary = read_summary(pred_dir)
     names = [str(n) for n in summary["classes"]]
-    splits_path = Path(prepared) / "splits.json"
-    if splits_path.is_file():
-        try:
-            splits = json.loads(splits_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{splits_path}: not valid JSON ({exc.msg})") from None
-        if list(splits.get("classes", [])) == names and splits.get("colors"):
-            return names, [_rgb(c) for c in splits["colors"]], str(splits_path)
-        log.warning("%s: other classes than the predictions; its colours are not used", splits_path)
+    if (Path(prepared) / SPLITS_NAME).is_file():
+        prep = read_prepared(prepared)
+        if list(prep.classes) == names and prep.colors:
+            return names, list(prep.colors), str(prep.splits_path)
+        log.warning(
+            "%s: other classes than the predictions; its colours are not used", prep.splits_path
+        )
     return names, [_rgb(c) for c in summary["colors"]], str(Path(pred_dir) / "summary.json")
 
 
@@ -271,7 +266,13 @@ def _add_predict(sub: Any) -> None:
         "--masks",
         choices=MASK_CHOICES,
         default=None,
-        help="region masks (default: params masks.generator); none = per pixel",
+        help="region masks (default: the checkpoint's training generator); none = per pixel",
+    )
+    p.add_argument(
+        "--pps", type=int, default=None, help="points per side (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--min-region-area", type=int, default=None, help="pixels (default: the checkpoint's)"
     )
     p.add_argument(
         "--params",

@@ -33,10 +33,9 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from opensam.config import MasksParams, SamParams
 from opensam.errors import InputError
 from opensam.images import load_rgb_and_size, read_image_size, resize_image, resize_label, save_png
-from opensam.masks.generators import MaskGenerator, build_generator
+from opensam.masks.generators import MaskGenerator
 from opensam.masks.superpixels import SuperpixelGenerator
 from opensam.model.aggregation import MaskInputs, collate_mask_inputs, prepare_mask_inputs
 from opensam.runtime import atomic_path
@@ -398,13 +397,3 @@ def score_class_maps(
             )
             scored += 1
     return {"images": scored, **miou_report(total, class_names)} if scored else None
-
-
-def build_mask_generator(
-    name: str, pps: int, min_region_area: int, masks: MasksParams, sam: SamParams, image_size: int
-) -> MaskGenerator | None:
-    """The region-mask generator ``name`` (``sam`` | ``superpixels``) with the training settings,
-    making masks at ``image_size``², or None for ``none`` (the per-pixel prediction)."""
-    if name == "none":
-        return None
-    return build_generator(name, pps, min_region_area, masks, sam, image_size)

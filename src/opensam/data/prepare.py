@@ -13,7 +13,6 @@ than Pillow's default 6, ~12% larger); images are processed by a small process p
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import multiprocessing
@@ -30,6 +29,7 @@ from opensam.constants import IGNORE_INDEX
 from opensam.data.importers import Export, LabelledItem, UnlabelledItem, warn_unknown_colours
 from opensam.errors import InputError
 from opensam.images import FileRef, resize_image, resize_label, save_png
+from opensam.prepared import write_splits
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def prepare_dataset(
     index = {"image_size": image_size, "classes": export.class_names}
     index["colors"] = [list(export.colours[c]) for c in export.class_names]
     index.update(splits, unlabelled_gt=has_gt, sources=sources)
-    (out_dir / "splits.json").write_text(json.dumps(index, indent=1) + "\n")
+    write_splits(out_dir, index)
     return _data_metrics(splits, results, export.class_names, has_gt)
 
 

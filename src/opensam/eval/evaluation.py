@@ -8,8 +8,6 @@ the batch's ``pool_weights`` and ``winner`` from the mask store) or per pixel (`
 
 from __future__ import annotations
 
-import colorsys
-import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -24,28 +22,15 @@ from tqdm import tqdm
 
 from opensam.constants import IGNORE_INDEX
 from opensam.data.datasets import SegDataset, make_loader
-from opensam.errors import InputError
-from opensam.eval.metrics import confusion_matrix
+from opensam.eval.metrics import confusion_matrix, miou_report
 from opensam.eval.plots import DEFAULT_STRIDE, confusion_rows
+from opensam.model.segmenter import forward_batch
+from opensam.prepared import Prepared, read_prepared
 
 log = logging.getLogger(__name__)
 
 # (ids, images (B, 3, H, W) float [0, 1], labels (B, H, W) int64, preds (B, H, W) int64), on CPU
 BatchSink = Callable[[list[str], torch.Tensor, torch.Tensor, torch.Tensor], None]
-
-
-def load_splits(prepared: Path) -> dict[str, Any]:
-    """Read ``prepared/splits.json`` (format in docs/architecture.md)."""
-    path = Path(prepared) / "splits.json"
-    try:
-        splits = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found (run the prepare stage)") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc.msg})") from None
-    if not isinstance(splits, dict) or "image_size" not in splits:
-        raise InputError(f"{path}: expected a mapping with 'image_size' and the split id lists")
-    return splits
 
 
 def build_loader(
@@ -58,23 +43,10 @@ def build_loader(
     num_workers: int = 0,
 ) -> DataLoader:
     """An unshuffled loader of :class:`SegDataset` items on the model's embedding grid."""
-    image_size = int(load_splits(prepared)["image_size"])
+    image_size = read_prepared(prepared).image_size
     grid_hw = model.grid_hw(image_size)  # type: ignore[operator]
     dataset = SegDataset(Path(prepared), list(ids), label_dir, masks, grid_hw)
     return make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def forward_batch(model: nn.Module, batch: Mapping[str, Any], use_masks: bool) -> torch.Tensor:
-    """One inference forward pass; returns (B, C, H, W) float32 log-probabilities on the CPU.
-
-    ``use_masks=False`` passes ``pool_weights=None`` (per-pixel prediction, no masks).
-    """
-    return forward_batch_modes(model, batch, (use_masks,))[0]
 
 
 def forward_batch_modes(
@@ -82,24 +54,22 @@ def forward_batch_modes(
 ) -> list[torch.Tensor]:
     """(B, C, H, W) float32 CPU log-probabilities of one batch, one per ``use_masks`` in ``modes``.
 
-    A model with ``embed``/``log_probs`` (:class:`opensam.model.segmenter.OpenSamModel`) embeds the images
-    once for all modes (the image tower dominates the cost); any other module is called once per
-    mode as ``model(images, pool_weights=..., winner=...)``.
+    A model with ``embed``/``log_probs`` (:class:`opensam.model.segmenter.OpenSamModel`) embeds
+    the images once for all modes (the image tower dominates the cost); any other module is
+    called once per mode as ``model(images, pool_weights=..., winner=...)``.
     """
-    device = _model_device(model)
-    images = batch["image"].to(device)
     shared = len(modes) > 1 and hasattr(model, "embed") and hasattr(model, "log_probs")
     outs = []
     with torch.inference_mode():
-        emb = model.embed(images) if shared else None  # type: ignore[operator]
+        if not shared:
+            return [forward_batch(model, batch, m).float().cpu() for m in modes]
+        images = batch["image"].to(next(model.parameters()).device)
+        emb = model.embed(images)  # type: ignore[operator]
         for use_masks in modes:
-            pool = batch["pool_weights"].to(device) if use_masks else None
-            winner = batch["winner"].to(device) if use_masks else None
-            if emb is not None:
-                out_hw = (images.shape[-2], images.shape[-1])
-                out = model.log_probs(emb, out_hw, pool, winner)  # type: ignore[operator]
-            else:
-                out = model(images, pool_weights=pool, winner=winner)
+            pool = batch["pool_weights"].to(images.device) if use_masks else None
+            winner = batch["winner"].to(images.device) if use_masks else None
+            out_hw = (images.shape[-2], images.shape[-1])
+            out = model.log_probs(emb, out_hw, pool, winner)  # type: ignore[operator]
             outs.append(out.float().cpu())
     return outs
 
@@ -150,8 +120,21 @@ def evaluate_model_modes(
         raise ValueError("use_masks=True needs a mask store")
     store = masks if any(modes) else None
     loader = build_loader(model, prepared, ids, label_dir, store, batch_size, num_workers)
+    return loader_confusions(model, loader, modes, sink)
+
+
+def loader_confusions(
+    model: nn.Module,
+    loader: DataLoader,
+    modes: Sequence[bool] = (True,),
+    sink: BatchSink | None = None,
+    desc: str = "evaluate",
+) -> dict[bool, np.ndarray]:
+    """``{use_masks: confusion (C, C) int64}`` over a labelled ``loader`` (model in eval mode;
+    its training mode is restored). ``sink``: see :func:`evaluate_model_modes`."""
+    was_training = model.training
     confusion: dict[bool, np.ndarray] = {}
-    for batch, outs in predict_batches(model, loader, modes, desc="evaluate"):
+    for batch, outs in predict_batches(model, loader, modes, desc=desc):
         labels = batch["label"].long()
         for use_masks, log_probs in zip(modes, outs, strict=True):
             pred = log_probs.argmax(dim=1)
@@ -159,6 +142,7 @@ def evaluate_model_modes(
             confusion[use_masks] = confusion[use_masks] + conf if use_masks in confusion else conf
             if sink is not None and use_masks == modes[0]:
                 sink([str(i) for i in batch["id"]], batch["image"], labels, pred)
+    model.train(was_training)
     if not confusion:
         raise ValueError("no images to evaluate")
     return confusion
@@ -186,19 +170,42 @@ def evaluate_model(
     )[use_masks]
 
 
-def class_colors(
-    colors: Sequence[Sequence[int] | None], fallback: Sequence[Sequence[int]] | None = None
-) -> np.ndarray:
-    """Class colours (C, 3) uint8: ``colors[c]``, else ``fallback[c]``, else a fixed palette."""
-    out = np.zeros((len(colors), 3), dtype=np.uint8)
-    for c, colour in enumerate(colors):
-        if colour is None and fallback is not None and c < len(fallback):
-            colour = fallback[c]
-        if colour is None:  # evenly spaced hues, deterministic
-            rgb = colorsys.hsv_to_rgb(c / max(1, len(colors)), 0.8, 0.9)
-            colour = [round(255 * v) for v in rgb]
-        out[c] = np.asarray(colour, dtype=np.uint8)[:3]
-    return out
+SPLITS = ("train", "val", "test")
+MODES = {"with_masks": True, "without_masks": False}
+
+
+def evaluate_models(
+    models: Mapping[str, nn.Module],
+    prepared: Prepared,
+    masks: Path,
+    batch_size: int,
+    plotted: tuple[str, str] | None = None,
+    sink: BatchSink | None = None,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """``{model: {with_masks|without_masks: {split: miou_report}}}`` and the confusion matrix of
+    the ``plotted`` (model, split) with masks, whose batches also go to ``sink``.
+
+    Both mask modes come from one pass per (model, split): the images are embedded once."""
+    results: dict[str, Any] = {}
+    plotted_conf = None
+    modes = tuple(MODES.values())  # with masks first: the sink sees the with-masks prediction
+    names = list(prepared.classes)
+    for model_name, model in models.items():
+        results[model_name] = {mode: {} for mode in MODES}
+        for split in SPLITS:
+            ids = prepared.ids(split)
+            if not ids:
+                log.warning("split %s is empty; skipped", split)
+                continue
+            is_plotted = (model_name, split) == plotted
+            confs = evaluate_model_modes(
+                model, prepared.root, ids, prepared.labels_dir, masks, batch_size, modes,
+                sink=sink if is_plotted else None,
+            )  # fmt: skip
+            plotted_conf = confs[True] if is_plotted else plotted_conf
+            for mode, use_masks in MODES.items():
+                results[model_name][mode][split] = miou_report(confs[use_masks], names)
+    return results, plotted_conf
 
 
 def colorize_labels(labels: np.ndarray, colors: np.ndarray) -> np.ndarray:
@@ -230,7 +237,8 @@ def image_to_uint8(image: torch.Tensor) -> np.ndarray:
 
 class PlotCollector:
     """A :data:`BatchSink` that writes ``overlay_dir/<id>.png`` for the first ``max_overlays``
-    images and keeps DVC confusion rows (:func:`opensam.eval.plots.confusion_rows`) for all of them."""
+    images and keeps DVC confusion rows (:func:`opensam.eval.plots.confusion_rows`) for all of
+    them."""
 
     def __init__(
         self,
@@ -281,15 +289,14 @@ __all__ = [
     "BatchSink",
     "PlotCollector",
     "build_loader",
-    "class_colors",
     "colorize_labels",
     "evaluate_model",
     "evaluate_model_modes",
-    "forward_batch",
+    "evaluate_models",
+    "loader_confusions",
     "forward_batch_modes",
     "format_eval_table",
     "image_to_uint8",
-    "load_splits",
     "predict_batches",
     "predict_loader",
     "render_overlay",

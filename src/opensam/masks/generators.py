@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -26,6 +26,7 @@ from opensam.errors import InputError
 from opensam.masks.arrays import MaskSet
 from opensam.masks.store import AttrValue, MaskStore, MaskStoreWriter, validate_store
 from opensam.masks.superpixels import SuperpixelGenerator
+from opensam.prepared import Prepared
 from opensam.runtime import remove_path
 
 log = logging.getLogger(__name__)
@@ -162,45 +163,20 @@ def store_attrs(
     }
 
 
-def read_splits(prepared_dir: Path) -> dict[str, Any]:
-    """``<prepared_dir>/splits.json`` checked for the keys the masks stages use."""
-    path = Path(prepared_dir) / "splits.json"
-    try:
-        splits = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found (run the prepare stage first)") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
-    if not isinstance(splits, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    for key in ("train", "val", "test", "unlabelled"):
-        if not isinstance(splits.get(key, []), list):
-            raise InputError(f"{path}: {key!r} must be a list of image ids")
-    size = splits.get("image_size")
-    if not isinstance(size, int) or size < 1:
-        raise InputError(f"{path}: 'image_size' must be a positive integer, got {size!r}")
-    return splits
-
-
-def mask_image_ids(
-    splits: Mapping[str, Any], max_ratio: int, where: str = "params.yaml"
-) -> list[str]:
+def mask_image_ids(prepared: Prepared, max_ratio: int, where: str = "params.yaml") -> list[str]:
     """All labelled ids (train, val, test) + the first ``max_ratio * len(train)`` unlabelled."""
     if max_ratio < 0:
         raise InputError(f"{where}: masks.max_ratio must be >= 0, got {max_ratio}")
-    train = list(splits.get("train", []))
-    labelled = train + list(splits.get("val", [])) + list(splits.get("test", []))
-    pool = list(splits.get("unlabelled", []))[: max_ratio * len(train)]
-    return [str(i) for i in dict.fromkeys(labelled + pool)]
+    labelled = [*prepared.train, *prepared.val, *prepared.test]
+    pool = list(prepared.unlabelled[: max_ratio * len(prepared.train)])
+    return list(dict.fromkeys(labelled + pool))
 
 
-def ablation_image_ids(
-    splits: Mapping[str, Any], count: int, where: str = "params.yaml"
-) -> list[str]:
+def ablation_image_ids(prepared: Prepared, count: int, where: str = "params.yaml") -> list[str]:
     """The first ``count`` train ids (all of them, with a warning, if there are fewer)."""
     if count < 1:
         raise InputError(f"{where}: ablation.images must be >= 1, got {count}")
-    train = [str(i) for i in splits.get("train", [])]
+    train = list(prepared.train)
     if len(train) < count:
         log.warning("ablation.images = %d but only %d train images", count, len(train))
     return train[:count]
@@ -302,9 +278,8 @@ def summarize_store(path: Path) -> dict[str, float]:
 
 
 def precompute_masks(
-    prepared_dir: Path,
+    prepared: Prepared,
     out_path: Path,
-    splits: Mapping[str, Any],
     image_ids: Sequence[str],
     pps: int,
     min_region_area: int,
@@ -315,19 +290,18 @@ def precompute_masks(
     """Check the settings, build the store attrs and run :func:`compute_mask_store` with the
     ``masks.generator`` generator (built only if some image needs it).
 
-    ``splits`` is :func:`read_splits` of ``prepared_dir`` (image size, original photos);
+    ``prepared`` gives the image size and the original photos;
     ``where`` names the source of the settings in error messages.
     """
-    image_size = int(splits["image_size"])
+    image_size = prepared.image_size
     check_generator_name(masks.generator, f"{where}: masks.generator")
     check_mask_params(pps, min_region_area, image_size, where)
     if not image_ids:
-        raise InputError(f"{Path(prepared_dir) / 'splits.json'}: no images to compute masks for")
+        raise InputError(f"{prepared.splits_path}: no images to compute masks for")
     attrs = store_attrs(masks.generator, pps, min_region_area, image_size, masks, sam)
-    sources = splits.get("sources") or {}
-    originals = {str(k): Path(v) for k, v in sources.items() if isinstance(v, str)}
+    originals = {k: Path(v) for k, v in prepared.sources.items()}
 
     def make() -> MaskGenerator:
         return MASK_GENERATORS[masks.generator](pps, min_region_area, masks, sam, image_size)
 
-    return compute_mask_store(prepared_dir, out_path, image_ids, make, attrs, originals)
+    return compute_mask_store(prepared.root, out_path, image_ids, make, attrs, originals)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,6 +25,7 @@ from opensam.model.clip import (
     get_tokenizer,
     image_mean_std,
 )
+from opensam.prepared import check_classes
 from opensam.runtime import atomic_path
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,18 @@ def build_model(clip: ClipParams, prompts: list[str], drop_path: float = 0.0) ->
     return model.eval()
 
 
+def forward_batch(model: nn.Module, batch: Mapping[str, Any], use_masks: bool) -> torch.Tensor:
+    """The one forward pass of a loader batch: (B, C, H, W) log-probabilities on the model's
+    device (autograd as the caller sets it); SAM aggregation when ``use_masks``, else the
+    per-pixel prediction (``pool_weights=None``)."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    images = batch["image"].to(device)
+    pool = batch["pool_weights"].to(device) if use_masks else None
+    winner = batch["winner"].to(device) if use_masks else None
+    return cast(torch.Tensor, model(images, pool_weights=pool, winner=winner))
+
+
 def save_checkpoint(
     path: str | Path,
     model: OpenSamModel,
@@ -222,25 +235,38 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return dict(ckpt)
 
 
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's metadata (everything but ``state_dict``), without building the model."""
+    ckpt = _read_checkpoint(Path(path))
+    ckpt.pop("state_dict")
+    return ckpt
+
+
+def checkpoint_clip(meta: dict[str, Any], path: str | Path) -> ClipParams:
+    """The :class:`ClipParams` recorded in a checkpoint's metadata."""
+    try:
+        return ClipParams(**meta["clip"])
+    except TypeError as exc:
+        raise InputError(f"{path}: bad 'clip' entry ({exc})") from None
+
+
 def load_checkpoint(
-    path: str | Path, expected_classes: list[str] | None = None, drop_path: float = 0.0
+    path: str | Path,
+    expected_classes: Sequence[str] | None = None,
+    drop_path: float = 0.0,
+    classes_from: str = "params.yaml",
 ) -> tuple[OpenSamModel, dict[str, Any]]:
     """Rebuild the model saved by :func:`save_checkpoint` (no CLIP weights or text tower needed).
 
     Returns (model in eval mode, the checkpoint dict without ``state_dict``). Raises
-    :class:`InputError` if the classes differ from ``expected_classes`` or the weights don't fit.
+    :class:`InputError` if the classes differ from ``expected_classes`` (read from
+    ``classes_from``) or the weights don't fit.
     """
     path = Path(path)
     ckpt = _read_checkpoint(path)
-    classes = list(ckpt["classes"])
-    if expected_classes is not None and classes != list(expected_classes):
-        raise InputError(
-            f"{path}: checkpoint classes {classes} differ from expected {list(expected_classes)}"
-        )
-    try:
-        clip = ClipParams(**ckpt["clip"])
-    except TypeError as exc:
-        raise InputError(f"{path}: bad 'clip' entry ({exc})") from None
+    if expected_classes is not None:
+        check_classes(list(ckpt["classes"]), expected_classes, str(path), classes_from)
+    clip = checkpoint_clip(ckpt, path)
     state = ckpt.pop("state_dict")
     visual = create_visual(clip.model, drop_path)
     text = ckpt["text_embeddings"]

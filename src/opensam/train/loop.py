@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from opensam.config import TrainParams
 from opensam.data.datasets import set_loader_epoch
-from opensam.eval.evaluation import evaluate_model
+from opensam.eval.evaluation import evaluate_model, loader_confusions
 from opensam.eval.metrics import confusion_matrix, miou_from_confusion, miou_report
+from opensam.model.segmenter import forward_batch
 from opensam.runtime import atomic_path
 from opensam.train.losses import alpha_ramp, cosine_lr, segmentation_loss
 
@@ -91,17 +92,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def forward_model(model: nn.Module, batch: Mapping[str, Any], use_masks: bool) -> torch.Tensor:
-    """Forward pass of a batch: (B, C, H, W) log-probabilities (SAM aggregation if use_masks)."""
-    device = next(model.parameters()).device
-    images = batch["image"].to(device)
-    if not use_masks:
-        return model(images, pool_weights=None, winner=None)
-    return model(
-        images, pool_weights=batch["pool_weights"].to(device), winner=batch["winner"].to(device)
-    )
-
-
 def confusion_of(log_probs: torch.Tensor, target: torch.Tensor, num_classes: int) -> np.ndarray:
     """(C, C) int64 confusion (rows GT) of the argmax of log_probs (B, C, H, W) vs target."""
     pred = log_probs.detach().argmax(dim=1).cpu()
@@ -110,16 +100,10 @@ def confusion_of(log_probs: torch.Tensor, target: torch.Tensor, num_classes: int
 
 def evaluate_miou(model: nn.Module, loader: DataLoader, use_masks: bool) -> float:
     """mIoU in percent of ``model`` over ``loader`` (eval mode; training mode is restored)."""
-    was_training = model.training
-    model.eval()
-    total: np.ndarray | None = None
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc="validate", unit="batch", leave=False):
-            log_probs = forward_model(model, batch, use_masks)
-            conf = confusion_of(log_probs, batch["label"], log_probs.shape[1])
-            total = conf if total is None else total + conf
-    model.train(was_training)
-    miou = miou_from_confusion(total) if total is not None else math.nan
+    if len(loader.dataset) == 0:  # type: ignore[arg-type]
+        return 0.0
+    total = loader_confusions(model, loader, (use_masks,), desc="validate")[use_masks]
+    miou = miou_from_confusion(total)
     return 0.0 if math.isnan(miou) else 100.0 * miou  # nothing labelled: 0, never NaN
 
 
@@ -186,12 +170,12 @@ def _train_step(
 
     Returns the labelled batch's log-probabilities (detached) and its / the pseudo loss."""
     cfg, model = loop.config, loop.model
-    log_probs = forward_model(model, batch, cfg.use_masks)
+    log_probs = forward_batch(model, batch, cfg.use_masks)
     loss = segmentation_loss(log_probs, batch["label"].to(log_probs.device), loop.weight)
     labelled_loss, pseudo_loss = float(loss.detach()), None
     if pseudo is not None and alpha > 0:
         pbatch = pseudo.next()
-        plog = forward_model(model, pbatch, cfg.use_masks)
+        plog = forward_batch(model, pbatch, cfg.use_masks)
         ploss = segmentation_loss(plog, pbatch["label"].to(plog.device), loop.weight)
         loss = loss + alpha * ploss
         pseudo_loss = float(ploss.detach())

@@ -27,9 +27,11 @@ from torch import nn
 
 from opensam.constants import IGNORE_INDEX
 from opensam.errors import InputError
-from opensam.eval.evaluation import build_loader, load_splits, predict_loader
+from opensam.eval.evaluation import build_loader, predict_loader
 from opensam.eval.metrics import confusion_matrix, miou_report
 from opensam.images import read_label_png
+from opensam.prepared import read_prepared
+from opensam.runtime import read_json
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +39,6 @@ LABELS_DIR = "labels"
 CONFIDENCE_DIR = "confidence"
 IDS_FILE = "ids.json"
 HIDDEN_GT_DIR = "unlabelled_gt"
-
-
-def select_pool_ids(unlabelled: Sequence[str], num_train: int, ratio: int) -> list[str]:
-    """The first ``ratio * num_train`` unlabelled ids (all of them, with a warning, if fewer)."""
-    wanted = ratio * num_train
-    if wanted > len(unlabelled):
-        log.warning(
-            "ratio %d wants %d unlabelled images, only %d exist", ratio, wanted, len(unlabelled)
-        )
-    return [str(i) for i in unlabelled[:wanted]]
 
 
 def hard_labels(
@@ -114,7 +106,7 @@ def generate_pseudo_labels(
         "mean_confidence": round(conf_sum / pixels, 6),
         "ignored_fraction": round(ignored / pixels, 6),
     }
-    names = list(class_names) if class_names is not None else load_splits(prepared)["classes"]
+    names = list(class_names) if class_names is not None else list(read_prepared(prepared).classes)
     quality = measure_pseudo_quality(out_dir, prepared, ids, names)
     if quality is not None:
         summary["vs_hidden_gt"] = quality
@@ -154,12 +146,7 @@ def measure_pseudo_quality(
 def load_pseudo_ids(pseudo_dir: Path) -> list[str]:
     """The ids of a pseudo-label folder (``ids.json``), checking every label file exists."""
     path = Path(pseudo_dir) / IDS_FILE
-    try:
-        ids = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found (run the pseudolabel stage)") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc.msg})") from None
+    ids = read_json(path, "run the pseudolabel stage")
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise InputError(f"{path}: expected a JSON list of image ids")
     missing = [i for i in ids if not (Path(pseudo_dir) / LABELS_DIR / f"{i}.png").is_file()]

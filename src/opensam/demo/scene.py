@@ -3,7 +3,7 @@
 :func:`render_scene` draws the photo and its label in memory, using only the generator it is
 given: it lays out the lizard, the gripping hand, the colour chart and paper scraps, then paints
 paper, chart, shadows, lizard and hand and finishes with lighting, grain and blur.
-:mod:`opensam.data.demo` writes such photos as a CVAT export.
+:mod:`opensam.demo.dataset` writes such photos as a CVAT export.
 """
 
 from __future__ import annotations

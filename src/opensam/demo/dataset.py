@@ -3,7 +3,7 @@
 :func:`generate_demo` writes a CVAT *Segmentation Mask 1.1* export of labelled photos plus
 ``unlabelled/`` photos and their hidden ground truth ``unlabelled_gt/``. Each photo has its own
 generator, ``np.random.default_rng([seed, kind, index])``, so the output is reproducible and the
-photos render in parallel. :func:`~opensam.data.demo_scene.render_scene` draws one photo in memory.
+photos render in parallel. :func:`~opensam.demo.scene.render_scene` draws one photo in memory.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from opensam.constants import IGNORE_INDEX
-from opensam.data.demo_scene import BACKGROUND, BOARD, CLASS_NAMES, HAND, LIZARD, render_scene
+from opensam.demo.scene import BACKGROUND, BOARD, CLASS_NAMES, HAND, LIZARD, render_scene
 from opensam.runtime import atomic_path
 
 log = logging.getLogger(__name__)
