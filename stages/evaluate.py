@@ -1,15 +1,16 @@
-"""Stage `evaluate`: zero-shot, teacher and student on train/val/test, with and without masks.
+"""Stage `evaluate`: zero-shot, teacher, control and student on train/val/test, with and without
+masks.
 
     python stages/evaluate.py --prepared data/prepared --masks data/masks.h5 \
-        --teacher models/teacher.pt --student models/student.pt \
+        --teacher models/teacher.pt --student models/student.pt --control models/control.pt \
         --out metrics/eval.json --plots metrics/eval
 
 Params: ``seed``, ``classes``, ``clip`` (the zero-shot model), ``eval.*``. Writes
 ``metrics/eval.json`` as ``{model: {"with_masks"|"without_masks": {split: {"miou", "iou"}}}}``
-(percent), and into ``--plots``: ``confusion.json`` (student, with masks, test; DVC confusion
-template rows on a strided pixel grid), ``confusion.png`` (the full matrix) and
-``overlays/<id>.png`` (input | ground truth | student prediction, first ``eval.overlays`` test
-images).
+(percent) plus ``"gain": {split: {"miou": student − control}}`` (with masks), and into ``--plots``:
+``confusion.json`` (student, with masks, test; DVC confusion template rows on a strided pixel
+grid), ``confusion.png`` (the full matrix) and ``overlays/<id>.png`` (input | ground truth |
+student prediction, first ``eval.overlays`` test images).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--masks", type=Path, required=True)
     parser.add_argument("--teacher", type=Path, required=True)
     parser.add_argument("--student", type=Path, required=True)
+    parser.add_argument("--control", type=Path, default=None, help="labelled-only control")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -59,10 +61,26 @@ def load_models(args: argparse.Namespace, params: Params) -> dict[str, nn.Module
     """The three models, classes checked against params (checkpoints first: fail fast)."""
     teacher, _ = load_checkpoint(args.teacher, expected_classes=params.class_names)
     student, _ = load_checkpoint(args.student, expected_classes=params.class_names)
+    control = None
+    if args.control is not None:
+        control, _ = load_checkpoint(args.control, expected_classes=params.class_names)
     # loading consumed random numbers: reseed so this is the zeroshot stage's exact model
     seed_everything(params.seed)
     zeroshot = build_model(params.clip, params.prompts)
-    return {"zeroshot": zeroshot, "teacher": teacher, "student": student}
+    models: dict[str, nn.Module] = {"zeroshot": zeroshot, "teacher": teacher}
+    if control is not None:
+        models["control"] = control
+    return {**models, "student": student}
+
+
+def gains(results: dict[str, Any]) -> dict[str, Any]:
+    """``{split: {"miou": student − control}}`` with masks (percent points, 2 decimals)."""
+    student, control = results["student"]["with_masks"], results["control"]["with_masks"]
+    return {
+        split: {"miou": round(student[split]["miou"] - control[split]["miou"], 2)}
+        for split in student
+        if split in control
+    }
 
 
 def evaluate_all(
@@ -114,12 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             plots_dir / "overlays", colors, params.class_names, params.eval.overlays
         )
         results, plotted_conf = evaluate_all(args, params, splits, plots)
+        if "control" in results:
+            results["gain"] = gains(results)
         write_confusion_json(plots_dir / "confusion.json", plots.rows)
         if plotted_conf is not None:
             save_confusion_png(plots_dir / "confusion.png", plotted_conf, params.class_names)
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
-    log.info("mIoU (%%):\n%s", format_eval_table(results))
+    table = format_eval_table({k: v for k, v in results.items() if k != "gain"})
+    log.info("mIoU (%%):\n%s\ngain (student − control, with masks): %s", table,
+             results.get("gain"))  # fmt: skip
     return 0
 
 

@@ -4,8 +4,11 @@
         --data-metrics metrics/data.json --teacher models/teacher.pt --pseudo data/pseudo \
         --out models/student.pt --metrics metrics/student.json --live metrics/live/student
 
-Params: ``seed``, ``ratio``, ``student.*``, ``pseudo.*``. Round r trains a noisy student that
-starts from the warm teacher, on labelled + pseudo-labelled batches (loss weight α(t) ramped).
+Params: ``seed``, ``ratio``, ``student.*``, ``pseudo.*``. ``student.mode: online`` trains one
+weak-to-strong student with an EMA teacher instead (:mod:`opensam.train.online`; ``--pseudo``
+then only gives the warm teacher's pseudo-label quality). ``offline``: round r trains a noisy
+student that starts from the warm teacher, on labelled + pseudo-labelled batches (loss
+weight α(t) ramped).
 Round 1 uses ``--pseudo`` (the pseudolabel stage); round r ≥ 2 relabels the pool with the best
 student so far. The best student by val mIoU (ties → the earlier round) is saved. A killed run
 resumes from ``<out dir>/.student_ckpt/`` (removed after success).
@@ -34,6 +37,7 @@ from opensam.pseudo_labels import (
     select_pool_ids,
 )
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
+from opensam.train.online_setup import MODES, online_config, run_online
 from opensam.training import (
     TrainConfig,
     evaluate_splits,
@@ -84,8 +88,30 @@ def train_round(
         config.seed, aug, pool, cfg.num_workers,
     )  # fmt: skip
     train_model(model, train, config, val_loader=val, pseudo_loader=pseudo,
-                checkpoint_dir=ckpt_dir, live=live)  # fmt: skip
+                checkpoint_dir=ckpt_dir, live=live, steps_per_epoch=len(train))  # fmt: skip
     return model
+
+
+def train_online_student(
+    args: argparse.Namespace, params: Params, weights: list[float], pool_ids: list[str],
+    splits: dict[str, Any], classes: list[str],
+) -> tuple[OpenSamModel, dict[str, Any]]:  # fmt: skip
+    """``student.mode: online``: one run from the warm teacher; returns the best EMA teacher
+    and its report (val / train per the best epoch, the pool's pseudo-label quality)."""
+    cfg = params.student
+    try:
+        config = online_config(cfg, weights, params.seed + 1, control=False)
+    except ValueError as exc:
+        raise InputError(f"{args.params}: student: {exc}") from None
+    model, _ = load_checkpoint(args.teacher, drop_path=cfg.drop_path)
+    ckpt, live = args.out.parent / ".student_ckpt" / "online", open_live(args.live)
+    data = (args.prepared, args.masks, splits)
+    result = run_online(model, cfg, config, data, pool_ids, ckpt, live)
+    live.end()
+    quality = measure_pseudo_quality(args.pseudo, args.prepared, pool_ids, classes)
+    report = {"online": {"best_epoch": result.best_epoch, "val_miou": result.best_miou,
+                         "warm_teacher_pseudo": quality or {"miou": None}}}  # fmt: skip
+    return model, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, splits = params.student, load_splits(args.prepared)
     if cfg.iterations < 1:
         raise InputError(f"{args.params}: student.iterations must be >= 1")
+    if cfg.mode not in MODES:
+        raise InputError(f"{args.params}: student.mode must be one of {', '.join(MODES)}")
     if not args.masks.is_file():
         raise InputError(f"{args.masks}: mask store not found (run the masks stage)")
     _, meta = load_checkpoint(args.teacher)
@@ -111,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_splits, prepared=args.prepared, masks=args.masks, batch_size=cfg.batch_size,
         class_names=classes, use_masks=cfg.use_masks,
     )  # fmt: skip
+    if cfg.mode == "online":
+        model, online = train_online_student(args, params, weights, pool_ids, splits, classes)
+        scores = score(model, split_ids={s: splits.get(s, []) for s in ("val", "test")})
+        online["best"] = {"iter": 1, **scores}
+        write_student(args, model, meta, online, 1, online["online"]["val_miou"] or 0.0)
+        return 0
     ckpt_root, live = args.out.parent / ".student_ckpt", open_live(args.live)
     report: dict[str, Any] = {}
     best: tuple[int, float, dict[str, Any]] | None = None  # (round, val mIoU, weights)
@@ -133,14 +167,22 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(best[2])
     test = score(model, split_ids={"test": splits.get("test", [])})
     report["best"] = {"iter": best[0], "val": report[f"iter{best[0]}"].get("val"), **test}
-    clip = ClipParams(**meta["clip"])
-    save_checkpoint(args.out, model, classes, clip, int(meta["image_size"]), iteration=best[0],
-                    val_miou=best[1])  # fmt: skip
+    write_student(args, model, meta, report, best[0], best[1])
+    return 0
+
+
+def write_student(
+    args: argparse.Namespace, model: OpenSamModel, meta: dict[str, Any], report: dict[str, Any],
+    iteration: int, val_miou: float,
+) -> None:  # fmt: skip
+    """Save the student checkpoint and metrics, then drop the resume checkpoints."""
+    clip, classes = ClipParams(**meta["clip"]), list(meta["classes"])
+    save_checkpoint(args.out, model, classes, clip, int(meta["image_size"]), iteration=iteration,
+                    val_miou=val_miou)  # fmt: skip
     with atomic_path(args.metrics) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
-    remove_path(ckpt_root)
-    log.info("student: best round %d, val mIoU %.2f", best[0], best[1])
-    return 0
+    remove_path(args.out.parent / ".student_ckpt")
+    log.info("student: best round %d, val mIoU %.2f", iteration, val_miou)
 
 
 if __name__ == "__main__":
