@@ -175,8 +175,14 @@ def _write_params(path: Path, **demo_params: int) -> Path:
     params = {
         "seed": 5,  # the training seed: the demo ignores it
         "classes": [{"name": n, "prompt": f"a {n}"} for n in demo.CLASS_NAMES],
-        "demo": {"labelled": 2, "unlabelled": 1, "width": W, "height": H, "seed": 3,
-                 **demo_params},  # fmt: skip
+        "demo": {
+            "labelled": 2,
+            "unlabelled": 1,
+            "width": W,
+            "height": H,
+            "seed": 3,
+            **demo_params,
+        },  # fmt: skip
     }
     path.write_text(yaml.safe_dump(params))
     return path
