@@ -2,7 +2,7 @@
 
     python stages/demo_data.py --out data/demo [--params params.yaml]
 
-Reads params ``seed`` and ``demo`` (labelled, unlabelled, width, height). Writes ``--out``
+Reads params ``demo`` (labelled, unlabelled, width, height, seed). Writes ``--out``
 atomically: ``labelmap.txt``, ``ImageSets/Segmentation/default.txt``, ``JPEGImages/``,
 ``SegmentationClass/``, ``unlabelled/`` and ``unlabelled_gt/`` (see ``opensam.demo.dataset``).
 """
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.params}: demo.width and demo.height must be >= {_MIN_SIDE}, "
             f"got {demo.width}x{demo.height}"
         )
-    seed_everything(params.seed)
-    generate_demo(args.out, demo.labelled, demo.unlabelled, params.seed, demo.width, demo.height)
+    seed_everything(demo.seed)
+    generate_demo(args.out, demo.labelled, demo.unlabelled, demo.seed, demo.width, demo.height)
     return 0
 
 

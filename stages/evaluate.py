@@ -1,7 +1,7 @@
 """Stage `evaluate`: zero-shot, teacher and student on train/val/test, with and without masks.
 
     python stages/evaluate.py --prepared data/prepared --masks data/masks.h5 \
-        --teacher models/teacher.pt --student models/student.pt \
+        --teacher models/teacher.pt --student models/student.pt --control models/control.pt \
         --out metrics/eval.json --plots metrics/eval
 
 Params: ``seed``, ``classes``, ``clip`` (the zero-shot model), ``eval.*``. Writes
@@ -22,7 +22,12 @@ from pathlib import Path
 from torch import nn
 
 from opensam.config import Params, load_params
-from opensam.eval.evaluation import PlotCollector, evaluate_models, format_eval_table
+from opensam.eval.evaluation import (
+    PlotCollector,
+    evaluate_models,
+    format_eval_table,
+    student_gain,
+)
 from opensam.eval.plots import save_confusion_png, write_confusion_json
 from opensam.eval.zeroshot import build_zeroshot_model
 from opensam.masks.settings import check_store_settings, open_mask_store
@@ -42,6 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--masks", type=Path, required=True)
     parser.add_argument("--teacher", type=Path, required=True)
     parser.add_argument("--student", type=Path, required=True)
+    parser.add_argument("--control", type=Path, default=None, help="labelled-only control")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -51,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load_models(args: argparse.Namespace, params: Params, store: MaskStore) -> dict[str, nn.Module]:
     """The three models; checkpoints checked against params' classes and the mask store."""
     models: dict[str, nn.Module] = {}
-    for name, path in (("teacher", args.teacher), ("student", args.student)):
+    named = (("teacher", args.teacher), ("control", args.control), ("student", args.student))
+    for name, path in ((n, p) for n, p in named if p is not None):
         models[name], meta = load_checkpoint(
             path, params.class_names, classes_from=str(args.params)
         )
@@ -76,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         results, plotted_conf = evaluate_models(
             models, prepared, args.masks, params.eval.batch_size, PLOTTED, plots
         )
+        if "control" in results:
+            results["gain"] = student_gain(results)
         write_confusion_json(plots_dir / "confusion.json", plots.rows)
         if plotted_conf is not None:
             save_confusion_png(plots_dir / "confusion.png", plotted_conf, params.class_names)
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
-    log.info("mIoU (%%):\n%s", format_eval_table(results))
+    table = format_eval_table({k: v for k, v in results.items() if k != "gain"})
+    log.info("mIoU (%%):\n%s\ngain, student - control: %s", table, results.get("gain"))
     return 0
 
 

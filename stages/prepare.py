@@ -2,7 +2,7 @@
 
     python stages/prepare.py --out data/prepared --metrics metrics/data.json
 
-Reads params `seed`, `image_size`, `classes`, `data`. Writes `data/prepared/` (images, labels,
+Reads params `image_size`, `classes`, `data`. Writes `data/prepared/` (images, labels,
 unlabelled_gt, splits.json; see docs/architecture.md) and `metrics/data.json`, both atomically.
 Set OPENSAM_WORKERS to change the number of worker processes (default: min(cpus, 4)).
 """
@@ -35,8 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
-    seed_everything(params.seed)
     data = params.data
+    seed_everything(data.seed)
     export = open_export(data.source, data.format, params.classes, data.unknown_colour_max_pixels)
     unlabelled = []
     if data.unlabelled is not None:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with atomic_path(args.out) as tmp:
             metrics = prepare_dataset(
-                export, unlabelled, tmp, params.image_size, data.split, params.seed, workers
+                export, unlabelled, tmp, params.image_size, data.split, data.seed, workers
             )
     except InputError as exc:
         msg = str(exc)  # split errors name the param; say which params file it came from

@@ -4,9 +4,11 @@
         --data-metrics metrics/data.json --teacher models/teacher.pt --pseudo data/pseudo \
         --out models/student.pt --metrics metrics/student.json --live metrics/live/student
 
-Params: ``seed``, ``ratio``, ``student.*``, ``pseudo.*``. The rounds are
-:func:`opensam.train.self_training.run_self_training`; the best student by val mIoU is saved. A
-killed run resumes from ``<out dir>/.student_ckpt/`` (removed after success).
+Params: ``seed``, ``ratio``, ``student.*``, ``pseudo.*``. ``student.mode: offline``: the thesis's
+rounds (:func:`opensam.train.self_training.run_self_training`); ``online``: one weak-to-strong run
+with an EMA teacher (:func:`opensam.train.online_setup.run_online_student`; ``--pseudo`` then only
+measures the warm teacher's pseudo-labels). The best student by val mIoU is saved. A killed run
+resumes from ``<out dir>/.student_ckpt/`` (removed after success).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
 from opensam.train.loop import TrainConfig, open_live
 from opensam.train.losses import resolve_class_weights
+from opensam.train.online_setup import run_online_student
 from opensam.train.pseudo_labels import load_pseudo_ids
 from opensam.train.self_training import SelfTrainingInputs, run_self_training
 
@@ -59,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"{args.params}: student: {exc}") from None
     inputs = SelfTrainingInputs(prepared, args.masks, args.teacher, args.pseudo, pool_ids, classes)
     ckpt_root, live = args.out.parent / ".student_ckpt", open_live(args.live)
-    result = run_self_training(inputs, cfg, params.pseudo, base, ckpt_root, live)
+    if cfg.mode == "online":  # one weak-to-strong run; seed = the offline first round's
+        result = run_online_student(inputs, cfg, weights, params.seed + 1, ckpt_root, live)
+    else:
+        result = run_self_training(inputs, cfg, params.pseudo, base, ckpt_root, live)
     live.end()
     save_checkpoint(
         args.out, result.model, list(classes), checkpoint_clip(meta, args.teacher),

@@ -163,9 +163,16 @@ def test_label_to_rgb_uses_labelmap_colours() -> None:
 
 def _write_params(path: Path, **demo_params: int) -> Path:
     params = {
-        "seed": 3,
+        "seed": 5,  # the training seed: the demo ignores it
         "classes": [{"name": n, "prompt": f"a {n}"} for n in demo.CLASS_NAMES],
-        "demo": {"labelled": 2, "unlabelled": 1, "width": W, "height": H, **demo_params},
+        "demo": {
+            "labelled": 2,
+            "unlabelled": 1,
+            "width": W,
+            "height": H,
+            "seed": 3,
+            **demo_params,
+        },  # fmt: skip
     }
     path.write_text(yaml.safe_dump(params))
     return path
@@ -183,7 +190,7 @@ def test_stage_main_writes_the_export(tmp_path: Path) -> None:
     ]
     assert [p.name for p in (out / "unlabelled").iterdir()] == ["ul0000.jpg"]
     assert [p.name for p in (out / "unlabelled_gt").iterdir()] == ["ul0000.png"]
-    # The stage passes params.seed: the photos are those of generate_demo with that seed.
+    # The stage passes demo.seed: the photos are those of generate_demo with that seed.
     ref = tmp_path / "ref"
     demo.generate_demo(ref, 2, 1, seed=3, width=W, height=H, workers=1)
     assert _files(out) == _files(ref)

@@ -78,19 +78,22 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(proj, "git", "commit", "-qm", "tiny project")
     out = run(proj, str(BIN / "dvc"), "repro")
     ran = stages_run(out)
-    assert {"demo_data", "prepare", "masks", "zeroshot", "warmup", "student", "evaluate"} <= ran
+    expected = {"demo_data", "prepare", "masks", "zeroshot", "warmup", "student", "control"}
+    assert expected | {"evaluate"} <= ran
     run(proj, "git", "add", "-A")
     run(proj, "git", "commit", "-qm", "repro")
     return proj
 
 
 def test_repro_writes_every_metric(project: Path) -> None:
-    for name in ("data", "zeroshot", "warmup", "pseudo", "student", "eval"):
+    for name in ("data", "zeroshot", "warmup", "pseudo", "student", "control", "eval"):
         assert (project / "metrics" / f"{name}.json").is_file(), name
     shown = json.loads(run(project, str(BIN / "dvc"), "metrics", "show", "--json"))
     text = json.dumps(shown)
     for key in ("zeroshot.json", "warmup.json", "student.json", "eval.json", "miou"):
         assert key in text
+    gain = json.loads((project / "metrics" / "eval.json").read_text())["gain"]
+    assert set(gain) == {"train", "val", "test"} and isinstance(gain["test"]["miou"], float)
     assert (project / "data" / "masks.h5").is_file()
     assert len(list((project / "data" / "ablation").glob("*.h5"))) == 8
 
@@ -107,6 +110,9 @@ def test_second_repro_changes_nothing(project: Path) -> None:
         ("pps=32", {"masks", "warmup", "pseudolabel", "student", "evaluate"}),
         ("ratio=3", {"pseudolabel", "student", "evaluate"}),
         ("student.alpha_f=0.5", {"student", "evaluate"}),
+        ("student.mode=online", {"student", "control", "evaluate"}),
+        ("student.unsup_weight=0.5", {"student", "evaluate"}),
+        ("seed=1", {"zeroshot", "warmup", "pseudolabel", "student", "control", "evaluate"}),
     ],
 )
 def test_exp_run_reruns_only_dependent_stages(

@@ -34,8 +34,8 @@ class SplitParams:
     """Labelled split sizes: integers are counts, floats in (0, 1) are fractions."""
 
     train: float = 60
-    val: float = 10
-    test: float = 8
+    val: float = 40
+    test: float = 200
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,16 @@ class DataParams:
     unlabelled_gt: str | None = "data/demo/unlabelled_gt"  # never used for training
     split: SplitParams = field(default_factory=SplitParams)
     unknown_colour_max_pixels: int = 500  # per image; fewer → mapped to 255 with a warning
+    seed: int = 0  # split order; its own seed, so the training ``seed`` never reruns prepare
 
 
 @dataclass(frozen=True)
 class DemoParams:
-    labelled: int = 78
+    labelled: int = 300
     unlabelled: int = 480
     width: int = 1024
     height: int = 683
+    seed: int = 0  # the demo's own seed: the training ``seed`` never regenerates the demo
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,16 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class StudentParams(TrainParams):
-    iterations: int = 3
-    alpha_f: float = 1.0
+    mode: str = "offline"  # offline: the thesis's rounds | online: EMA teacher, weak-to-strong
+    iterations: int = 3  # offline
+    alpha_f: float = 1.0  # offline: final pseudo-label loss weight of the ramp
     t1: float = 0.2
     t2: float = 0.8
+    unsup_weight: float = 1.0  # online: λ of the confident-unlabelled loss
+    conf_threshold: float = 0.95  # online: pixels below are ignored
+    ema_decay: float = 0.99  # online: EMA teacher decay per step
+    feature_dropout: float = 0.5  # online: channel dropout on the dense embedding (2nd view)
+    cutmix_prob: float = 0.5  # online: share of strong views that are CutMixed
 
 
 @dataclass(frozen=True)

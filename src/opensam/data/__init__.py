@@ -1,0 +1,1 @@
+"""Data: importers, datasets, augmentation."""

@@ -208,6 +208,16 @@ def evaluate_models(
     return results, plotted_conf
 
 
+def student_gain(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """``{split: {"miou": student − control}}`` with masks, in percentage points."""
+    student, control = results["student"]["with_masks"], results["control"]["with_masks"]
+    return {
+        split: {"miou": round(student[split]["miou"] - control[split]["miou"], 2)}
+        for split in student
+        if split in control
+    }
+
+
 def colorize_labels(labels: np.ndarray, colors: np.ndarray) -> np.ndarray:
     """Class ids (H, W) int -> RGB (H, W, 3) uint8; 255 and any id without a colour are black."""
     labels = np.asarray(labels)
@@ -300,4 +310,5 @@ __all__ = [
     "predict_batches",
     "predict_loader",
     "render_overlay",
+    "student_gain",
 ]

@@ -1,0 +1,1 @@
+"""Training: the loops, losses and pseudo-labels."""

@@ -319,6 +319,7 @@ def train_model(
     checkpoint_dir: Path | None = None,
     live: Any = None,
     on_epoch_end: EpochCallback | None = None,
+    steps_per_epoch: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place and leave it holding the best epoch's weights.
 
@@ -327,13 +328,16 @@ def train_model(
     max(len(train), len(pseudo)) steps (the shorter loader cycles). ``checkpoint_dir`` holds
     ``last.pt``, written after every epoch and resumed from when it matches ``config``. ``live``
     is a DVCLive ``Live`` (or None); a resumed run replays the earlier epochs into it.
-    ``on_epoch_end(epoch, entry)`` runs after each epoch's checkpoint is written. History
+    ``on_epoch_end(epoch, entry)`` runs after each epoch's checkpoint is written.
+    ``steps_per_epoch`` overrides the steps of an epoch (the student's budget: labelled
+    batches, so it does not grow with the pool and its control takes the same steps). History
     entries: epoch, train/loss (labelled + α·pseudo), train/loss_labelled, train/loss_pseudo,
     train/miou (running, over the augmented training batches), lr, alpha, val/miou (percent).
     """
     config.validate()
     use_pseudo = pseudo_loader is not None and config.alpha_f > 0
     steps = max(len(train_loader), len(pseudo_loader) if use_pseudo and pseudo_loader else 0)
+    steps = steps_per_epoch or steps
     loop = _build_loop(model, config, steps)
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if ckpt is None or not _try_resume(loop, ckpt):

@@ -79,8 +79,9 @@ def train_round(
         prep.root, prep.train, prep.val, masks, model.grid_hw(prep.image_size), cfg.batch_size,
         config.seed, aug, (inputs.pool_ids, pseudo_dir), cfg.num_workers,
     )  # fmt: skip
+    # the step budget is the labelled batches, whatever the pool size (the control's too)
     train_model(model, train, config, val_loader=val, pseudo_loader=pseudo,
-                checkpoint_dir=ckpt_dir, live=live)  # fmt: skip
+                checkpoint_dir=ckpt_dir, live=live, steps_per_epoch=len(train))  # fmt: skip
     return model
 
 

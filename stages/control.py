@@ -1,0 +1,76 @@
+"""Stage `control`: the labelled-only control of the student (same init, schedule, steps).
+
+    python stages/control.py --prepared data/prepared --masks data/masks.h5 \
+        --data-metrics metrics/data.json --teacher models/teacher.pt \
+        --out models/control.pt --metrics metrics/control.json --live metrics/live/control
+
+It trains what the student trains, minus the unlabelled data
+(:func:`opensam.train.online_setup.train_control`): from the warm teacher, with the student's drop
+path, augmentation, optimiser, learning-rate schedule and optimiser steps (``student.epochs`` ×
+the labelled batches per epoch, in both modes), keeping the best epoch by val mIoU as the student
+does. The ratio and the pseudo-labels are not read, so ``-S ratio=...`` does not rerun it. A
+killed run resumes from ``<out dir>/.control_ckpt/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from opensam.config import load_params
+from opensam.masks.settings import check_store_settings, open_mask_store, store_settings
+from opensam.model.segmenter import checkpoint_clip, load_checkpoint, save_checkpoint
+from opensam.prepared import read_prepared
+from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
+from opensam.train.loop import evaluate_splits, open_live
+from opensam.train.losses import resolve_class_weights
+from opensam.train.online_setup import train_control
+
+log = logging.getLogger("stages.control")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in ("prepared", "masks", "data-metrics", "teacher", "out", "metrics", "live"):
+        parser.add_argument(f"--{name}", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    seed_everything(params.seed)
+    cfg, prepared = params.student, read_prepared(args.prepared)
+    store = open_mask_store(args.masks)
+    model, meta = load_checkpoint(args.teacher, drop_path=cfg.drop_path)
+    classes = list(meta["classes"])
+    prepared.check_classes(classes, str(args.teacher))
+    check_store_settings(meta.get("masks"), store, args.teacher)
+    weights = resolve_class_weights(cfg.class_weights, classes, args.data_metrics)
+    ckpt, live = args.out.parent / ".control_ckpt", open_live(args.live)
+    # the seed of the student's (first) round
+    best_epoch, best_val = train_control(
+        model, cfg, weights, params.seed + 1, prepared, args.masks, ckpt, live
+    )
+    live.end()
+    report = evaluate_splits(
+        model, prepared.root, prepared.split_ids(("val", "test")), args.masks, cfg.batch_size,
+        classes, use_masks=cfg.use_masks,
+    )  # fmt: skip
+    save_checkpoint(
+        args.out, model, classes, checkpoint_clip(meta, args.teacher), prepared.image_size,
+        epoch=best_epoch, val_miou=best_val, masks=store_settings(store),
+        labelmap_colors=meta.get("labelmap_colors"),
+    )  # fmt: skip
+    with atomic_path(args.metrics) as tmp:
+        tmp.write_text(json.dumps({"best_epoch": best_epoch, **report}, indent=2) + "\n")
+    remove_path(ckpt)
+    log.info("control: best epoch %d, %s", best_epoch, {s: r["miou"] for s, r in report.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
