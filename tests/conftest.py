@@ -177,7 +177,8 @@ def write_tiny_project(
     params = repo_params(image_size=size, ratio=1)
     train = {"epochs": 2, "batch_size": 4, "lr_max": 0.002, "lr_min": 0.0001}
     params["warmup"].update(train)
-    params["student"].update(train, epochs=1, iterations=2)
+    params["student"].update(train, epochs=1, iterations=2, mode="offline")
+    params["pseudo"]["conf_threshold"] = None  # an untrained teacher is confident nowhere
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return {"prepared": prepared, "masks": root / "masks.h5", "data": data,
             "params": root / "params.yaml", "splits": prepared / "splits.json"}  # fmt: skip

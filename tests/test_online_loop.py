@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from test_datasets import write_tiny_project
-from test_warmup_stage import load_stage
+from conftest import load_stage, write_tiny_project
 
 from opensam.config import StudentParams, load_params
 from opensam.model.segmenter import OpenSamModel, build_model, save_checkpoint
+from opensam.prepared import read_prepared
 from opensam.train import online
 from opensam.train.online_setup import online_config, run_online
 from opensam.train.pseudo_labels import generate_pseudo_labels
@@ -53,9 +53,9 @@ def _run(project: dict[str, Any], ckpt: Path | None, control: bool = False) -> O
     model: OpenSamModel = build_model(load_params(project["params"]).clip, ["a"] * 4)
     model.load_state_dict(project["model"].state_dict())
     config = online_config(CFG, None, 3, control=control)
-    data = (project["prepared"], project["masks"], project["splits_dict"])
     pool = project["splits_dict"]["unlabelled"][:4]
-    run_online(model, CFG, config, data, pool, ckpt, None)
+    prepared = read_prepared(project["prepared"])
+    run_online(model, CFG, config, prepared, project["masks"], pool, ckpt, None)
     return model
 
 
