@@ -329,7 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_preset)
     _add_predict(sub)
     _add_export(sub)
+    p = sub.add_parser(
+        "report",
+        help="mean ± std over seeds of the finished DVC experiments (test mIoU, gain)",
+        description="Read every DVC experiment of this repository (refs/exps) and print one row "
+        "per group of experiments that differ only in seed: mean ± std of the test mIoU of the "
+        "control, teacher and student, the gain (student - control) on test and val, and the "
+        "pseudo-label mIoU against the hidden ground truth.",
+    )
+    p.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository")
+    p.set_defaults(func=_cmd_report)
     return parser
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from opensam.apps.report import format_report, read_experiments
+
+    sys.stdout.write(format_report(read_experiments(args.repo)) + "\n")  # the output, not a log
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

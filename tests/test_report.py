@@ -1,0 +1,78 @@
+"""opensam report: experiments grouped by every param but seed, mean ± std per column."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opensam.apps.cli import main as cli_main
+from opensam.apps.report import Run, flatten, format_report, group_runs, mean_std, read_experiments
+
+
+def _eval(control: float, student: float) -> dict:
+    def block(v: float) -> dict:
+        return {"with_masks": {"test": {"miou": v}, "val": {"miou": v}}}
+
+    return {"control": block(control), "teacher": block(50.0), "student": block(student),
+            "gain": {"test": {"miou": round(student - control, 2)}}}  # fmt: skip
+
+
+def test_mean_std_is_the_sample_std() -> None:
+    assert mean_std([1.0, 3.0]) == "2.00 ± 1.41"
+    assert mean_std([2.0]) == "2.00 ±  -"
+    assert mean_std([]) == "-"
+
+
+def test_flatten_and_grouping_ignore_only_the_seed() -> None:
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": 2}) == {"a.b": 1, "a.c": [1, 2], "d": 2}
+    runs = [Run(f"e{s}{r}", {"seed": s, "ratio": r, "x": 1}, {}) for s in (0, 1, 2) for r in (1, 8)]
+    groups = group_runs(runs)
+    assert sorted(groups) == [(("ratio", "1"),), (("ratio", "8"),)]
+    assert all(len(v) == 3 for v in groups.values())
+
+
+def test_format_report_rows() -> None:
+    runs = [Run("a", {"seed": 0}, _eval(60, 64)), Run("b", {"seed": 1}, _eval(62, 64))]
+    table = format_report(runs)
+    row = table.splitlines()[2]
+    assert row.startswith("| (all equal) | 0,1 | 61.00 ± 1.41 | 50.00 ± 0.00 | 64.00 ± 0.00")
+    assert "| 3.00 ± 1.41 |" in row
+    assert "no finished experiments" in format_report([])
+
+
+def _git(repo: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def test_read_experiments_from_git_refs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _git(tmp_path, "init", "-q")
+    for key, value in (("user.email", "t@t"), ("user.name", "t")):
+        _git(tmp_path, "config", key, value)
+    (tmp_path / "metrics").mkdir()
+    for seed, (control, student) in enumerate([(60.0, 63.0), (61.0, 65.0)]):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": seed, "ratio": 2}))
+        (tmp_path / "metrics" / "eval.json").write_text(json.dumps(_eval(control, student)))
+        (tmp_path / "metrics" / "pseudo.json").write_text(
+            json.dumps({"vs_hidden_gt": {"miou": 50}})
+        )
+        _git(tmp_path, "add", "-A")
+        _git(tmp_path, "commit", "-qm", f"seed {seed}")
+        _git(
+            tmp_path,
+            "update-ref",
+            f"refs/exps/ab/cdef/exp-{seed}",
+            _git(tmp_path, "rev-parse", "HEAD"),
+        )
+    _git(tmp_path, "update-ref", "refs/exps/exec/EXEC_HEAD", _git(tmp_path, "rev-parse", "HEAD"))
+    runs = read_experiments(tmp_path)
+    assert sorted(r.name for r in runs) == ["exp-0", "exp-1"]
+    assert cli_main(["report", "--repo", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "| 0,1 | 60.50 ± 0.71 |" in out and "| 3.50 ± 0.71 |" in out and "| 50.00 ± 0.00 |" in out
+    )
