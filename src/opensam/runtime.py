@@ -149,6 +149,9 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     tmp = _tmp_name(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{final}: cannot write ({exc.strerror or exc})") from None
+    try:
         _remove_stale_temporaries(final)
         remove_path(tmp)
         yield tmp
