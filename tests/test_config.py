@@ -39,12 +39,12 @@ def test_repo_params_load_and_are_frozen() -> None:
 @pytest.mark.parametrize(
     ("patch", "fragment"),
     [
-        ({"pps": 0}, "pps must be in 1..128"),
+        ({"pps": 0}, "pps: must be in 1..128"),
         ({"pps": "many"}, "pps: expected an integer"),
-        ({"min_region_area": -1}, "min_region_area must be >= 0"),
+        ({"min_region_area": -1}, "min_region_area: must be >= 0"),
         ({"warmup": {"epochs": 1.5}}, "warmup.epochs: expected an integer"),
         ({"warmup": {"bogus": 1}}, "warmup: unknown key(s) bogus"),
-        ({"classes": []}, "'classes' is empty"),
+        ({"classes": []}, "classes: must not be empty"),
     ],
 )
 def test_bad_params_name_the_problem(patch: dict, fragment: str, tmp_path: Path) -> None:

@@ -76,6 +76,7 @@ def make_project(root: Path, n_train: int = 4, n_unl: int = 6, size: int = SIZE,
         "image_size": size,
         "pps": 4,
         "min_region_area": 0,
+        "ratio": 1,  # <= masks.max_ratio, checked at load
         "classes": [{"name": "a", "prompt": "a"}, {"name": "b", "prompt": "b"}],
         "masks": {"generator": "superpixels", "max_ratio": 1, "compactness": 10.0},
         "ablation": {"pps": [4], "min_region_area": [0], "images": 3},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -42,13 +43,33 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
     torch.set_num_threads(max(1, n))
 
 
+WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+     errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EFBIG}
+)  # fmt: skip
+
+
+def os_error_line(exc: OSError) -> str | None:
+    """``'<file>: <reason>'`` for a file-system error a user can fix (a full disk, a read-only
+    folder, a file where a folder should be), else None (a bug: let it raise)."""
+    if exc.errno not in WRITE_ERRNOS:
+        return None
+    return f"{exc.filename or 'output'}: {exc.strerror or exc.__class__.__name__}"
+
+
 def run_main(main: Callable[[list[str] | None], int]) -> None:
-    """Run a stage ``main``; an :class:`InputError` becomes one line on stderr and exit code 2."""
+    """Run a stage ``main``; an :class:`InputError` (or a full disk, a read-only output, ...)
+    becomes one line on stderr and exit code 2."""
     setup_logging()
     try:
         code = main(None)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except OSError as exc:
+        if (line := os_error_line(exc)) is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -57,7 +78,64 @@ def run_main(main: Callable[[list[str] | None], int]) -> None:
 
 
 def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp")
+    """Per-process temporary name: two runs writing the same output never share one."""
+    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(final: Path) -> None:
+    """Remove temporaries of ``final`` left by killed runs (``.<name>.<pid>.tmp`` whose process
+    is gone, and the older ``.<name>.tmp``); a live run's temporary is left alone."""
+    prefix = f".{final.name}."
+    with contextlib.suppress(OSError):
+        for sibling in final.parent.iterdir():
+            middle = sibling.name[len(prefix) : -len(".tmp")]
+            if not sibling.name.startswith(prefix) or not sibling.name.endswith(".tmp"):
+                continue
+            if sibling.name == f".{final.name}.tmp" or (
+                middle.isdigit() and int(middle) != os.getpid() and not _pid_alive(int(middle))
+            ):
+                remove_path(sibling)
+
+
+def write_error(final: Path, tmp: Path, exc: OSError) -> InputError:
+    """One-line error for ``exc`` raised while writing ``final`` through ``tmp``."""
+    name = exc.filename
+    reason = exc.strerror or str(exc) or exc.__class__.__name__
+    if name and not str(name).startswith(str(tmp)) and Path(name) != final:
+        return InputError(f"{name}: {reason}")  # another file (a photo read for the output)
+    return InputError(f"{final}: cannot write ({reason})")
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``. A file never replaces a folder or a folder a file, and a
+    folder is swapped in before the old one is removed (the final name is never missing)."""
+    if final.is_dir() and not final.is_symlink():
+        if not tmp.is_dir():
+            raise InputError(f"{final}: is a folder, refusing to replace it with a file")
+        if Path.cwd().resolve().is_relative_to(final.resolve()):
+            raise InputError(f"{final}: holds the current folder, refusing to replace it")
+        old = final.with_name(f".{final.name}.{os.getpid()}.old.tmp")
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.replace(old, final)
+            raise
+        remove_path(old)
+    elif tmp.is_dir() and (final.exists() or final.is_symlink()):
+        raise InputError(f"{final}: is a file, refusing to replace it with a folder")
+    else:
+        os.replace(tmp, final)
 
 
 @contextlib.contextmanager
@@ -65,19 +143,27 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it to ``final`` (file or directory).
 
     On any exception the temporary is removed and ``final`` is left as it was, so a reader never
-    sees a half-written output under the final name.
+    sees a half-written output under the final name. A write that fails for a reason the user
+    can fix (full disk, read-only folder) becomes an :class:`InputError` naming ``final``. The
+    temporary name is per process; a folder never replaces a file (nor a file a folder).
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final = Path(os.path.abspath(final)) if Path(final).name in ("", ".", "..") else Path(final)
     tmp = _tmp_name(final)
-    remove_path(tmp)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{final}: cannot write ({exc.strerror or exc})") from None
+    try:
+        _remove_stale_temporaries(final)
+        remove_path(tmp)
         yield tmp
+        _replace(tmp, final)
+    except OSError as exc:
+        remove_path(tmp)
+        raise write_error(final, tmp, exc) from None
     except BaseException:
         remove_path(tmp)
         raise
-    remove_path(final)
-    os.replace(tmp, final)
 
 
 def remove_path(path: Path) -> None:

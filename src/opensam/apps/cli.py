@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from opensam.errors import InputError
 from opensam.images import IMAGE_EXTENSIONS, is_image_name
 
@@ -45,15 +43,27 @@ class PhotoList:
 
 def _assign_ids(paths: Sequence[Path], root: Path) -> list[Photo]:
     """Ids: paths relative to ``root`` without extension, ``/`` -> ``__``; a clash (a.jpg and
-    a.png) appends the extension (``a_jpg``, ``a_png``)."""
+    a.png) appends the extension (``a_jpg``, ``a_png``). Ids are unique ignoring case (output
+    files must not clash on a case-insensitive disk either): what still clashes (a.jpg and
+    a.JPG, sub/inner.jpg and sub__inner.jpg) gets ``_2``, ``_3``, ... in path order."""
     from opensam.apps.predict import Photo
 
     ids = [p.relative_to(root).with_suffix("").as_posix().replace("/", "__") for p in paths]
-    clash = {i for i, n in Counter(ids).items() if n > 1}
-    return [
-        Photo(f"{i}_{p.suffix[1:].lower()}" if i in clash else i, p)
+    clash = {i for i, n in Counter(i.casefold() for i in ids).items() if n > 1}
+    ids = [
+        f"{i}_{p.suffix[1:].lower()}" if i.casefold() in clash else i
         for i, p in zip(ids, paths, strict=True)
     ]
+    taken: set[str] = set()
+    unique = []
+    for image_id in ids:
+        candidate, n = image_id, 1
+        while candidate.casefold() in taken:
+            n += 1
+            candidate = f"{image_id}_{n}"
+        taken.add(candidate.casefold())
+        unique.append(candidate)
+    return [Photo(i, p) for i, p in zip(unique, paths, strict=True)]
 
 
 def _read_list_file(source: Path) -> list[Path]:
@@ -107,23 +117,18 @@ def check_output_dir(source: Path, out_dir: Path) -> None:
 
 
 def _cmd_preset(args: argparse.Namespace) -> int:
-    from opensam.apps.presets import apply_preset
-    from opensam.runtime import atomic_path
+    from opensam.apps.presets import apply_preset_to_file
 
-    path = Path(args.params)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: params file not found") from None
-    merged = apply_preset(raw, args.name)
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(merged, sort_keys=False, default_flow_style=None))
-    log.info("%s: applied preset %r", path, args.name)
+    changes = apply_preset_to_file(Path(args.params), args.name)
+    for line in changes:
+        log.info("%s: %s", args.params, line)
+    log.info("%s: applied preset %r (%d value(s) changed)", args.params, args.name, len(changes))
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from opensam.apps import predict
+    from opensam.apps.guards import check_predict_out, output_lock
     from opensam.apps.predict_setup import build_mask_generator, choose_masks, overlay_colors
     from opensam.config import load_params
     from opensam.model.segmenter import load_checkpoint
@@ -134,6 +139,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     seed_everything(params.seed)
     check_output_dir(args.input, args.out)
+    check_predict_out(args.out)
     listing = list_photos(args.input)
     model, meta = load_checkpoint(args.checkpoint, params.class_names, classes_from=args.params)
     size = int(meta["image_size"])
@@ -145,12 +151,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     log.info("%d photos, %s (%d px), masks %s pps %d", len(listing.photos), args.checkpoint,
              size, choice.generator, choice.pps)  # fmt: skip
     low_conf = params.predict.low_conf if args.low_conf is None else args.low_conf
-    result = predict.predict_photos(
-        model, listing.photos, args.out, params.class_names, colors, size, masks,
-        args.batch_size or params.predict.batch_size, low_conf, args.overwrite, listing.refused,
-    )  # fmt: skip
-    info = {"checkpoint": str(args.checkpoint), "input": str(args.input), "masks": choice.generator}
-    predict.write_summary(args.out, predict.build_summary(result, params.class_names, colors, info))
+    with output_lock(args.out):
+        result = predict.predict_photos(
+            model, listing.photos, args.out, params.class_names, colors, size, masks,
+            args.batch_size or params.predict.batch_size, low_conf, args.overwrite, listing.refused,
+        )  # fmt: skip
+        info = {
+            "checkpoint": str(args.checkpoint),
+            "input": str(args.input),
+            "masks": choice.generator,
+        }
+        summary = predict.build_summary(result, params.class_names, colors, info)
+        predict.write_summary(args.out, summary)
     log.info("%d predicted (%.2f images/s), %d skipped, %d failed -> %s", result.processed,
              result.images_per_s, result.skipped, len(result.failed), args.out)  # fmt: skip
     if not result.rows:
@@ -235,6 +247,9 @@ def export_least_confident(
 
 
 def _cmd_export_cvat(args: argparse.Namespace) -> int:
+    from opensam.apps.guards import check_export_target
+
+    check_export_target(args.out, args.pred_dir, args.overwrite)
     names, colors, origin = export_colors(args.pred_dir, args.prepared)
     log.info("labelmap colours from %s", origin)
     images = None
@@ -304,6 +319,11 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="export .zip (or a folder)")
     p.add_argument("--n", type=int, default=20, help="number of predictions (default 20)")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing .zip, or a folder written by an earlier export-cvat",
+    )
+    p.add_argument(
         "--images",
         type=Path,
         default=None,
@@ -359,6 +379,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except InputError as exc:
         sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except OSError as exc:  # a full disk or a read-only folder outside an atomic write
+        from opensam.runtime import os_error_line
+
+        if (line := os_error_line(exc)) is None:
+            raise
+        sys.stderr.write(f"error: {line}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

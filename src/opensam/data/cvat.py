@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 RGB = tuple[int, int, int]
 ExportItem = tuple[str, np.ndarray | str | Path, np.ndarray]
 SETS_DIR, LABELS_DIR, IMAGES_DIR = "ImageSets/Segmentation/", "SegmentationClass/", "JPEGImages/"
+EXPORT_MARKER = ".opensam-export"  # in a directory export: `export-cvat --overwrite` may replace it
 
 
 def parse_labelmap(text: str, name: str) -> dict[str, RGB]:
@@ -48,10 +49,10 @@ def parse_labelmap(text: str, name: str) -> dict[str, RGB]:
                 raise ValueError
         except (IndexError, ValueError):
             raise InputError(
-                f"{name}: line {number}: expected 'name:r,g,b::', got '{line}'"
+                f"{name}: line {number}: expected 'name:r,g,b::' with r, g, b in 0..255"
             ) from None
         if not label or label.lower() in (k.lower() for k in colours):
-            raise InputError(f"{name}: line {number}: empty or duplicate label name '{label}'")
+            raise InputError(f"{name}: line {number}: empty or duplicate label name")
         if rgb in colours.values():
             raise InputError(f"{name}: line {number}: colour {rgb} is used twice")
         colours[label] = (rgb[0], rgb[1], rgb[2])
@@ -101,6 +102,7 @@ def write_cvat_export(
             put = functools.partial(_put_file, tmp)
             ids = _write_items(put, items, palette, len(class_names))
             _write_lists(put, class_names, colours, void, ids)
+            put(EXPORT_MARKER, b"written by opensam export-cvat\n")
     log.info("%s: wrote a CVAT export of %d images", out, len(ids))
     return len(ids)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from opensam.data.cvat import IMAGES_DIR as _IMAGES
 from opensam.data.cvat import LABELS_DIR as _LABELS
 from opensam.data.cvat import SETS_DIR as _SETS
 from opensam.data.cvat import parse_labelmap
+from opensam.data.sources import check_zip_members, list_export_dir
 from opensam.errors import InputError
 from opensam.images import (
     FileRef,
@@ -77,12 +77,6 @@ def _safe_id(stem: str) -> str:
     return stem.replace("/", "__")
 
 
-def _check_member(archive: Path, name: str) -> None:
-    parts = re.split(r"[/\\]", name)
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
-        raise InputError(f"{archive}: refusing zip with unsafe member path '{name}'")
-
-
 class _Tree:
     """The file names of an export (directory or zip), relative to its detected root."""
 
@@ -92,18 +86,13 @@ class _Tree:
         self.source, self.is_zip = source, source.is_file()
         if self.is_zip:
             try:
-                members = open_zip(source, os.getpid()).namelist()
+                infos = open_zip(source, os.getpid()).infolist()
             except (zipfile.BadZipFile, OSError) as exc:
                 raise InputError(f"{source}: cannot read zip ({exc})") from None
-            for name in members:
-                _check_member(source, name)
-            names = [m for m in members if not m.endswith("/")]
+            check_zip_members(source, infos)
+            names = [i.filename for i in infos if not i.filename.endswith("/")]
         else:
-            names = [
-                Path(dirpath, f).relative_to(source).as_posix()
-                for dirpath, dirs, files in os.walk(source)
-                for f in files
-            ]
+            names = list_export_dir(source)
         visible = [
             n for n in names if not any(p.startswith((".", "__MACOSX")) for p in n.split("/"))
         ]
@@ -275,7 +264,15 @@ def _class_tables(
     return picked, codes, np.array(ids, np.uint8), index_lut
 
 
-def _read_ids(tree: _Tree) -> list[str] | None:
+def _list_entry(line: str, known: set[str]) -> str:
+    """The id on an ImageSets line: the whole line (ids may hold spaces, 'my photo'), or its
+    first word when only that is a known id (VOC-style 'id 1' lines)."""
+    stem = line.strip()
+    first = stem.split(" ")[0]
+    return first if stem not in known and first in known else stem
+
+
+def _read_ids(tree: _Tree, known: set[str]) -> list[str] | None:
     files = [n for n in tree.under(_SETS) if n.endswith(".txt")]
     if not files:
         return None
@@ -285,7 +282,7 @@ def _read_ids(tree: _Tree) -> list[str] | None:
     for rel in files:
         seen: set[str] = set()
         for line in tree.text(rel).splitlines():
-            if (stem := line.strip().split(" ")[0]) and not stem.startswith("#"):
+            if (stem := _list_entry(line, known)) and not stem.startswith("#"):
                 if stem in seen:
                     raise InputError(f"{tree.ref(rel)}: id '{stem}' is listed twice")
                 seen.add(stem)
@@ -310,7 +307,7 @@ def _collect_items(tree: _Tree) -> list[LabelledItem]:
     for stem, rel in labels.items():
         if stem not in images:
             raise InputError(f"{tree.ref(rel)}: label without an image in {tree.ref(_IMAGES)}")
-    listed = _read_ids(tree)
+    listed = _read_ids(tree, set(labels))
     ids = sorted(labels) if listed is None else listed
     items, seen = [], set()
     for stem in ids:

@@ -119,7 +119,11 @@ def checkpoint_sha256(path: str | Path) -> str:
     """sha256 of a (large) checkpoint, cached beside it in ``.<name>.sha256`` by size and mtime."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: SAM checkpoint not found (or set sam.checkpoint: null)")
+        raise InputError(
+            f"{path}: SAM checkpoint not found (download the official file for sam.model, "
+            "sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth or sam_vit_b_01ec64.pth, from "
+            "https://dl.fbaipublicfiles.com/segment_anything/ and put it at this path)"
+        )
     stat = path.stat()
     key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     cache = path.with_name(f".{path.name}.sha256")

@@ -120,6 +120,14 @@ def _describe_state_dict(state: dict[str, Any]) -> str:
     return f"it looks like {name} ({shape} encoder)" if name else f"unknown SAM variant ({shape})"
 
 
+def sam_download_hint(model: str) -> str:
+    """Where to get the official checkpoint of SAM ``model`` (for a not-found error)."""
+    name = SAM_CHECKPOINT_NAMES.get(model)
+    if name is None:
+        return f"sam.model {model} has no official checkpoint; choose vit_h, vit_l or vit_b"
+    return f"download {SAM_URL}{name} (sam.model {model}) and put it at this path"
+
+
 def load_sam(model: str, checkpoint: str | Path | None, device: str = "auto") -> Sam:
     """Build SAM ``model`` (vit_h, vit_l, vit_b, tiny), load ``checkpoint``, move to ``device``.
 
@@ -135,10 +143,9 @@ def load_sam(model: str, checkpoint: str | Path | None, device: str = "auto") ->
     if checkpoint is None:
         log.warning("sam.checkpoint is null: SAM %s has random weights (tests/demo only)", model)
         return sam.to(dev).eval()
-    path, name = Path(checkpoint), SAM_CHECKPOINT_NAMES.get(model)
+    path = Path(checkpoint)
     if not path.is_file():
-        hint = f"download {SAM_URL}{name}" if name else f"{model} has no official checkpoint"
-        raise InputError(f"{path}: SAM checkpoint not found ({hint}, or set sam.checkpoint: null)")
+        raise InputError(f"{path}: SAM checkpoint not found ({sam_download_hint(model)})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from opensam.config import ClipParams
+from opensam.config import MAX_IMAGE_SIZE, ClipParams
 from opensam.errors import InputError
 from opensam.model.aggregation import aggregate_log_probs, prepare_mask_inputs
 from opensam.model.clip import (
@@ -250,6 +250,23 @@ def checkpoint_clip(meta: dict[str, Any], path: str | Path) -> ClipParams:
         raise InputError(f"{path}: bad 'clip' entry ({exc})") from None
 
 
+def _check_checkpoint_fields(path: Path, ckpt: dict[str, Any]) -> None:
+    """One-line errors for a crafted checkpoint's metadata, before any model is built."""
+    classes, size, text = ckpt["classes"], ckpt["image_size"], ckpt["text_embeddings"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise InputError(f"{path}: bad 'classes' entry (expected a list of class names)")
+    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= MAX_IMAGE_SIZE:
+        raise InputError(f"{path}: bad 'image_size' {size!r} (expected 16..{MAX_IMAGE_SIZE})")
+    if not isinstance(text, torch.Tensor) or text.ndim != 2 or not text.is_floating_point():
+        raise InputError(f"{path}: bad 'text_embeddings' (expected a (classes, D) float tensor)")
+    if text.shape[0] != len(classes) or not bool(torch.isfinite(text).all()):
+        raise InputError(
+            f"{path}: bad 'text_embeddings' {tuple(text.shape)} for {len(classes)} classes"
+        )
+    if not isinstance(ckpt["clip"], dict):
+        raise InputError(f"{path}: bad 'clip' entry (expected a mapping)")
+
+
 def load_checkpoint(
     path: str | Path,
     expected_classes: Sequence[str] | None = None,
@@ -264,13 +281,17 @@ def load_checkpoint(
     """
     path = Path(path)
     ckpt = _read_checkpoint(path)
+    _check_checkpoint_fields(path, ckpt)
     if expected_classes is not None:
         check_classes(list(ckpt["classes"]), expected_classes, str(path), classes_from)
     clip = checkpoint_clip(ckpt, path)
     state = ckpt.pop("state_dict")
-    visual = create_visual(clip.model, drop_path)
     text = ckpt["text_embeddings"]
-    model = _assemble(visual, clip, text, 1.0, (0.0,) * 3, (1.0,) * 3)
+    try:
+        visual = create_visual(clip.model, drop_path)
+        model = _assemble(visual, clip, text, 1.0, (0.0,) * 3, (1.0,) * 3)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -30,6 +30,7 @@ from opensam.eval.metrics import confusion_matrix, miou_from_confusion, miou_rep
 from opensam.model.segmenter import forward_batch
 from opensam.runtime import atomic_path
 from opensam.train.losses import alpha_ramp, cosine_lr, segmentation_loss
+from opensam.train.resume import plain, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +241,9 @@ def _save_checkpoint(loop: _Loop, path: Path) -> None:
         "model": loop.model.state_dict(),
         "optimizer": loop.optimizer.state_dict(),
         "scheduler": loop.scheduler.state_dict(),
-        "rng": [torch.get_rng_state(), np.random.get_state(), random.getstate()],
-        "best": {"epoch": loop.best_epoch, "miou": loop.best_miou, "state": loop.best_state},
-        "history": loop.history,
+        "rng": rng_state(),
+        "best": plain({"epoch": loop.best_epoch, "miou": loop.best_miou, "state": loop.best_state}),
+        "history": plain(loop.history),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -253,7 +254,7 @@ def _try_resume(loop: _Loop, path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt checkpoint is not fatal: start over
         log.warning("%s: unreadable checkpoint (%s), starting over", path, exc.__class__.__name__)
         return False
@@ -261,6 +262,7 @@ def _try_resume(loop: _Loop, path: Path) -> bool:
         state.get("format") == CHECKPOINT_FORMAT
         and state.get("config") == asdict(loop.config)
         and state.get("steps_per_epoch") == loop.steps_per_epoch
+        and isinstance(state.get("rng"), dict)
     )
     if not same:
         log.warning("%s: checkpoint of a different configuration, starting over", path)
@@ -268,9 +270,7 @@ def _try_resume(loop: _Loop, path: Path) -> bool:
     loop.model.load_state_dict(state["model"])
     loop.optimizer.load_state_dict(state["optimizer"])
     loop.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"][0])
-    np.random.set_state(state["rng"][1])
-    random.setstate(state["rng"][2])
+    set_rng_state(state["rng"])
     loop.epoch, loop.history = state["epoch"], state["history"]
     best = state["best"]
     loop.best_epoch, loop.best_miou, loop.best_state = best["epoch"], best["miou"], best["state"]
