@@ -52,6 +52,7 @@ THESIS: dict[str, Any] = {
         "use_masks": True,
     },
     "student": {
+        "mode": "offline",  # the thesis's rounds
         "iterations": 3,
         "epochs": 50,
         "lr_max": 3.0e-7,
