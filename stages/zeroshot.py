@@ -16,6 +16,7 @@ import json
 import logging
 from itertools import product
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,12 +27,17 @@ from opensam.datasets import read_image, read_label
 from opensam.errors import InputError
 from opensam.evaluation import load_splits
 from opensam.mask_store import MaskStore
-from opensam.metrics import confusion_matrix, format_miou_table, miou_from_confusion
+from opensam.metrics import (
+    confusion_matrix,
+    format_miou_table,
+    miou_from_confusion,
+    miou_report,
+)
 from opensam.model import OpenSamModel, build_model
 from opensam.runtime import atomic_path, run_main, seed_everything
 
 log = logging.getLogger("stages.zeroshot")
-Results = dict[str, dict[str, float]]
+Results = dict[str, dict[str, Any]]
 
 THESIS = {  # thesis Table 3.1 (METHOD.md), mIoU % on 47 train images, SAM ViT-H
     "baseline": {"miou": 48.92},
@@ -61,6 +67,22 @@ def select_ids(train: list[str], stores: list[MaskStore], count: int, size: int)
     return ids
 
 
+def confusion(
+    model: OpenSamModel,
+    emb: torch.Tensor,
+    labels: dict[str, torch.Tensor],
+    store: MaskStore | None,
+    variant: str = "nu",
+) -> np.ndarray:
+    """Confusion matrix (C, C) of one variant over all images (``store`` None: per pixel)."""
+    conf = np.zeros((model.num_classes,) * 2, np.int64)
+    for i, (image_id, label) in enumerate(labels.items()):
+        masks = None if store is None else store.read(image_id).masks
+        pred = model.predict_embedding(emb[i], (label.shape[0], label.shape[1]), masks, variant)
+        conf += confusion_matrix(pred, label, model.num_classes)
+    return conf
+
+
 def score(
     model: OpenSamModel,
     emb: torch.Tensor,
@@ -69,12 +91,7 @@ def score(
     variant: str = "nu",
 ) -> float:
     """mIoU (%) of one variant over all images (``store`` None: the per-pixel baseline)."""
-    conf = np.zeros((model.num_classes,) * 2, np.int64)
-    for i, (image_id, label) in enumerate(labels.items()):
-        masks = None if store is None else store.read(image_id).masks
-        pred = model.predict_embedding(emb[i], (label.shape[0], label.shape[1]), masks, variant)
-        conf += confusion_matrix(pred, label, model.num_classes)
-    return round(100.0 * miou_from_confusion(conf), 2)
+    return round(100.0 * miou_from_confusion(confusion(model, emb, labels, store, variant)), 2)
 
 
 def run_ablation(args: argparse.Namespace, params: Params) -> tuple[Results, int]:
@@ -92,7 +109,9 @@ def run_ablation(args: argparse.Namespace, params: Params) -> tuple[Results, int
     model = build_model(params.clip, params.prompts)
     emb = model.embed_many([read_image(args.prepared / "images" / f"{i}.png") for i in ids])
     labels = {i: read_label(args.prepared / "labels" / f"{i}.png", (size, size)) for i in ids}
-    results: Results = {"baseline": {"miou": score(model, emb, labels, None)}}
+    # the baseline also reports per-class IoU (a class the tower never learns shows up here)
+    baseline = miou_report(confusion(model, emb, labels, None), params.class_names)
+    results: Results = {"baseline": baseline}
     areas = ab.min_region_area
     variants = [("nu" if a == 0 else f"nu_mra{a}", a, "nu") for a in areas]
     variants += [(f"pm_mra{a}", a, "pm") for a in areas if a]
@@ -130,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Zero-shot mIoU on {count} train images; CLIP {clip.model} "
         f"({clip.pretrained or 'random init'}). Thesis: convnext_base_w LAION-2B + SAM ViT-H."
     )
+    iou = results["baseline"].get("iou", {})
+    note += "\n\nPer-pixel IoU (%): " + ", ".join(f"{k} {v}" for k, v in iou.items())
     texts = {
         args.out: json.dumps(results, indent=2) + "\n",
         args.table: note + "\n\n" + format_table(results, pps),

@@ -1,0 +1,1 @@
+"""Data: importers, the demo generator, caption corpora."""
