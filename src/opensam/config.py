@@ -79,7 +79,7 @@ class DemoClipParams:
 
 @dataclass(frozen=True)
 class MasksParams:
-    generator: str = "superpixels"  # sam | superpixels
+    generator: str = "superpixels"  # sam | superpixels | regions
     max_ratio: int = 8
     compactness: float = 10.0  # superpixels only
 

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 CORPUS_KIND = 2  # generator key [seed, 2, index]; the demo's photos use kinds 0 and 1
 _SHOW = 0.07  # an object is named when it covers this fraction of a crop ...
 _SHOW_PART = 0.5  # ... or this fraction of itself lies in the crop (and at least 2% of it)
+PROMPT_SHARE = 0.3  # share of object names given as the class prompt itself ("a lizard")
 
 # Names per object; the first is the class prompt of params.yaml, kept verbatim.
 _NAMES: dict[int, tuple[str, ...]] = {
@@ -140,7 +141,7 @@ def _where(mask: np.ndarray) -> str:
 
 def _name(rng: np.random.Generator, cls: int, part: bool, colours: dict[int, str]) -> str:
     forms = _PARTS[cls] if part else _NAMES[cls]
-    form = forms[0] if rng.random() < 0.3 else forms[int(rng.integers(len(forms)))]
+    form = forms[0] if rng.random() < PROMPT_SHARE else forms[int(rng.integers(len(forms)))]
     return form.format(c=colours.get(cls, ""))
 
 
