@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     dc = params.demo_clip
     if dc.scenes < 1 or dc.heldout_scenes < 1 or dc.steps < 1 or dc.batch_size < 2:
         raise InputError(
-            f"{args.params}: demo_clip needs scenes, heldout_scenes, steps >= 1 and "
-            f"batch_size >= 2"
+            f"{args.params}: demo_clip needs scenes, heldout_scenes, steps >= 1 and batch_size >= 2"
         )
     if not 0 < dc.min_crop <= dc.max_crop <= 1:
         raise InputError(f"{args.params}: demo_clip needs 0 < min_crop <= max_crop <= 1")

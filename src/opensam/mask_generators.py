@@ -108,7 +108,7 @@ def build_generator(
     sam: SamParams,
     image_size: int = 256,
 ) -> MaskGenerator:
-    """The generator ``name`` (``superpixels`` | ``sam`` | ``regions``); masks come at ``image_size``²."""
+    """The generator ``name`` (superpixels | sam | regions); masks come at ``image_size``²."""
     check_generator_name(name, "masks.generator")
     return MASK_GENERATORS[name](pps, min_region_area, masks, sam, image_size)
 

@@ -189,9 +189,9 @@ def sample_crop(
 ) -> tuple[np.ndarray, str]:
     """A random square crop of ``scene`` resized to ``out_size``², and its caption.
 
-    The crop side is a fraction in [min_frac, max_frac] of the scene's (log-uniform); with probability ``focus`` it is
-    centred on a random pixel of a random object (so single objects, the lizard alone too, are
-    often the main subject), else placed uniformly. Flipped at random.
+    The crop side is a fraction in [min_frac, max_frac] of the scene's (log-uniform); with
+    probability ``focus`` it is centred on a random pixel of a random object (so single objects,
+    the lizard alone too, are often the main subject), else placed uniformly. Flipped at random.
     """
     size = scene.image.shape[0]
     side = max(8, round(size * float(np.exp(rng.uniform(np.log(min_frac), np.log(max_frac))))))

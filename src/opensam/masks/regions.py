@@ -107,6 +107,4 @@ class RegionGenerator:
 
     def generate(self, image: np.ndarray, original: Path | None = None) -> MaskSet:
         """(H, W, 3) uint8 → MaskSet with (n, H, W) bool masks; ``original`` is not used."""
-        return hierarchical_regions(
-            image, self.points_per_side, self.min_region_area, self.levels
-        )
+        return hierarchical_regions(image, self.points_per_side, self.min_region_area, self.levels)

@@ -108,16 +108,18 @@ def pretrain_clip(
     on_step: StepCallback | None = None,
     log_every: int = 10,
 ) -> list[float]:
-    """Train ``clip_model`` (an open_clip CLIP, in place; ``tokenizer`` its open_clip tokenizer) on crops of ``scenes`` and their
-    captions with :class:`open_clip.ClipLoss`. Returns the loss of every step; ``on_step(step,
-    mean loss)`` is called every ``log_every`` steps and after the last."""
+    """Train ``clip_model`` (an open_clip CLIP, in place; ``tokenizer`` its tokenizer) on crops
+    of ``scenes`` and their captions with :class:`open_clip.ClipLoss`. Returns the loss of every
+    step; ``on_step(step, mean loss)`` is called every ``log_every`` steps and after the last."""
     if not scenes:
         raise ValueError("pretrain_clip needs at least one scene")
     model_any = cast(Any, clip_model)
     features = _ImageFeatures(clip_model, cfg.pool)
     loss_fn = open_clip.ClipLoss()
     decay = [p for n, p in clip_model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in clip_model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    rest = [
+        p for n, p in clip_model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)
+    ]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0}],
         lr=cfg.lr,
