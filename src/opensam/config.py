@@ -67,9 +67,9 @@ class DemoClipParams:
     steps: int = 300
     batch_size: int = 64
     crop_size: int = 64
-    min_crop: float = 0.2  # crop side range, as a fraction of the scene's
-    max_crop: float = 0.6
-    focus: float = 0.6  # share of crops centred on an object
+    min_crop: float = 0.25  # crop side range, as a fraction of the scene's
+    max_crop: float = 0.5
+    focus: float = 0.8  # share of crops centred on an object
     lr: float = 0.002
     weight_decay: float = 0.05
     warmup_steps: int = 30

@@ -24,9 +24,9 @@ from opensam.demo_scene import BACKGROUND, BOARD, HAND, LIZARD, render_scene
 log = logging.getLogger(__name__)
 
 CORPUS_KIND = 2  # generator key [seed, 2, index]; the demo's photos use kinds 0 and 1
-_SHOW = 0.07  # an object is named when it covers this fraction of a crop ...
+_SHOW = 0.12  # an object is named when it covers this fraction of a crop ...
 _SHOW_PART = 0.5  # ... or this fraction of itself lies in the crop (and at least 2% of it)
-PROMPT_SHARE = 0.3  # share of object names given as the class prompt itself ("a lizard")
+PROMPT_SHARE = 0.5  # share of object names given as the class prompt itself ("a lizard")
 
 # Names per object; the first is the class prompt of params.yaml, kept verbatim.
 _NAMES: dict[int, tuple[str, ...]] = {

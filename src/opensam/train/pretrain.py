@@ -37,15 +37,15 @@ StepCallback = Callable[[int, float], None]
 class PretrainConfig:
     """Training settings (the ``demo_clip`` params block without the corpus sizes)."""
 
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 64
-    crop_size: int = 128
-    min_crop: float = 0.2  # smallest and largest crop side, as a fraction of the scene's
-    max_crop: float = 1.0
-    focus: float = 0.6  # share of crops centred on an object
+    crop_size: int = 64
+    min_crop: float = 0.25  # smallest and largest crop side, as a fraction of the scene's
+    max_crop: float = 0.5
+    focus: float = 0.8  # share of crops centred on an object
     lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 40
+    warmup_steps: int = 30
     pool: str = "dense_mean"  # dense_mean | encode_image
     seed: int = 1
 
