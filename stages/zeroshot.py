@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Zero-shot mIoU on {count} train images; CLIP {clip.model} "
         f"({clip.pretrained or 'random init'}). Thesis: convnext_base_w LAION-2B + SAM ViT-H."
     )
+    iou = results["baseline"].get("iou", {})
+    note += "\n\nPer-pixel IoU (%): " + ", ".join(f"{k} {v}" for k, v in iou.items())
     texts = {
         args.out: json.dumps(results, indent=2) + "\n",
         args.table: note + "\n\n" + format_table(results, ab.pps),

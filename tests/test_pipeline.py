@@ -32,6 +32,16 @@ TINY = {
     "warmup": {"epochs": 1, "batch_size": 4},
     "student": {"iterations": 2, "epochs": 2, "batch_size": 2},
     "eval": {"batch_size": 8, "overlays": 2},
+    "demo_clip": {
+        "scenes": 4,
+        "heldout_scenes": 2,
+        "render_width": 96,
+        "steps": 3,
+        "batch_size": 8,
+        "crop_size": 32,
+        "warmup_steps": 1,
+        "workers": 1,
+    },
 }
 
 
@@ -78,8 +88,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(proj, "git", "commit", "-qm", "tiny project")
     out = run(proj, str(BIN / "dvc"), "repro")
     ran = stages_run(out)
-    expected = {"demo_data", "prepare", "masks", "zeroshot", "warmup", "student", "control"}
-    assert expected | {"evaluate"} <= ran
+    expected = {"demo_data", "demo_clip", "prepare", "masks", "zeroshot", "warmup", "student"}
+    assert expected | {"control", "evaluate"} <= ran
     run(proj, "git", "add", "-A")
     run(proj, "git", "commit", "-qm", "repro")
     return proj

@@ -215,6 +215,10 @@ def test_run_ablation_scores_every_variant(
     model = prototype_model(project)
     ids = ["t0", "t2"]  # the first 2 train ids in every store (t1 lacks the pps16 stores)
     assert results["baseline"]["miou"] == expected_miou(project, model, ids, None, "nu")
+    iou = results["baseline"]["iou"]  # per-class IoU of the per-pixel baseline, class order
+    assert list(iou) == [c["name"] for c in CLASSES]
+    present = [v for v in iou.values() if v is not None]
+    assert present and abs(sum(present) / len(present) - results["baseline"]["miou"]) < 0.02
     nu8 = {i: region_masks(label_of(TRAIN.index(i)), False, False) for i in ids}
     assert results["nu"]["pps8"] == expected_miou(project, model, ids, nu8, "nu")
     pm16 = {i: region_masks(label_of(TRAIN.index(i)), True, True) for i in ids}

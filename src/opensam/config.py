@@ -61,8 +61,29 @@ class DemoParams:
 
 
 @dataclass(frozen=True)
+class DemoClipParams:
+    """The demo CLIP (stage ``demo_clip``): its caption corpus and contrastive training."""
+
+    seed: int = 1  # the caption corpus's own seed (never the demo photos')
+    scenes: int = 600  # generated scenes; training crops are drawn from them at random
+    heldout_scenes: int = 30  # further scenes for the held-out zero-shot image accuracy
+    render_width: int = 512  # scenes are drawn at this width (demo aspect), then squashed
+    steps: int = 300
+    batch_size: int = 64
+    crop_size: int = 64
+    min_crop: float = 0.25  # crop side range, as a fraction of the scene's
+    max_crop: float = 0.5
+    focus: float = 0.8  # share of crops centred on an object
+    lr: float = 0.002
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    pool: str = "dense_mean"  # dense_mean | encode_image
+    workers: int = 2  # scene rendering processes
+
+
+@dataclass(frozen=True)
 class MasksParams:
-    generator: str = "superpixels"  # sam | superpixels
+    generator: str = "superpixels"  # sam | superpixels | regions
     max_ratio: int = 8
     compactness: float = 10.0  # superpixels only
 
@@ -154,6 +175,7 @@ class Params:
     classes: tuple[ClassSpec, ...] = ()
     data: DataParams = field(default_factory=DataParams)
     demo: DemoParams = field(default_factory=DemoParams)
+    demo_clip: DemoClipParams = field(default_factory=DemoClipParams)
     masks: MasksParams = field(default_factory=MasksParams)
     sam: SamParams = field(default_factory=SamParams)
     clip: ClipParams = field(default_factory=ClipParams)

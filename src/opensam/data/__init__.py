@@ -1,1 +1,1 @@
-"""Data: importers, datasets, augmentation."""
+"""Data: importers, datasets, augmentation, caption corpora."""

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from itertools import product
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,13 +20,18 @@ from tqdm import tqdm
 from opensam.config import ClipParams
 from opensam.data.datasets import read_image, read_label
 from opensam.errors import InputError
-from opensam.eval.metrics import confusion_matrix, format_miou_table, miou_from_confusion
+from opensam.eval.metrics import (
+    confusion_matrix,
+    format_miou_table,
+    miou_from_confusion,
+    miou_report,
+)
 from opensam.masks.store import MaskStore
 from opensam.model.segmenter import OpenSamModel, build_model
 from opensam.prepared import Prepared
 
 log = logging.getLogger(__name__)
-Results = dict[str, dict[str, float]]
+Results = dict[str, dict[str, Any]]
 
 THESIS = {  # thesis Table 3.1 (METHOD.md), mIoU % on 47 train images, SAM ViT-H
     "baseline": {"miou": 48.92},
@@ -63,6 +69,22 @@ def select_ids(
     return ids
 
 
+def variant_confusion(
+    model: OpenSamModel,
+    emb: torch.Tensor,
+    labels: dict[str, torch.Tensor],
+    store: MaskStore | None,
+    variant: str = "nu",
+) -> np.ndarray:
+    """Confusion (C, C) int64 of one variant over all images (``store`` None: per pixel)."""
+    conf = np.zeros((model.num_classes,) * 2, np.int64)
+    for i, (image_id, label) in enumerate(labels.items()):
+        masks = None if store is None else store.read(image_id).masks
+        pred = model.predict_embedding(emb[i], (label.shape[0], label.shape[1]), masks, variant)
+        conf += confusion_matrix(pred, label, model.num_classes)
+    return conf
+
+
 def score_variant(
     model: OpenSamModel,
     emb: torch.Tensor,
@@ -71,12 +93,9 @@ def score_variant(
     variant: str = "nu",
 ) -> float:
     """mIoU (%) of one variant over all images (``store`` None: the per-pixel baseline)."""
-    conf = np.zeros((model.num_classes,) * 2, np.int64)
-    for i, (image_id, label) in enumerate(labels.items()):
-        masks = None if store is None else store.read(image_id).masks
-        pred = model.predict_embedding(emb[i], (label.shape[0], label.shape[1]), masks, variant)
-        conf += confusion_matrix(pred, label, model.num_classes)
-    return round(100.0 * miou_from_confusion(conf), 2)
+    return round(
+        100.0 * miou_from_confusion(variant_confusion(model, emb, labels, store, variant)), 2
+    )
 
 
 def run_ablation(
@@ -97,7 +116,10 @@ def run_ablation(
         log.warning("only %d of %d ablation images are in every store", len(ids), images)
     emb = model.embed_many([read_image(prepared.image_path(i)) for i in ids])
     labels = {i: read_label(prepared.label_path(i), (size, size)) for i in ids}
-    results: Results = {"baseline": {"miou": score_variant(model, emb, labels, None)}}
+    # the baseline reports per-class IoU too: a class the tower never learned shows up here
+    results: Results = {
+        "baseline": miou_report(variant_confusion(model, emb, labels, None), list(prepared.classes))
+    }
     variants = [("nu" if a == 0 else f"nu_mra{a}", a, "nu") for a in areas]
     variants += [(f"pm_mra{a}", a, "pm") for a in areas if a]
     jobs = [(key, p, a, v) for key, a, v in variants for p in pps]

@@ -1,0 +1,1 @@
+"""Region masks: generators (SAM, superpixels, graph-based regions) and their store."""

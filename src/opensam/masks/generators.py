@@ -69,9 +69,18 @@ def _build_sam(
     return generator
 
 
+def _build_regions(
+    pps: int, min_region_area: int, masks: MasksParams, sam: SamParams, image_size: int
+) -> MaskGenerator:
+    from opensam.masks.regions import RegionGenerator
+
+    return RegionGenerator(pps, min_region_area)
+
+
 MASK_GENERATORS: dict[str, GeneratorBuilder] = {
     "superpixels": _build_superpixels,
     "sam": _build_sam,
+    "regions": _build_regions,  # graph-based multi-scale object regions (opensam.masks.regions)
 }
 
 
@@ -101,7 +110,7 @@ def build_generator(
     sam: SamParams,
     image_size: int = 256,
 ) -> MaskGenerator:
-    """The generator ``name`` (``superpixels`` | ``sam``); masks come at ``image_size``²."""
+    """The generator ``name`` (superpixels | sam | regions); masks come at ``image_size``²."""
     check_generator_name(name, "masks.generator")
     return MASK_GENERATORS[name](pps, min_region_area, masks, sam, image_size)
 
@@ -154,6 +163,8 @@ def store_attrs(
     if generator == "sam":
         sha = checkpoint_sha256(sam.checkpoint) if sam.checkpoint else ""
         model, config = sam.model, {k: getattr(sam, k) for k in _SAM_OUTPUT_FIELDS}
+    elif generator == "regions":
+        sha, model, config = "", "felzenszwalb-hierarchy", {"levels": 4}
     else:
         sha, model, config = "", SUPERPIXEL_MODEL, {"compactness": masks.compactness}
     return {
