@@ -1,17 +1,16 @@
 """Object-level region proposals without a model: graph-based segmentation merged hierarchically.
 
-The offline stand-in for SAM's *object* masks (SLIC superpixels,
-:mod:`opensam.masks.superpixels`, are a tiling of small cells). Felzenszwalb-Huttenlocher segmentation (``skimage``) gives the finest
+The offline stand-in for SAM's *object* masks (SLIC superpixels, :mod:`opensam.masks.superpixels`,
+are a tiling of small cells). Felzenszwalb-Huttenlocher segmentation (``skimage``) gives the finest
 level, with regions of about ``a0 = H·W / pps²`` pixels; each further level merges every region
-smaller than ``a0 · 2^l`` into its neighbour of closest mean Lab colour, so the levels are nested.
-A region is *stable* when it survives into the next level almost unchanged (IoU >= ``stable_iou``
-with the region that contains it there), like SAM's stability score: it is a whole object or
-part that resists merging with its surroundings. The proposals are the stable regions of every
-level plus the regions of the coarsest level, near-duplicates (IoU >= ``stable_iou``) kept once at
-the coarser level. Painted largest first, each pixel ends up in the smallest stable region that
-contains it. ``min_region_area`` drops proposals smaller than it (their pixels keep the next
-larger proposal or the per-pixel prediction).
-"""
+smaller than ``a0 · 2^l`` into its neighbour of closest mean Lab colour, so the levels are nested. A
+region is *stable* when it survives into the next level almost unchanged (IoU >= ``stable_iou`` with
+the region that contains it there), like SAM's stability score: it is a whole object or part that
+resists merging with its surroundings. The proposals are the stable regions of every level plus the
+regions of the coarsest level, near-duplicates (IoU >= ``stable_iou``) kept once at the coarser
+level. Painted largest first, each pixel ends up in the smallest stable region that contains it.
+``min_region_area`` drops proposals smaller than it (their pixels keep the next larger proposal or
+the per-pixel prediction). """
 
 from __future__ import annotations
 
