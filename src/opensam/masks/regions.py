@@ -10,7 +10,7 @@ resists merging with its surroundings. The proposals are the stable regions of e
 regions of the coarsest level, near-duplicates (IoU >= ``stable_iou``) kept once at the coarser
 level. Painted largest first, each pixel ends up in the smallest stable region that contains it.
 ``min_region_area`` drops proposals smaller than it (their pixels keep the next larger proposal or
-the per-pixel prediction). """
+the per-pixel prediction)."""
 
 from __future__ import annotations
 
