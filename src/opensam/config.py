@@ -75,7 +75,7 @@ class DemoClipParams:
     focus: float = 0.8  # share of crops centred on an object
     lr: float = 0.002
     weight_decay: float = 0.05
-    warmup_steps: int = 30
+    warmup_steps: int = 40
     pool: str = "dense_mean"  # dense_mean | encode_image
     workers: int = 2  # scene rendering processes
 

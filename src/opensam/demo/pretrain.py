@@ -45,7 +45,7 @@ class PretrainConfig:
     focus: float = 0.8  # share of crops centred on an object
     lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 30
+    warmup_steps: int = 40
     pool: str = "dense_mean"  # dense_mean | encode_image
     seed: int = 1
 
