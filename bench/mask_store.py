@@ -3,8 +3,8 @@
     .venv/bin/python bench/mask_store.py [--quick] [--images 16] [--pps 16]
 
 Masks are SLIC superpixels (``opensam.masks.superpixels``, the demo generator) of procedural demo
-scenes (``opensam.data.demo.render_scene``, 1024x683 resized to 256x256). Each layout writes the same
-masks to its own HDF5 file, one group per image; "read" is reading one image's masks back as
+scenes (``opensam.data.demo.render_scene``, 1024x683 resized to 256x256). Each layout writes the
+same masks to its own HDF5 file, one group per image; "read" is reading one image's masks back as
 (n, H, W) bool. Rows:
 - baseline: the (n, H, W) bool stack as is, gzip, h5py's automatic chunks;
 - bit-packed layouts (uint8 (n, ceil(H*W/8))): contiguous (raw), lzf, gzip 4 with one chunk per

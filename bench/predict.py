@@ -4,8 +4,8 @@
 
 Synthetic demo photos (``opensam.data.demo.render_scene``, 1024×683 JPEGs) are predicted end to end
 (load + resize, region masks, model, class map / overlay / CSV writing) by
-:func:`opensam.apps.predict.predict_photos`, once with the params masks (``superpixels``, pps 16, what
-``opensam predict`` uses by default) and once with ``--masks none`` (per-pixel prediction). The
+:func:`opensam.apps.predict.predict_photos`, once with the params masks (``superpixels``, pps 16,
+what ``opensam predict`` uses by default) and once with ``--masks none`` (per-pixel prediction). The
 model is ``models/student.pt`` if present, else a random-init ``opensam-tiny`` at 256 px (the
 demo's architecture; weights do not change the speed). There is no baseline implementation of
 predict; the comparison is the mask cost. The row ``superpixels, 1 thread`` is the same run with one

@@ -34,6 +34,7 @@ from opensam.eval.evaluation import (
 from opensam.eval.metrics import miou_report
 from opensam.eval.plots import save_confusion_png, write_confusion_json
 from opensam.model.segmenter import build_model, load_checkpoint
+from opensam.parallel.context import init_runtime, main_output
 from opensam.runtime import atomic_path, run_main, seed_everything
 
 log = logging.getLogger("stages.evaluate")
@@ -102,21 +103,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
+    rt = init_runtime(params.runtime)  # under torchrun: batches per rank, rank 0 writes
     splits = load_splits(args.prepared)
     if list(splits.get("classes", params.class_names)) != params.class_names:
         raise InputError(f"{args.prepared}/splits.json: classes differ from {args.params}")
     if not args.masks.is_file():
         raise InputError(f"{args.masks}: mask store not found (run the masks stage)")
     colors = class_colors([c.color for c in params.classes], splits.get("colors"))
-    with atomic_path(args.plots) as plots_dir:
-        (plots_dir / "overlays").mkdir(parents=True)
+    with main_output(args.plots) as plots_dir:  # rank 0 alone writes (the sink runs there)
+        if rt.is_main:
+            (plots_dir / "overlays").mkdir(parents=True)
         plots = PlotCollector(
             plots_dir / "overlays", colors, params.class_names, params.eval.overlays
         )
         results, plotted_conf = evaluate_all(args, params, splits, plots)
-        write_confusion_json(plots_dir / "confusion.json", plots.rows)
-        if plotted_conf is not None:
+        if rt.is_main:
+            write_confusion_json(plots_dir / "confusion.json", plots.rows)
+        if rt.is_main and plotted_conf is not None:
             save_confusion_png(plots_dir / "confusion.png", plotted_conf, params.class_names)
+    if not rt.is_main:
+        return 0
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
     log.info("mIoU (%%):\n%s", format_eval_table(results))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from opensam.config import load_params
 from opensam.masks.generators import mask_image_ids, precompute_masks, read_splits
+from opensam.parallel.context import init_runtime
 from opensam.runtime import run_main, seed_everything
 
 SEED = 0  # mask generation draws no random numbers; fixed so the stage needn't read `seed`
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(SEED)
+    init_runtime(params.runtime)  # sam.device auto follows runtime.device
     splits = read_splits(args.prepared)
     ids = mask_image_ids(splits, params.masks.max_ratio, str(args.params))
     precompute_masks(  # logs masks per image and bytes per image

@@ -20,6 +20,7 @@ from opensam.config import load_params
 from opensam.errors import InputError
 from opensam.eval.evaluation import load_splits
 from opensam.model.segmenter import load_checkpoint
+from opensam.parallel.context import init_runtime, main_output
 from opensam.runtime import atomic_path, run_main, seed_everything
 from opensam.train.pseudo_labels import generate_pseudo_labels, select_pool_ids
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
+    rt = init_runtime(params.runtime)  # under torchrun: batches per rank, rank 0 merges
     splits = load_splits(args.prepared)
     if not args.masks.is_file():
         raise InputError(f"{args.masks}: mask store not found (run the masks stage)")
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     ids = select_pool_ids(splits.get("unlabelled", []), len(splits.get("train", [])), params.ratio)
     log.info("pseudo-labelling %d unlabelled images (ratio %d)", len(ids), params.ratio)
-    with atomic_path(args.out) as tmp:
+    with main_output(args.out) as tmp:
         summary = generate_pseudo_labels(
             model,
             args.prepared,
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             use_masks=True,
             class_names=classes,
         )
+    if not rt.is_main:
+        return 0
     with atomic_path(args.metrics) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     if "vs_hidden_gt" in summary:

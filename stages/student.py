@@ -27,8 +27,9 @@ from opensam.data.datasets import make_train_loaders
 from opensam.errors import InputError
 from opensam.eval.evaluation import load_splits
 from opensam.model.segmenter import OpenSamModel, load_checkpoint, save_checkpoint
+from opensam.parallel.context import init_runtime, main_output
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
-from opensam.train.loop import TrainConfig, evaluate_splits, open_live, train_model
+from opensam.train.loop import TrainConfig, train_model
 from opensam.train.losses import resolve_class_weights
 from opensam.train.pseudo_labels import (
     generate_pseudo_labels,
@@ -36,6 +37,7 @@ from opensam.train.pseudo_labels import (
     measure_pseudo_quality,
     select_pool_ids,
 )
+from opensam.train.reporting import evaluate_splits, open_live
 
 log = logging.getLogger("stages.student")
 
@@ -59,7 +61,7 @@ def relabel_pool(
     teacher, meta = load_checkpoint(args.teacher)
     teacher.load_state_dict(state)
     conf, batch, names = params.pseudo.conf_threshold, params.pseudo.batch_size, meta["classes"]
-    with atomic_path(out) as tmp:
+    with main_output(out) as tmp:  # under torchrun: rank 0 merges the ranks' shards
         summary = generate_pseudo_labels(
             teacher, args.prepared, ids, args.masks, tmp, conf, batch, class_names=names
         )
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
+    rt = init_runtime(params.runtime)  # under torchrun: DDP, rank 0 writes
     cfg, splits = params.student, load_splits(args.prepared)
     if cfg.iterations < 1:
         raise InputError(f"{args.params}: student.iterations must be >= 1")
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_splits, prepared=args.prepared, masks=args.masks, batch_size=cfg.batch_size,
         class_names=classes, use_masks=cfg.use_masks,
     )  # fmt: skip
-    ckpt_root, live = args.out.parent / ".student_ckpt", open_live(args.live)
+    ckpt_root = args.out.parent / ".student_ckpt"
+    live = open_live(args.live) if rt.is_main else None
     report: dict[str, Any] = {}
     best: tuple[int, float, dict[str, Any]] | None = None  # (round, val mIoU, weights)
     pseudo_dir, quality = args.pseudo, None
@@ -123,12 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         val = scores.get("val", scores["train"])["miou"] or 0.0
         if best is None or val > best[1]:
             best = (r, val, {k: v.clone() for k, v in model.state_dict().items()})
-    live.end()
+    if live is not None:
+        live.end()
     assert best is not None
     model.load_state_dict(best[2])
     test = score(model, split_ids={"test": splits.get("test", [])})
     report["best"] = {"iter": best[0], "val": report[f"iter{best[0]}"].get("val"), **test}
     clip = ClipParams(**meta["clip"])
+    if not rt.is_main:
+        return 0
     save_checkpoint(args.out, model, classes, clip, int(meta["image_size"]), iteration=best[0],
                     val_miou=best[1])  # fmt: skip
     with atomic_path(args.metrics) as tmp:

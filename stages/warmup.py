@@ -22,9 +22,11 @@ from opensam.data.datasets import make_train_loaders
 from opensam.errors import InputError
 from opensam.eval.evaluation import load_splits
 from opensam.model.segmenter import build_model, save_checkpoint
+from opensam.parallel.context import init_runtime
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
-from opensam.train.loop import TrainConfig, evaluate_splits, open_live, train_model
+from opensam.train.loop import TrainConfig, train_model
 from opensam.train.losses import resolve_class_weights
+from opensam.train.reporting import evaluate_splits, open_live
 
 log = logging.getLogger("stages.warmup")
 
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
+    rt = init_runtime(params.runtime)  # under torchrun: DDP, rank 0 writes
     cfg = params.warmup
     splits = load_splits(args.prepared)
     if list(splits.get("classes", params.class_names)) != params.class_names:
@@ -71,17 +74,20 @@ def main(argv: list[str] | None = None) -> int:
         params.seed, Augmenter() if cfg.augment else None, num_workers=cfg.num_workers,
     )  # fmt: skip
     ckpt_dir = args.out.parent / ".warmup_ckpt"
-    live = open_live(args.live)
+    live = open_live(args.live) if rt.is_main else None
     result = train_model(
         model, train_loader, config, val_loader=val_loader, checkpoint_dir=ckpt_dir, live=live
     )
-    live.end()
+    if live is not None:
+        live.end()
 
     split_ids = {s: splits.get(s, []) for s in ("train", "val", "test")}
     report = evaluate_splits(
         model, args.prepared, split_ids, args.masks, cfg.batch_size, params.class_names
     )
     metrics = {"best_epoch": result.best_epoch, **report}
+    if not rt.is_main:
+        return 0
     save_checkpoint(
         args.out,
         model,

@@ -28,6 +28,7 @@ from opensam.eval.evaluation import load_splits
 from opensam.eval.metrics import confusion_matrix, format_miou_table, miou_from_confusion
 from opensam.masks.store import MaskStore
 from opensam.model.segmenter import OpenSamModel, build_model
+from opensam.parallel.context import init_runtime
 from opensam.runtime import atomic_path, run_main, seed_everything
 
 log = logging.getLogger("stages.zeroshot")
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
+    init_runtime(params.runtime)  # one process: not launched through torchrun
     results, count = run_ablation(args, params)
     pps, clip = params.ablation.pps, params.clip
     note = (

@@ -58,9 +58,20 @@ def _stages() -> dict[str, dict]:
 
 
 def _script(stage: dict) -> Path:
-    match = re.search(r"python (stages/\w+\.py)", stage["cmd"])
+    match = re.search(
+        r"python (?:-m opensam\.apps\.launch --nproc \S+ )?(stages/\w+\.py)", stage["cmd"]
+    )
     assert match, stage["cmd"]
     return ROOT / match.group(1)
+
+
+LAUNCHER = "src/opensam/apps/launch.py"  # `python -m opensam.apps.launch ... stages/x.py`
+
+
+def stage_sources(stage: dict) -> set[str]:
+    """The import closure of the stage's script, plus the launcher when the cmd uses it."""
+    launcher = {LAUNCHER} if "opensam.apps.launch" in stage["cmd"] else set()
+    return module_closure(_script(stage)) | launcher
 
 
 @pytest.mark.parametrize("name", sorted(_stages()))
@@ -70,7 +81,7 @@ def test_stage_declares_exactly_its_sources(name: str) -> None:
     deps = {d for d in stage.get("deps", []) if isinstance(d, str)}
     assert str(script.relative_to(ROOT)) in deps, f"{name}: its own script is not a dep"
     declared = {d for d in deps if d.startswith("src/")}
-    expected = module_closure(script)
+    expected = stage_sources(stage)
     assert declared == expected, (
         f"{name}: missing {sorted(expected - declared)}, extra {sorted(declared - expected)}"
     )
@@ -86,7 +97,7 @@ def test_closure_follows_lazy_imports(tmp_path: Path) -> None:
 def sync_dvc_yaml() -> None:
     """Rewrite dvc.yaml's src/ deps of every stage to the import closure (keeps all else)."""
     closures = {
-        str(_script(stage).relative_to(ROOT)): sorted(module_closure(_script(stage)))
+        str(_script(stage).relative_to(ROOT)): sorted(stage_sources(stage))
         for stage in _stages().values()
     }
     for name in PIPELINES:

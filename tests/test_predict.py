@@ -1,4 +1,4 @@
-"""opensam.apps.predict: batched prediction of photo folders, the output folder, and the predict stage.
+"""opensam.apps.predict: batched prediction of photo folders, the output folder, the predict stage.
 
 A tiny opensam-tiny checkpoint (random init, image_size 64) is saved once per module; photos are
 small synthetic files written into tmp_path.

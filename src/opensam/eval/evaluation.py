@@ -27,6 +27,8 @@ from opensam.data.datasets import SegDataset, make_loader
 from opensam.errors import InputError
 from opensam.eval.metrics import confusion_matrix
 from opensam.eval.plots import DEFAULT_STRIDE, confusion_rows
+from opensam.parallel.context import current_runtime
+from opensam.parallel.sharding import gather_in_order, shard_loader, sum_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +84,19 @@ def forward_batch_modes(
 ) -> list[torch.Tensor]:
     """(B, C, H, W) float32 CPU log-probabilities of one batch, one per ``use_masks`` in ``modes``.
 
-    A model with ``embed``/``log_probs`` (:class:`opensam.model.segmenter.OpenSamModel`) embeds the images
-    once for all modes (the image tower dominates the cost); any other module is called once per
-    mode as ``model(images, pool_weights=..., winner=...)``.
+    A model with ``embed``/``log_probs`` (:class:`opensam.model.segmenter.OpenSamModel`) embeds
+    the images once for all modes (the image tower dominates the cost); any other module is
+    called once per mode as ``model(images, pool_weights=..., winner=...)``.
     """
     device = _model_device(model)
-    images = batch["image"].to(device)
+    images = batch["image"].to(device, non_blocking=True)
     shared = len(modes) > 1 and hasattr(model, "embed") and hasattr(model, "log_probs")
     outs = []
-    with torch.inference_mode():
+    with torch.inference_mode(), current_runtime().autocast():
         emb = model.embed(images) if shared else None  # type: ignore[operator]
         for use_masks in modes:
-            pool = batch["pool_weights"].to(device) if use_masks else None
-            winner = batch["winner"].to(device) if use_masks else None
+            pool = batch["pool_weights"].to(device, non_blocking=True) if use_masks else None
+            winner = batch["winner"].to(device, non_blocking=True) if use_masks else None
             if emb is not None:
                 out_hw = (images.shape[-2], images.shape[-1])
                 out = model.log_probs(emb, out_hw, pool, winner)  # type: ignore[operator]
@@ -144,21 +146,35 @@ def evaluate_model_modes(
     Confusion rows are ground truth, columns prediction; labels come from ``label_dir/<id>.png``
     (255 = ignored). ``masks`` (the mask store) is needed when a mode uses masks. ``sink``, when
     given, receives every batch's ids, images, labels and the first mode's hard predictions (e.g.
-    to write overlays) without another inference pass.
+    to write overlays) without another inference pass. Under torchrun every rank calls this,
+    takes its own batches and gets the full confusion; the sink runs on rank 0, in order.
     """
     if any(modes) and masks is None:
         raise ValueError("use_masks=True needs a mask store")
     store = masks if any(modes) else None
     loader = build_loader(model, prepared, ids, label_dir, store, batch_size, num_workers)
+    loader, numbers = shard_loader(loader)
+    rt, held = current_runtime(), []  # held: this rank's sink calls, by batch number
     confusion: dict[bool, np.ndarray] = {}
-    for batch, outs in predict_batches(model, loader, modes, desc="evaluate"):
+    batches = predict_batches(model, loader, modes, "evaluate")
+    for b, (batch, outs) in zip(numbers, batches, strict=True):
         labels = batch["label"].long()
         for use_masks, log_probs in zip(modes, outs, strict=True):
             pred = log_probs.argmax(dim=1)
             conf = np.asarray(confusion_matrix(pred, labels, log_probs.shape[1]), dtype=np.int64)
             confusion[use_masks] = confusion[use_masks] + conf if use_masks in confusion else conf
             if sink is not None and use_masks == modes[0]:
-                sink([str(i) for i in batch["id"]], batch["image"], labels, pred)
+                call = ([str(i) for i in batch["id"]], batch["image"], labels, pred)
+                if rt.distributed:
+                    held.append((b, call))
+                else:
+                    sink(*call)
+    if rt.distributed:
+        confusion = sum_over_ranks(confusion)
+        if sink is not None:
+            for call in gather_in_order(held):  # every rank takes part in the gather
+                if rt.is_main:
+                    sink(*call)
     if not confusion:
         raise ValueError("no images to evaluate")
     return confusion
@@ -230,7 +246,7 @@ def image_to_uint8(image: torch.Tensor) -> np.ndarray:
 
 class PlotCollector:
     """A :data:`BatchSink` that writes ``overlay_dir/<id>.png`` for the first ``max_overlays``
-    images and keeps DVC confusion rows (:func:`opensam.eval.plots.confusion_rows`) for all of them."""
+    images and keeps DVC confusion rows (:func:`opensam.eval.plots.confusion_rows`) for all."""
 
     def __init__(
         self,
