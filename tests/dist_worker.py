@@ -26,6 +26,7 @@ from opensam.config import RuntimeParams
 from opensam.data.datasets import make_train_loaders
 from opensam.eval.evaluation import evaluate_model_modes
 from opensam.parallel.context import init_runtime
+from opensam.runtime import setup_logging
 from opensam.train.loop import TrainConfig, train_model
 
 GRID = (2, 2)
@@ -89,4 +90,5 @@ if __name__ == "__main__":
     parser.add_argument("out", type=Path)
     parser.add_argument("--kill-after", type=int)
     ns = parser.parse_args()
+    setup_logging()
     train(ns.project, ns.out, ns.kill_after)
