@@ -24,13 +24,14 @@ from opensam.apps.predict import (
     Photo,
     build_mask_generator,
     build_summary,
-    predict_photos,
     score_class_maps,
     write_summary,
 )
+from opensam.apps.predict_shards import predict_photos_sharded
 from opensam.config import Params, load_params
 from opensam.eval.evaluation import class_colors, load_splits
 from opensam.model.segmenter import load_checkpoint
+from opensam.parallel.context import current_runtime, init_runtime, main_output
 from opensam.runtime import atomic_path, run_main, seed_everything
 from opensam.train.pseudo_labels import HIDDEN_GT_DIR
 
@@ -89,8 +90,8 @@ def predict_pool(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     )
     colors = class_colors([c.color for c in params.classes], splits.get("colors"))
     log.info("predicting %d unlabelled photos with %s", len(photos), args.student)
-    with atomic_path(args.out) as tmp:
-        result = predict_photos(
+    with main_output(args.out) as tmp:  # under torchrun: rank 0 merges the ranks' shards
+        result = predict_photos_sharded(
             model,
             photos,
             tmp,
@@ -101,6 +102,8 @@ def predict_pool(args: argparse.Namespace, params: Params) -> dict[str, Any]:
             batch_size=params.predict.batch_size,
             low_conf=params.predict.low_conf,
         )
+        if not current_runtime().is_main:
+            return {}
         info = {"checkpoint": str(args.student), "masks": params.masks.generator}
         summary = build_summary(result, params.class_names, colors, info)
         write_summary(tmp, summary)
@@ -118,10 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
+    rt = init_runtime(params.runtime)
     if not params.predict.enabled:
-        write_disabled(args.out, args.metrics)
+        if rt.is_main:
+            write_disabled(args.out, args.metrics)
         return 0
     metrics = predict_pool(args, params)
+    if not rt.is_main:
+        return 0
     with atomic_path(args.metrics) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     return 0

@@ -12,6 +12,7 @@ only by the subcommand that needs them, so ``opensam --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -125,15 +126,19 @@ def _cmd_preset(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from opensam.apps import predict
+    from opensam.apps.predict_shards import predict_photos_sharded
     from opensam.config import load_params
     from opensam.eval.evaluation import class_colors
     from opensam.model.segmenter import load_checkpoint
+    from opensam.parallel.context import init_runtime
     from opensam.runtime import seed_everything
 
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     params = load_params(args.params)
     seed_everything(params.seed)
+    device = args.device or params.runtime.device  # under torchrun: ranks share the photos
+    rt = init_runtime(dataclasses.replace(params.runtime, device=device))
     check_output_dir(args.input, args.out)
     listing = list_photos(args.input)
     model, meta = load_checkpoint(args.checkpoint, expected_classes=params.class_names)
@@ -146,10 +151,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         "%d photos, %s (%d px), masks %s", len(listing.photos), args.checkpoint, size, generator
     )
     low_conf = params.predict.low_conf if args.low_conf is None else args.low_conf
-    result = predict.predict_photos(
+    result = predict_photos_sharded(
         model, listing.photos, args.out, params.class_names, colors, size, masks,
         args.batch_size or params.predict.batch_size, low_conf, args.overwrite, listing.refused,
     )  # fmt: skip
+    if not rt.is_main:
+        return 0
     info = {"checkpoint": str(args.checkpoint), "input": str(args.input), "masks": generator}
     predict.write_summary(args.out, predict.build_summary(result, params.class_names, colors, info))
     log.info("%d predicted (%.2f images/s), %d skipped, %d failed -> %s", result.processed,
@@ -287,6 +294,7 @@ def _add_predict(sub: Any) -> None:
         help="max probability below which a pixel is low-confidence (predict.low_conf)",
     )
     p.add_argument("--overwrite", action="store_true", help="redo photos already predicted")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (runtime.device)")
     p.set_defaults(func=_cmd_predict)
 
 
