@@ -141,15 +141,27 @@ def test_two_process_masks_equal_one_process(project: dict[str, Path]) -> None:
     assert not list(project["root"].glob(".masks2.h5*"))  # shards merged and removed
 
 
-@pytest.mark.slow
-def test_two_process_pseudo_labels_equal_one_process(project: dict[str, Path]) -> None:
-    pseudolabel = load_stage("pseudolabel")
-    teacher = project["root"] / "teacher.pt"
+@pytest.fixture(scope="module")
+def teacher(project: dict[str, Path]) -> Path:
+    path = project["root"] / "teacher.pt"
     params = yaml.safe_load(project["params"].read_text())
     torch.manual_seed(0)
     clip = ClipParams(model="opensam-tiny")
     model = build_model(clip, [c["prompt"] for c in params["classes"]])
-    save_checkpoint(teacher, model, [c["name"] for c in params["classes"]], clip, 32)
+    save_checkpoint(path, model, [c["name"] for c in params["classes"]], clip, 32)
+    return path
+
+
+def folder_bytes(folder: Path, skip: tuple[str, ...] = ()) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in skip}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_process_pseudo_labels_equal_one_process(
+    project: dict[str, Path], teacher: Path
+) -> None:
+    pseudolabel = load_stage("pseudolabel")
     outs = {}
     for n in (1, 2):
         out, metrics = project["root"] / f"pseudo{n}", project["root"] / f"pseudo{n}.json"
@@ -161,9 +173,25 @@ def test_two_process_pseudo_labels_equal_one_process(project: dict[str, Path]) -
         else:
             done = torchrun("stages/pseudolabel.py", *args)
             assert done.returncode == 0, done.stderr[-3000:]
-        files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-        outs[n] = (files, json.loads(metrics.read_text()))
+        outs[n] = (folder_bytes(out), json.loads(metrics.read_text()))
     assert len(outs[1][0]) == 2 * 5 + 1 and outs[1] == outs[2]  # pool: ratio 1 x 5 train
+
+
+@pytest.mark.slow
+def test_two_process_predict_equals_one_process(
+    project: dict[str, Path], teacher: Path, tmp_path: Path
+) -> None:
+    from opensam.apps import cli
+
+    photos = project["prepared"] / "images"
+    args = ["--checkpoint", str(teacher), "--params", str(project["params"]), "--batch-size", "3"]
+    assert cli.main(["predict", str(photos), "--out", str(tmp_path / "p1"), *args]) == 0
+    done = torchrun(ROOT / "src/opensam/apps/cli.py", "predict", photos, "--out",
+                    tmp_path / "p2", *args)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = folder_bytes(tmp_path / "p1", ("summary.json",)), folder_bytes(tmp_path / "p2")
+    assert len(one) == 2 * 17 + 2 and one == {k: v for k, v in two.items() if k in one}
+    assert not list(tmp_path.glob("p2.rank*"))
 
 
 @pytest.mark.slow
