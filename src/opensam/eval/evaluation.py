@@ -92,7 +92,7 @@ def forward_batch_modes(
     images = batch["image"].to(device, non_blocking=True)
     shared = len(modes) > 1 and hasattr(model, "embed") and hasattr(model, "log_probs")
     outs = []
-    with torch.inference_mode(), current_runtime().autocast():
+    with torch.inference_mode():  # the model autocasts on CUDA (runtime.precision)
         emb = model.embed(images) if shared else None  # type: ignore[operator]
         for use_masks in modes:
             pool = batch["pool_weights"].to(device, non_blocking=True) if use_masks else None

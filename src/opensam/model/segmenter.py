@@ -107,8 +107,9 @@ class OpenSamModel(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) float in [0, 1] → (B, D, h, w) float, L2-normalised per location."""
         x = (images.to(self.mean.device, non_blocking=True) - self.mean) / self.std
-        emb = self.decoder(self.tower(x))
-        return nn.functional.normalize(emb, dim=1)
+        with current_runtime().autocast():  # bf16 / fp16 on CUDA only (runtime.precision)
+            emb = self.decoder(self.tower(x))
+        return nn.functional.normalize(emb.float(), dim=1)  # the aggregation runs in fp32
 
     def log_probs(
         self,

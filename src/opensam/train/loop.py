@@ -96,11 +96,10 @@ class TrainResult:
 
 def forward_model(model: nn.Module, batch: Mapping[str, Any], use_masks: bool) -> torch.Tensor:
     """Forward pass of a batch: (B, C, H, W) log-probabilities (SAM aggregation if use_masks)."""
-    images = batch["image"]  # the model moves the inputs to its device
-    with current_runtime().autocast():  # bf16 / fp16 on CUDA only; the aggregation stays fp32
-        if not use_masks:
-            return model(images, pool_weights=None, winner=None)
-        return model(images, pool_weights=batch["pool_weights"], winner=batch["winner"])
+    images = batch["image"]  # the model moves the inputs to its device (and autocasts)
+    if not use_masks:
+        return model(images, pool_weights=None, winner=None)
+    return model(images, pool_weights=batch["pool_weights"], winner=batch["winner"])
 
 
 def confusion_of(log_probs: torch.Tensor, target: torch.Tensor, num_classes: int) -> np.ndarray:
