@@ -27,7 +27,7 @@ from opensam.data.datasets import make_train_loaders
 from opensam.errors import InputError
 from opensam.eval.evaluation import load_splits
 from opensam.model.segmenter import OpenSamModel, load_checkpoint, save_checkpoint
-from opensam.parallel.context import init_runtime, main_output
+from opensam.parallel.context import barrier, init_runtime, main_output
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
 from opensam.train.loop import TrainConfig, train_model
 from opensam.train.losses import resolve_class_weights
@@ -65,6 +65,7 @@ def relabel_pool(
         summary = generate_pseudo_labels(
             teacher, args.prepared, ids, args.masks, tmp, conf, batch, class_names=names
         )
+    barrier()  # every rank trains on ``out`` next: wait until rank 0 has renamed it
     return summary.get("vs_hidden_gt")
 
 

@@ -152,7 +152,8 @@ def init_runtime(params: RuntimeParams) -> Runtime:
         log.info("rank %d of %d (%s, %s)", rank, world, backend, device)
     runtime = Runtime(device, precision, rank, world, local_rank)
     set_runtime(runtime)
-    log.info("runtime: %s, %s, %d process(es)", device, precision, world)
+    quiet = world == 1 and device.type == "cpu"  # the default: stderr stays as it was
+    (log.debug if quiet else log.info)("runtime: %s, %s, %d process(es)", device, precision, world)
     return runtime
 
 

@@ -30,7 +30,7 @@ from opensam.errors import InputError
 from opensam.eval.evaluation import build_loader, load_splits, predict_loader
 from opensam.eval.metrics import confusion_matrix, miou_report
 from opensam.images import read_label_png
-from opensam.parallel.context import current_runtime
+from opensam.parallel.context import broadcast_object, current_runtime
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ def generate_pseudo_labels(
         "ignored_fraction": round(ignored / pixels, 6),
     }
     names = list(class_names) if class_names is not None else load_splits(prepared)["classes"]
-    quality = measure_pseudo_quality(out_dir, prepared, ids, names)
+    quality = measure_pseudo_quality(out_dir, prepared, ids, names) if rt.is_main else None
+    quality = broadcast_object(quality)  # rank 0 reads out_dir before it renames it
     if quality is not None:
         summary["vs_hidden_gt"] = quality
     log.info("pseudo-labels: %s", {k: v for k, v in summary.items() if k != "vs_hidden_gt"})
