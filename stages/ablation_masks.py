@@ -16,6 +16,7 @@ from pathlib import Path
 
 from opensam.config import load_params
 from opensam.masks.generators import ablation_image_ids, precompute_masks
+from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
 from opensam.runtime import run_main, seed_everything
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(SEED)
+    init_runtime(params.runtime)  # sam.device auto follows runtime.device; torchrun shards
     prepared = read_prepared(args.prepared)
     ids = ablation_image_ids(prepared, params.ablation.images, str(args.params))
     precompute_masks(  # logs masks per image and bytes per image

@@ -22,11 +22,12 @@ from pathlib import Path
 from opensam.config import load_params
 from opensam.masks.settings import check_store_settings, open_mask_store, store_settings
 from opensam.model.segmenter import checkpoint_clip, load_checkpoint, save_checkpoint
+from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
-from opensam.train.loop import evaluate_splits, open_live
 from opensam.train.losses import resolve_class_weights
 from opensam.train.online_setup import train_control
+from opensam.train.reporting import evaluate_splits, open_live
 
 log = logging.getLogger("stages.control")
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
+    rt = init_runtime(params.runtime)  # under torchrun: DDP (offline) or redundant (online)
     cfg, prepared = params.student, read_prepared(args.prepared)
     store = open_mask_store(args.masks)
     model, meta = load_checkpoint(args.teacher, drop_path=cfg.drop_path)
@@ -50,16 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     prepared.check_classes(classes, str(args.teacher))
     check_store_settings(meta.get("masks"), store, args.teacher)
     weights = resolve_class_weights(cfg.class_weights, classes, args.data_metrics)
-    ckpt, live = args.out.parent / ".control_ckpt", open_live(args.live)
+    ckpt, live = args.out.parent / ".control_ckpt", open_live(args.live) if rt.is_main else None
     # the seed of the student's (first) round
     best_epoch, best_val = train_control(
         model, cfg, weights, params.seed + 1, prepared, args.masks, ckpt, live
     )
-    live.end()
+    if live is not None:
+        live.end()
     report = evaluate_splits(
         model, prepared.root, prepared.split_ids(("val", "test")), args.masks, cfg.batch_size,
         classes, use_masks=cfg.use_masks,
     )  # fmt: skip
+    if not rt.is_main:
+        return 0
     save_checkpoint(
         args.out, model, classes, checkpoint_clip(meta, args.teacher), prepared.image_size,
         epoch=best_epoch, val_miou=best_val, masks=store_settings(store),

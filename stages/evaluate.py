@@ -33,6 +33,7 @@ from opensam.eval.zeroshot import build_zeroshot_model
 from opensam.masks.settings import check_store_settings, open_mask_store
 from opensam.masks.store import MaskStore
 from opensam.model.segmenter import load_checkpoint
+from opensam.parallel.context import init_runtime, main_output
 from opensam.prepared import class_colors, read_prepared
 from opensam.runtime import atomic_path, run_main, seed_everything
 
@@ -71,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
+    rt = init_runtime(params.runtime)  # under torchrun: batches per rank, rank 0 writes
     prepared = read_prepared(args.prepared)
     prepared.check_classes(params.class_names, f"{args.params} classes")
     colors = class_colors([c.color for c in params.classes], prepared.colors)
-    with atomic_path(args.plots) as plots_dir:
-        (plots_dir / "overlays").mkdir(parents=True)
+    with main_output(args.plots) as plots_dir:  # rank 0 alone writes (the sink runs there)
+        if rt.is_main:
+            (plots_dir / "overlays").mkdir(parents=True)
         plots = PlotCollector(
             plots_dir / "overlays", colors, params.class_names, params.eval.overlays
         )
@@ -85,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         if "control" in results:
             results["gain"] = student_gain(results)
-        write_confusion_json(plots_dir / "confusion.json", plots.rows)
-        if plotted_conf is not None:
+        if rt.is_main:
+            write_confusion_json(plots_dir / "confusion.json", plots.rows)
+        if rt.is_main and plotted_conf is not None:
             save_confusion_png(plots_dir / "confusion.png", plotted_conf, params.class_names)
+    if not rt.is_main:
+        return 0
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
     table = format_eval_table({k: v for k, v in results.items() if k != "gain"})

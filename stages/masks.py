@@ -16,6 +16,7 @@ from pathlib import Path
 
 from opensam.config import load_params
 from opensam.masks.generators import mask_image_ids, precompute_masks
+from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
 from opensam.runtime import run_main, seed_everything
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(SEED)
+    init_runtime(params.runtime)  # sam.device auto follows runtime.device; torchrun shards
     prepared = read_prepared(args.prepared)
     ids = mask_image_ids(prepared, params.masks.max_ratio, str(args.params))
     precompute_masks(  # logs masks per image and bytes per image

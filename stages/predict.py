@@ -23,13 +23,14 @@ from typing import Any
 from opensam.apps.predict import (
     Photo,
     build_summary,
-    predict_photos,
     score_class_maps,
     write_summary,
 )
 from opensam.apps.predict_setup import build_mask_generator, choose_masks, overlay_colors
+from opensam.apps.predict_shards import predict_photos_sharded
 from opensam.config import Params, load_params
 from opensam.model.segmenter import load_checkpoint
+from opensam.parallel.context import current_runtime, init_runtime, main_output
 from opensam.prepared import Prepared, read_prepared
 from opensam.runtime import atomic_path, run_main, seed_everything
 
@@ -75,11 +76,13 @@ def predict_pool(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     masks = build_mask_generator(choice, params.masks, params.sam, size)
     colors = overlay_colors(params, meta)
     log.info("predicting %d unlabelled photos with %s", len(photos), args.student)
-    with atomic_path(args.out) as tmp:
-        result = predict_photos(
+    with main_output(args.out) as tmp:  # under torchrun: rank 0 merges the ranks' shards
+        result = predict_photos_sharded(
             model, photos, tmp, params.class_names, colors, size, masks,
             batch_size=params.predict.batch_size, low_conf=params.predict.low_conf,
         )  # fmt: skip
+        if not current_runtime().is_main:
+            return {}
         info = {"checkpoint": str(args.student), "masks": choice.generator}
         summary = build_summary(result, params.class_names, colors, info)
         write_summary(tmp, summary)
@@ -96,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
+    rt = init_runtime(params.runtime)  # under torchrun: ranks share the photos
     metrics = predict_pool(args, params)
+    if not rt.is_main:
+        return 0
     with atomic_path(args.metrics) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     return 0

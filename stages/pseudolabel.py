@@ -19,6 +19,7 @@ from pathlib import Path
 from opensam.config import load_params
 from opensam.masks.settings import check_store_settings, open_mask_store
 from opensam.model.segmenter import load_checkpoint
+from opensam.parallel.context import init_runtime, main_output
 from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, run_main, seed_everything
 from opensam.train.pseudo_labels import generate_pseudo_labels
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
+    rt = init_runtime(params.runtime)  # under torchrun: batches per rank, rank 0 merges
     prepared = read_prepared(args.prepared)
     store = open_mask_store(args.masks)
     model, meta = load_checkpoint(args.teacher)
@@ -49,11 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     check_store_settings(meta.get("masks"), store, args.teacher)
     ids = prepared.pool_ids(params.ratio)
     log.info("pseudo-labelling %d unlabelled images (ratio %d)", len(ids), params.ratio)
-    with atomic_path(args.out) as tmp:
+    with main_output(args.out) as tmp:
         summary = generate_pseudo_labels(
             model, prepared.root, ids, args.masks, tmp, params.pseudo.conf_threshold,
             params.pseudo.batch_size, use_masks=True, class_names=classes,
         )  # fmt: skip
+    if not rt.is_main:
+        return 0
     with atomic_path(args.metrics) as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     if "vs_hidden_gt" in summary:

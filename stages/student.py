@@ -22,12 +22,14 @@ from opensam.config import load_params
 from opensam.errors import InputError
 from opensam.masks.settings import check_store_settings, open_mask_store, store_settings
 from opensam.model.segmenter import checkpoint_clip, read_checkpoint_meta, save_checkpoint
+from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
-from opensam.train.loop import TrainConfig, open_live
+from opensam.train.loop import TrainConfig
 from opensam.train.losses import resolve_class_weights
 from opensam.train.online_setup import run_online_student
 from opensam.train.pseudo_labels import load_pseudo_ids
+from opensam.train.reporting import open_live
 from opensam.train.self_training import SelfTrainingInputs, run_self_training
 
 log = logging.getLogger("stages.student")
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
+    rt = init_runtime(params.runtime)  # under torchrun: DDP, rank 0 writes
     cfg, prepared = params.student, read_prepared(args.prepared)
     store = open_mask_store(args.masks)
     meta = read_checkpoint_meta(args.teacher)
@@ -61,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise InputError(f"{args.params}: student: {exc}") from None
     inputs = SelfTrainingInputs(prepared, args.masks, args.teacher, args.pseudo, pool_ids, classes)
-    ckpt_root, live = args.out.parent / ".student_ckpt", open_live(args.live)
+    ckpt_root = args.out.parent / ".student_ckpt"
+    live = open_live(args.live) if rt.is_main else None
     if cfg.mode == "online":  # one weak-to-strong run; seed = the offline first round's
         result = run_online_student(inputs, cfg, weights, params.seed + 1, ckpt_root, live)
     else:
         result = run_self_training(inputs, cfg, params.pseudo, base, ckpt_root, live)
-    live.end()
+    if live is not None:
+        live.end()
+    if not rt.is_main:
+        return 0
     save_checkpoint(
         args.out, result.model, list(classes), checkpoint_clip(meta, args.teacher),
         prepared.image_size, iteration=result.best_round, val_miou=result.best_val,

@@ -22,10 +22,12 @@ from opensam.data.datasets import make_train_loaders
 from opensam.errors import InputError
 from opensam.masks.settings import open_mask_store, store_settings
 from opensam.model.segmenter import build_model, save_checkpoint
+from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
-from opensam.train.loop import TrainConfig, evaluate_splits, open_live, train_model
+from opensam.train.loop import TrainConfig, train_model
 from opensam.train.losses import resolve_class_weights
+from opensam.train.reporting import evaluate_splits, open_live
 
 log = logging.getLogger("stages.warmup")
 
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
+    rt = init_runtime(params.runtime)  # under torchrun: DDP, rank 0 writes
     cfg, prepared = params.warmup, read_prepared(args.prepared)
     prepared.check_classes(params.class_names, f"{args.params} classes")
     store = open_mask_store(args.masks)
@@ -64,14 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         model.grid_hw(prepared.image_size), cfg.batch_size, params.seed,
         Augmenter() if cfg.augment else None, num_workers=cfg.num_workers,
     )  # fmt: skip
-    ckpt_dir, live = args.out.parent / ".warmup_ckpt", open_live(args.live)
+    ckpt_dir = args.out.parent / ".warmup_ckpt"
+    live = open_live(args.live) if rt.is_main else None
     result = train_model(
         model, train_loader, config, val_loader=val_loader, checkpoint_dir=ckpt_dir, live=live
     )
-    live.end()
+    if live is not None:
+        live.end()
     report = evaluate_splits(
         model, prepared.root, prepared.split_ids(), args.masks, cfg.batch_size, params.class_names
     )
+    if not rt.is_main:
+        return 0
     save_checkpoint(
         args.out, model, params.class_names, params.clip, prepared.image_size,
         epoch=result.best_epoch, val_miou=result.best_miou, masks=store_settings(store),

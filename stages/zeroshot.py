@@ -16,6 +16,7 @@ from pathlib import Path
 
 from opensam.config import load_params
 from opensam.eval.zeroshot import build_zeroshot_model, format_csv, format_table, run_ablation
+from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, run_main, seed_everything
 
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
+    init_runtime(params.runtime)  # one process: not launched through torchrun
     prepared = read_prepared(args.prepared)
     prepared.check_classes(params.class_names, f"{args.params} classes")
     model = build_zeroshot_model(params.clip, params.prompts, params.seed)

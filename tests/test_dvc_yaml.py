@@ -54,6 +54,17 @@ def test_layers_only_rerun_the_stages_that_use_them() -> None:
     assert not any(d.startswith("src/opensam/masks/") for d in deps["masks"]), "folders, not files"
 
 
+def test_launched_torch_stages_depend_on_the_launcher_file_only() -> None:
+    stages = _stages()
+    for name in ("masks", "warmup", "pseudolabel", "student", "control", "evaluate", "predict"):
+        stage = stages[name]
+        assert stage["cmd"].startswith("python -m opensam.apps.launch --nproc ${runtime.nproc} ")
+        assert "runtime" in stage.get("params", []), f"{name}: runtime params not declared"
+        deps = set(stage["deps"])
+        assert dvc_deps.LAUNCHER in deps or "src/opensam/apps" in deps, name
+    assert "src/opensam/apps" not in stages["warmup"]["deps"]  # the launcher file, not apps/
+
+
 def test_closure_follows_lazy_and_transitive_imports(tmp_path: Path) -> None:
     script = tmp_path / "s.py"
     script.write_text("def f():\n    from opensam.eval.zeroshot import build_zeroshot_model\n")

@@ -18,7 +18,7 @@ from opensam.constants import IGNORE_INDEX
 from opensam.data.augment import Augmenter
 from opensam.data.datasets import make_train_loaders
 from opensam.errors import InputError
-from opensam.train.loop import TrainConfig, TrainResult, open_live, train_model
+from opensam.train.loop import TrainConfig, TrainResult, train_model
 from opensam.train.losses import (
     alpha_ramp,
     class_weights_from_fractions,
@@ -26,6 +26,7 @@ from opensam.train.losses import (
     resolve_class_weights,
     segmentation_loss,
 )
+from opensam.train.reporting import open_live
 
 GRID = (2, 2)
 

@@ -3,7 +3,9 @@
 A stage depends on its script, on every top-level module of ``src/opensam/`` it reaches, and on
 every subpackage folder (``src/opensam/masks`` ...) it reaches through imports (top level or
 inside functions, followed transitively). Editing any file of a folder the stage uses reruns it;
-editing a folder it does not use does not.
+editing a folder it does not use does not. A stage run through the launcher
+(``python -m opensam.apps.launch --nproc ... stages/x.py``) also depends on that one file,
+``src/opensam/apps/launch.py`` (standard library only), not on all of ``apps/``.
 
     python tools/dvc_deps.py          # rewrite dvc.yaml and predict/dvc.yaml
     python tools/dvc_deps.py --check  # exit 1 and list the differences (tests/test_dvc_yaml.py)
@@ -22,6 +24,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PKG = Path("src", "opensam")
 PIPELINES = ("dvc.yaml", "predict/dvc.yaml")  # predict/ is off the main path, wdir = root
+LAUNCHER = str(PKG / "apps" / "launch.py")
+LAUNCH_CMD = "-m opensam.apps.launch"
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -69,6 +73,26 @@ def source_deps(script: Path, root: Path = ROOT) -> list[str]:
     return sorted(deps)
 
 
+def stage_deps(script: Path, launched: bool, root: Path = ROOT) -> list[str]:
+    """:func:`source_deps`, plus :data:`LAUNCHER` for a launched stage (unless all of
+    ``apps/`` is a dep already)."""
+    deps = source_deps(script, root)
+    if launched and str(PKG / "apps") not in deps:
+        deps = sorted({*deps, LAUNCHER})
+    return deps
+
+
+def launched_scripts(root: Path = ROOT) -> set[str]:
+    """Scripts of the stages whose cmd runs them through the launcher."""
+    out: set[str] = set()
+    for name in PIPELINES:
+        for spec in yaml.safe_load((root / name).read_text())["stages"].values():
+            match = re.search(r"(stages/\w+\.py)", spec["cmd"])
+            if match is not None and LAUNCH_CMD in spec["cmd"]:
+                out.add(match.group(1))
+    return out
+
+
 def stage_scripts(root: Path = ROOT) -> dict[str, str]:
     """``{stage name: script path}`` of every stage of the pipelines."""
     out: dict[str, str] = {}
@@ -101,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=ROOT)
     args = parser.parse_args(argv)
     scripts = set(stage_scripts(args.root).values())
-    closures = {s: source_deps(args.root / s, args.root) for s in scripts}
+    launched = launched_scripts(args.root)
+    closures = {s: stage_deps(args.root / s, s in launched, args.root) for s in scripts}
     stale = []
     for name in PIPELINES:
         path = args.root / name

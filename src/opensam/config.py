@@ -81,6 +81,15 @@ class DemoClipParams:
 
 
 @dataclass(frozen=True)
+class RuntimeParams:
+    """Where every torch stage runs (``opensam.parallel.context``); nproc > 1 = torchrun."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA only; the CPU runs fp32)
+    nproc: int = 1  # processes per node
+
+
+@dataclass(frozen=True)
 class MasksParams:
     generator: str = "superpixels"  # sam | superpixels | regions
     max_ratio: int = 8
@@ -97,7 +106,7 @@ class SamParams:
     box_nms_thresh: float = 0.7
     crop_n_layers: int = 0
     input: str = "prepared"  # prepared | original
-    device: str = "auto"
+    device: str = "auto"  # auto = runtime.device
 
 
 @dataclass(frozen=True)
@@ -175,6 +184,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     demo: DemoParams = field(default_factory=DemoParams)
     demo_clip: DemoClipParams = field(default_factory=DemoClipParams)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)
     masks: MasksParams = field(default_factory=MasksParams)
     sam: SamParams = field(default_factory=SamParams)
     clip: ClipParams = field(default_factory=ClipParams)

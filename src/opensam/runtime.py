@@ -35,10 +35,11 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun ranks share cores
     n = (
         threads
         if threads is not None
-        else int(os.environ.get("OPENSAM_THREADS", os.cpu_count() or 1))
+        else int(os.environ.get("OPENSAM_THREADS", (os.cpu_count() or 1) // local))
     )
     torch.set_num_threads(max(1, n))
 

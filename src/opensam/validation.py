@@ -97,6 +97,13 @@ def check_params(p: Params, source: str = "params.yaml") -> None:
     for side in ("width", "height"):
         value = getattr(p.demo, side)
         r(f"demo.{side}", 16 <= value <= 8192, "in 16..8192", value)
+    rt = p.runtime
+    r("runtime.nproc", rt.nproc >= 1, ">= 1", rt.nproc)
+    r("runtime.precision", rt.precision in ("auto", "fp32", "bf16", "fp16"),
+      "auto, fp32, bf16 or fp16", rt.precision)  # fmt: skip
+    kind, _, index = rt.device.partition(":")
+    ok = rt.device in ("auto", "cpu") or (kind == "cuda" and (not index or index.isdigit()))
+    r("runtime.device", ok, "auto, cpu, cuda or cuda:N", rt.device)
     # masks.generator: checked against the generator registry (opensam.masks.generators)
     r("masks.compactness", p.masks.compactness > 0, "> 0", p.masks.compactness)
     s = p.sam

@@ -12,6 +12,8 @@ only by the subcommand that needs them, so ``opensam --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -130,37 +132,38 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from opensam.apps import predict
     from opensam.apps.guards import check_predict_out, output_lock
     from opensam.apps.predict_setup import build_mask_generator, choose_masks, overlay_colors
+    from opensam.apps.predict_shards import predict_photos_sharded
     from opensam.config import load_params
     from opensam.model.segmenter import load_checkpoint
+    from opensam.parallel.context import init_runtime
     from opensam.runtime import seed_everything
 
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     params = load_params(args.params)
     seed_everything(params.seed)
+    device = args.device or params.runtime.device  # torchrun: ranks share photos, rank 0 merges
+    rt = init_runtime(dataclasses.replace(params.runtime, device=device))
     check_output_dir(args.input, args.out)
     check_predict_out(args.out)
     listing = list_photos(args.input)
     model, meta = load_checkpoint(args.checkpoint, params.class_names, classes_from=args.params)
     size = int(meta["image_size"])
-    choice = choose_masks(
-        meta, params, args.masks, args.pps, args.min_region_area, str(args.checkpoint)
-    )
+    ckpt = str(args.checkpoint)
+    choice = choose_masks(meta, params, args.masks, args.pps, args.min_region_area, ckpt)
     masks = build_mask_generator(choice, params.masks, params.sam, size)
     colors = overlay_colors(params, meta)
     log.info("%d photos, %s (%d px), masks %s pps %d", len(listing.photos), args.checkpoint,
              size, choice.generator, choice.pps)  # fmt: skip
     low_conf = params.predict.low_conf if args.low_conf is None else args.low_conf
-    with output_lock(args.out):
-        result = predict.predict_photos(
+    with output_lock(args.out) if rt.is_main else contextlib.nullcontext(args.out):
+        result = predict_photos_sharded(
             model, listing.photos, args.out, params.class_names, colors, size, masks,
             args.batch_size or params.predict.batch_size, low_conf, args.overwrite, listing.refused,
         )  # fmt: skip
-        info = {
-            "checkpoint": str(args.checkpoint),
-            "input": str(args.input),
-            "masks": choice.generator,
-        }
+        if not rt.is_main:
+            return 0
+        info = {"checkpoint": ckpt, "input": str(args.input), "masks": choice.generator}
         summary = predict.build_summary(result, params.class_names, colors, info)
         predict.write_summary(args.out, summary)
     log.info("%d predicted (%.2f images/s), %d skipped, %d failed -> %s", result.processed,
@@ -303,6 +306,7 @@ def _add_predict(sub: Any) -> None:
         help="max probability below which a pixel is low-confidence (predict.low_conf)",
     )
     p.add_argument("--overwrite", action="store_true", help="redo photos already predicted")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (runtime.device)")
     p.set_defaults(func=_cmd_predict)
 
 

@@ -32,6 +32,7 @@ from opensam.errors import InputError
 from opensam.images import read_label_png
 from opensam.masks.store import MaskStore
 from opensam.model.aggregation import bilinear_matrix, prepare_mask_inputs
+from opensam.parallel.context import current_runtime
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,7 @@ def make_loader(
         generator=generator,
         worker_init_fn=seed_worker,
         persistent_workers=False,  # workers must re-read the dataset's epoch each epoch
+        pin_memory=current_runtime().cuda,  # then batches move with non_blocking copies
     )
 
 
@@ -255,8 +257,8 @@ def set_loader_epoch(loader: DataLoader, seed: int, epoch: int, cycle: int = 0) 
     the number of times the loader was restarted within that epoch)."""
     if loader.generator is not None:
         loader.generator.manual_seed(seed * 1_000_003 + epoch * 1_009 + cycle)
-    if isinstance(loader.dataset, SegDataset):
-        loader.dataset.set_epoch(epoch * 1_009 + cycle)
+    if isinstance(loader.dataset, SegDataset) or hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch * 1_009 + cycle)  # SegDataset, or one it wraps
 
 
 def make_train_loaders(

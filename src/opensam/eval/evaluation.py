@@ -25,6 +25,8 @@ from opensam.data.datasets import SegDataset, make_loader
 from opensam.eval.metrics import confusion_matrix, miou_report
 from opensam.eval.plots import DEFAULT_STRIDE, confusion_rows
 from opensam.model.segmenter import forward_batch
+from opensam.parallel.context import current_runtime
+from opensam.parallel.sharding import gather_in_order, shard_loader, sum_over_ranks
 from opensam.prepared import Prepared, read_prepared
 
 log = logging.getLogger(__name__)
@@ -60,14 +62,14 @@ def forward_batch_modes(
     """
     shared = len(modes) > 1 and hasattr(model, "embed") and hasattr(model, "log_probs")
     outs = []
-    with torch.inference_mode():
+    with torch.inference_mode():  # the model autocasts on CUDA (runtime.precision)
         if not shared:
             return [forward_batch(model, batch, m).float().cpu() for m in modes]
-        images = batch["image"].to(next(model.parameters()).device)
+        images = batch["image"].to(next(model.parameters()).device, non_blocking=True)
         emb = model.embed(images)  # type: ignore[operator]
         for use_masks in modes:
-            pool = batch["pool_weights"].to(images.device) if use_masks else None
-            winner = batch["winner"].to(images.device) if use_masks else None
+            pool = batch["pool_weights"].to(images.device, non_blocking=True) if use_masks else None
+            winner = batch["winner"].to(images.device, non_blocking=True) if use_masks else None
             out_hw = (images.shape[-2], images.shape[-1])
             out = model.log_probs(emb, out_hw, pool, winner)  # type: ignore[operator]
             outs.append(out.float().cpu())
@@ -114,7 +116,8 @@ def evaluate_model_modes(
     Confusion rows are ground truth, columns prediction; labels come from ``label_dir/<id>.png``
     (255 = ignored). ``masks`` (the mask store) is needed when a mode uses masks. ``sink``, when
     given, receives every batch's ids, images, labels and the first mode's hard predictions (e.g.
-    to write overlays) without another inference pass.
+    to write overlays) without another inference pass. Under torchrun every rank calls this,
+    takes its own batches and gets the full confusion; the sink runs on rank 0, in order.
     """
     if any(modes) and masks is None:
         raise ValueError("use_masks=True needs a mask store")
@@ -131,18 +134,33 @@ def loader_confusions(
     desc: str = "evaluate",
 ) -> dict[bool, np.ndarray]:
     """``{use_masks: confusion (C, C) int64}`` over a labelled ``loader`` (model in eval mode;
-    its training mode is restored). ``sink``: see :func:`evaluate_model_modes`."""
+    its training mode is restored). ``sink``: see :func:`evaluate_model_modes`. Under torchrun
+    every rank calls this, takes its own batches and gets the full confusion; the sink runs on
+    rank 0, in the one-process batch order."""
     was_training = model.training
+    loader, numbers = shard_loader(loader)
+    rt, held = current_runtime(), []  # held: this rank's sink calls, by batch number
     confusion: dict[bool, np.ndarray] = {}
-    for batch, outs in predict_batches(model, loader, modes, desc=desc):
+    batches = predict_batches(model, loader, modes, desc=desc)
+    for b, (batch, outs) in zip(numbers, batches, strict=True):
         labels = batch["label"].long()
         for use_masks, log_probs in zip(modes, outs, strict=True):
             pred = log_probs.argmax(dim=1)
             conf = np.asarray(confusion_matrix(pred, labels, log_probs.shape[1]), dtype=np.int64)
             confusion[use_masks] = confusion[use_masks] + conf if use_masks in confusion else conf
             if sink is not None and use_masks == modes[0]:
-                sink([str(i) for i in batch["id"]], batch["image"], labels, pred)
+                call = ([str(i) for i in batch["id"]], batch["image"], labels, pred)
+                if rt.distributed:
+                    held.append((b, call))
+                else:
+                    sink(*call)
     model.train(was_training)
+    if rt.distributed:
+        confusion = sum_over_ranks(confusion)
+        if sink is not None:
+            for call in gather_in_order(held):  # every rank takes part in the gather
+                if rt.is_main:
+                    sink(*call)
     if not confusion:
         raise ValueError("no images to evaluate")
     return confusion

@@ -9,6 +9,7 @@ up-to-date store, resumes an interrupted one, and otherwise computes every image
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from opensam.errors import InputError
 from opensam.masks.arrays import MaskSet
 from opensam.masks.store import AttrValue, MaskStore, MaskStoreWriter, validate_store
 from opensam.masks.superpixels import SuperpixelGenerator
+from opensam.parallel.context import current_runtime
 from opensam.prepared import Prepared
 from opensam.runtime import remove_path
 
@@ -64,6 +66,9 @@ def _build_sam(
 ) -> MaskGenerator:
     # heavy: torch + segment_anything; the ignore covers a sam_masks without the builder yet
     from opensam.masks.sam import build_sam_generator  # type: ignore[attr-defined]
+
+    if sam.device == "auto":  # follow runtime.device (this rank's GPU under torchrun)
+        sam = dataclasses.replace(sam, device=str(current_runtime().device))
 
     generator: MaskGenerator = build_sam_generator(sam, pps, min_region_area, image_size)
     return generator
@@ -242,6 +247,10 @@ def compute_mask_store(
         if not path.is_file():
             raise InputError(f"{path}: prepared image not found")
     digests = {i: file_sha256(p) for i, p in paths.items()}
+    if (runtime := current_runtime()).distributed:  # torchrun: one shard per rank, then merge
+        from opensam.masks.shards import compute_sharded
+
+        return compute_sharded(out_path, ids, paths, digests, generator, attrs, originals, runtime)
     if validate_store(out_path, attrs, ids, digests):
         log.info("%s: up to date, reusing it", out_path)
         return summarize_store(out_path)

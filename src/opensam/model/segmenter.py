@@ -25,6 +25,7 @@ from opensam.model.clip import (
     get_tokenizer,
     image_mean_std,
 )
+from opensam.parallel.context import current_runtime
 from opensam.prepared import check_classes
 from opensam.runtime import atomic_path
 
@@ -106,9 +107,10 @@ class OpenSamModel(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) float in [0, 1] → (B, D, h, w) float, L2-normalised per location."""
-        x = (images - self.mean) / self.std
-        emb = self.decoder(self.tower(x))
-        return nn.functional.normalize(emb, dim=1)
+        x = (images.to(self.mean.device, non_blocking=True) - self.mean) / self.std
+        with current_runtime().autocast():  # bf16 / fp16 on CUDA only (runtime.precision)
+            emb = self.decoder(self.tower(x))
+        return nn.functional.normalize(emb.float(), dim=1)  # the aggregation runs in fp32
 
     def log_probs(
         self,
@@ -119,8 +121,11 @@ class OpenSamModel(nn.Module):
     ) -> torch.Tensor:
         """Class log-probabilities (B, C, H, W) from :meth:`embed`'s output (B, D, h, w), e.g. to
         score several mask sets on one embedding; arguments as in :meth:`forward`."""
-        text, scale = self.text_embeddings, self.logit_scale
-        return aggregate_log_probs(emb, text, scale, pool_weights, winner, out_hw)
+        text, scale, dev = self.text_embeddings, self.logit_scale, emb.device
+        pool_weights = None if pool_weights is None else pool_weights.to(dev, non_blocking=True)
+        winner = None if winner is None else winner.to(dev, non_blocking=True)
+        with torch.autocast(dev.type, enabled=False):  # the aggregation stays in fp32
+            return aggregate_log_probs(emb.float(), text, scale, pool_weights, winner, out_hw)
 
     @torch.no_grad()
     def embed_many(self, images: Sequence[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
@@ -182,7 +187,7 @@ def build_model(clip: ClipParams, prompts: list[str], drop_path: float = 0.0) ->
     scale = float(clip_model.logit_scale.detach().exp())
     mean, std = image_mean_std(clip_model)
     model = _assemble(clip_model.visual, clip, text, scale, mean, std)
-    return model.eval()
+    return model.to(current_runtime().device).eval()  # runtime.device (the CPU by default)
 
 
 def forward_batch(model: nn.Module, batch: Mapping[str, Any], use_masks: bool) -> torch.Tensor:
@@ -297,4 +302,4 @@ def load_checkpoint(
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise InputError(f"{path}: weights do not fit {clip.model} ({first[:200]})") from None
-    return model.eval(), ckpt
+    return model.to(current_runtime().device).eval(), ckpt

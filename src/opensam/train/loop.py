@@ -25,11 +25,14 @@ from tqdm import tqdm
 
 from opensam.config import TrainParams
 from opensam.data.datasets import set_loader_epoch
-from opensam.eval.evaluation import evaluate_model, loader_confusions
-from opensam.eval.metrics import confusion_matrix, miou_from_confusion, miou_report
+from opensam.eval.evaluation import loader_confusions
+from opensam.eval.metrics import confusion_matrix, miou_from_confusion
 from opensam.model.segmenter import forward_batch
+from opensam.parallel.context import all_reduce_sum, current_runtime
 from opensam.runtime import atomic_path
-from opensam.train.losses import alpha_ramp, cosine_lr, segmentation_loss
+from opensam.train.distributed import batch_loss, distribute_loader, wrap_ddp
+from opensam.train.losses import alpha_ramp, cosine_lr
+from opensam.train.reporting import log_history
 from opensam.train.resume import plain, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -100,7 +103,8 @@ def confusion_of(log_probs: torch.Tensor, target: torch.Tensor, num_classes: int
 
 
 def evaluate_miou(model: nn.Module, loader: DataLoader, use_masks: bool) -> float:
-    """mIoU in percent of ``model`` over ``loader`` (eval mode; training mode is restored)."""
+    """mIoU in percent of ``model`` over ``loader`` (eval mode; training mode is restored).
+    Under torchrun each rank scores its own batches and every rank gets the total."""
     if len(loader.dataset) == 0:  # type: ignore[arg-type]
         return 0.0
     total = loader_confusions(model, loader, (use_masks,), desc="validate")[use_masks]
@@ -141,6 +145,8 @@ class _Loop:
     best_miou: float | None = None
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    net: nn.Module | None = None  # what the steps run: the model, or its DDP wrapper
+    scaler: Any = None  # torch.amp.GradScaler (enabled for fp16 only)
 
     @property
     def total_steps(self) -> int:
@@ -170,19 +176,20 @@ def _train_step(
     """One optimizer step on a labelled batch (+ α·loss of a pseudo batch when α > 0).
 
     Returns the labelled batch's log-probabilities (detached) and its / the pseudo loss."""
-    cfg, model = loop.config, loop.model
-    log_probs = forward_batch(model, batch, cfg.use_masks)
-    loss = segmentation_loss(log_probs, batch["label"].to(log_probs.device), loop.weight)
-    labelled_loss, pseudo_loss = float(loss.detach()), None
+    cfg, net, rt = loop.config, loop.net or loop.model, current_runtime()
+    log_probs = forward_batch(net, batch, cfg.use_masks)
+    loss, labelled_loss = batch_loss(log_probs, batch["label"], loop.weight, rt)
+    pseudo_loss = None
     if pseudo is not None and alpha > 0:
         pbatch = pseudo.next()
-        plog = forward_batch(model, pbatch, cfg.use_masks)
-        ploss = segmentation_loss(plog, pbatch["label"].to(plog.device), loop.weight)
+        plog = forward_batch(net, pbatch, cfg.use_masks)
+        ploss, pseudo_loss = batch_loss(plog, pbatch["label"], loop.weight, rt)
         loss = loss + alpha * ploss
-        pseudo_loss = float(ploss.detach())
     loop.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    loop.optimizer.step()
+    scaler = loop.scaler or torch.amp.GradScaler("cpu", enabled=False)
+    scaler.scale(loss).backward()
+    scaler.step(loop.optimizer)  # a disabled scaler just steps
+    scaler.update()
     loop.scheduler.step()
     return log_probs.detach(), labelled_loss, pseudo_loss
 
@@ -207,6 +214,8 @@ def _train_epoch(
         batch_conf = confusion_of(log_probs, batch["label"], log_probs.shape[1])
         conf = batch_conf if conf is None else conf + batch_conf
         bar.set_postfix(loss=f"{loss:.4f}")
+    if conf is not None and current_runtime().distributed:  # the global batches' confusion
+        conf = all_reduce_sum(torch.from_numpy(conf)).numpy()
     n = loop.steps_per_epoch
     return {
         "epoch": loop.epoch + 1,
@@ -217,15 +226,6 @@ def _train_epoch(
         "lr": loop.optimizer.param_groups[0]["lr"],
         "alpha": alpha,
     }
-
-
-def log_history(live: Any, history: Sequence[Mapping[str, Any]]) -> None:
-    """Write history entries to a DVCLive ``Live``: one step per epoch (e.g. to replay a resume)."""
-    for entry in history:
-        for key, value in entry.items():
-            if key != "epoch" and value is not None:
-                live.log_metric(key, float(value))
-        live.next_step()
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -335,6 +335,10 @@ def train_model(
     train/miou (running, over the augmented training batches), lr, alpha, val/miou (percent).
     """
     config.validate()
+    rt = current_runtime()  # under torchrun: DDP, each rank its share of every batch
+    model.to(rt.device)
+    train_loader = distribute_loader(train_loader, rt)
+    pseudo_loader = distribute_loader(pseudo_loader, rt) if pseudo_loader else None
     use_pseudo = pseudo_loader is not None and config.alpha_f > 0
     steps = max(len(train_loader), len(pseudo_loader) if use_pseudo and pseudo_loader else 0)
     steps = steps_per_epoch or steps
@@ -342,6 +346,7 @@ def train_model(
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if ckpt is None or not _try_resume(loop, ckpt):
         _seed_run(config.seed)
+    loop.net, loop.scaler = wrap_ddp(model, rt), rt.grad_scaler()  # after resume: same weights
     if live is not None:
         log_history(live, loop.history)
     with deterministic_algorithms():
@@ -354,7 +359,7 @@ def train_model(
             _end_epoch(loop, entry)
             if live is not None:
                 log_history(live, [entry])
-            if ckpt is not None:
+            if ckpt is not None and rt.is_main:
                 _save_checkpoint(loop, ckpt)
             bar.set_postfix(loss=f"{entry['train/loss']:.4f}", val=entry.get("val/miou"))
             log.info("epoch %s", {k: round(v, 5) if v is not None else v for k, v in entry.items()})
@@ -365,33 +370,3 @@ def train_model(
     model.load_state_dict(loop.best_state)
     best = (loop.best_epoch, loop.best_miou, loop.best_state)
     return TrainResult(*best, last_state=last_state, history=list(loop.history))
-
-
-def open_live(live_dir: Path) -> Any:
-    """A DVCLive ``Live`` writing ``<live_dir>/plots/metrics/<name>.tsv`` (and metrics.json);
-    it never touches dvc.yaml nor creates a DVC experiment. Starts empty (no resume)."""
-    from dvclive import Live  # heavy import, only where curves are written
-
-    return Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False)
-
-
-def evaluate_splits(
-    model: nn.Module,
-    prepared: Path,
-    split_ids: Mapping[str, Sequence[str]],
-    masks: Path | None,
-    batch_size: int,
-    class_names: Sequence[str],
-    use_masks: bool = True,
-) -> dict[str, dict[str, Any]]:
-    """``{split: miou_report}`` (percent) for each non-empty split, labels from
-    ``prepared/labels``; with SAM aggregation when ``use_masks``."""
-    out: dict[str, dict[str, Any]] = {}
-    for split, ids in split_ids.items():
-        if not ids:
-            log.warning("split %s is empty: not evaluated", split)
-            continue
-        labels = Path(prepared) / "labels"
-        conf = evaluate_model(model, prepared, list(ids), labels, masks, batch_size, use_masks)
-        out[split] = miou_report(conf, list(class_names))
-    return out

@@ -38,14 +38,11 @@ from opensam.constants import IGNORE_INDEX
 from opensam.data.cutmix import StrongConfig, strong_view
 from opensam.data.datasets import set_loader_epoch
 from opensam.model.segmenter import OpenSamModel, forward_batch
+from opensam.parallel.context import current_runtime
 from opensam.runtime import atomic_path
-from opensam.train.loop import (
-    TrainConfig,
-    deterministic_algorithms,
-    evaluate_miou,
-    log_history,
-)
+from opensam.train.loop import TrainConfig, deterministic_algorithms, evaluate_miou
 from opensam.train.losses import cosine_lr, segmentation_loss
+from opensam.train.reporting import log_history
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +135,7 @@ class _State:
     best_miou: float | None = None
     best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    scaler: Any = None  # torch.amp.GradScaler (enabled for fp16 only)
 
 
 def _build(model: nn.Module, config: OnlineConfig, steps_per_epoch: int) -> _State:
@@ -195,8 +193,10 @@ def _step(
         loss = loss + st.config.lam * uloss
         stats |= {"loss_unlabelled": float(uloss.detach()), **ustats}
     st.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    st.optimizer.step()
+    scaler = st.scaler or torch.amp.GradScaler("cpu", enabled=False)
+    scaler.scale(loss).backward()
+    scaler.step(st.optimizer)  # a disabled scaler just steps
+    scaler.update()
     st.scheduler.step()
     ema_update(st.teacher, st.student, ema_decay_at(step, st.config.ema_decay))
     stats["loss"] = float(loss.detach())
@@ -300,8 +300,13 @@ def train_online(
     History keys: train/loss, train/loss_labelled, train/loss_unlabelled, train/loss_strong,
     train/loss_feature, train/confident (share of confident pixels), lr, val/miou."""
     config.train.validate()
+    rt = current_runtime()  # one process; under torchrun every rank runs it, rank 0 writes
+    if rt.distributed:
+        log.warning("the online loop is not data-parallel: every rank trains the same run")
+    model.to(rt.device)
     unl = unlabelled if config.lam > 0 else None
     st = _build(model, config, len(labelled))
+    st.scaler = rt.grad_scaler()
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if ckpt is None or not _resume(st, ckpt):
         torch.manual_seed(config.train.seed)
@@ -317,7 +322,7 @@ def train_online(
             _finish_epoch(st, entry)
             if live is not None:
                 log_history(live, [entry])
-            if ckpt is not None:
+            if ckpt is not None and rt.is_main:
                 _save(st, ckpt)
             log.info("epoch %s", {k: round(v, 4) for k, v in entry.items()})
     assert st.best_state is not None

@@ -30,6 +30,7 @@ from opensam.errors import InputError
 from opensam.eval.evaluation import build_loader, predict_loader
 from opensam.eval.metrics import confusion_matrix, miou_report
 from opensam.images import read_label_png
+from opensam.parallel.context import broadcast_object, current_runtime
 from opensam.prepared import read_prepared
 from opensam.runtime import read_json
 
@@ -82,17 +83,24 @@ def generate_pseudo_labels(
     ``prepared/unlabelled_gt/<id>.png`` exists for some ids. ``class_names`` default to
     ``splits.json``'s classes.
     """
-    out_dir = Path(out_dir)
-    (out_dir / LABELS_DIR).mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIDENCE_DIR).mkdir(parents=True, exist_ok=True)
-    (out_dir / IDS_FILE).write_text(json.dumps(list(ids), indent=1) + "\n")
+    out_dir, rt = Path(out_dir), current_runtime()
+    if rt.is_main:  # under torchrun the other ranks write shards that rank 0 merges
+        (out_dir / LABELS_DIR).mkdir(parents=True, exist_ok=True)
+        (out_dir / CONFIDENCE_DIR).mkdir(parents=True, exist_ok=True)
+        (out_dir / IDS_FILE).write_text(json.dumps(list(ids), indent=1) + "\n")
     if not ids:
         return {"images": 0, "mean_confidence": None, "ignored_fraction": None}
     if use_masks and masks is None:
         raise ValueError("use_masks=True needs a mask store")
     loader = build_loader(model, prepared, ids, None, masks if use_masks else None, batch_size)
     conf_sum, ignored, pixels = 0.0, 0, 0
-    for batch_ids, log_probs in predict_loader(model, loader, use_masks):
+    if rt.distributed:
+        from opensam.train.pseudo_shards import predict_sharded
+
+        conf_sum, ignored, pixels = predict_sharded(
+            model, loader, use_masks, conf_threshold, out_dir, rt
+        )
+    for batch_ids, log_probs in [] if rt.distributed else predict_loader(model, loader, use_masks):
         labels, conf = hard_labels(log_probs, conf_threshold)
         conf_u8 = confidence_to_uint8(conf)
         for i, image_id in enumerate(batch_ids):
@@ -107,7 +115,8 @@ def generate_pseudo_labels(
         "ignored_fraction": round(ignored / pixels, 6),
     }
     names = list(class_names) if class_names is not None else list(read_prepared(prepared).classes)
-    quality = measure_pseudo_quality(out_dir, prepared, ids, names)
+    quality = measure_pseudo_quality(out_dir, prepared, ids, names) if rt.is_main else None
+    quality = broadcast_object(quality)  # rank 0 reads out_dir before it renames it
     if quality is not None:
         summary["vs_hidden_gt"] = quality
     log.info("pseudo-labels: %s", {k: v for k, v in summary.items() if k != "vs_hidden_gt"})

@@ -22,10 +22,11 @@ from opensam.config import PseudoParams, StudentParams
 from opensam.data.augment import Augmenter
 from opensam.data.datasets import make_train_loaders
 from opensam.model.segmenter import OpenSamModel, load_checkpoint
+from opensam.parallel.context import barrier, main_output
 from opensam.prepared import Prepared
-from opensam.runtime import atomic_path
-from opensam.train.loop import TrainConfig, evaluate_splits, train_model
+from opensam.train.loop import TrainConfig, train_model
 from opensam.train.pseudo_labels import generate_pseudo_labels, measure_pseudo_quality
+from opensam.train.reporting import evaluate_splits
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,12 @@ def relabel_pool(
         return None
     teacher, _ = load_checkpoint(inputs.teacher)
     teacher.load_state_dict(state)
-    with atomic_path(out) as tmp:
+    with main_output(out) as tmp:  # under torchrun: rank 0 merges the ranks' shards
         summary = generate_pseudo_labels(
             teacher, inputs.prepared.root, list(inputs.pool_ids), inputs.masks, tmp,
             pseudo.conf_threshold, pseudo.batch_size, class_names=inputs.classes,
         )  # fmt: skip
+    barrier()  # every rank trains on ``out`` next: wait until rank 0 has renamed it
     return summary.get("vs_hidden_gt")
 
 
