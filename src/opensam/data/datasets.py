@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +291,22 @@ def make_train_loaders(
     val = SegDataset(prepared, val_ids, labels, masks, grid_hw)
     val_loader = make_loader(val, batch_size, False, seed, num_workers) if len(val) else None
     return train_loader, pseudo_loader, val_loader
+
+
+class Cycler:
+    """Endless batches of a loader for one epoch; each restart within the epoch is reseeded (its
+    cycle count), so a run that resumes at an epoch replays the same batches."""
+
+    def __init__(self, loader: DataLoader, seed: int, epoch: int) -> None:
+        self.loader, self.seed, self.epoch, self.cycle = loader, seed, epoch, 0
+        set_loader_epoch(loader, seed, epoch)
+        self.it: Iterator[Any] = iter(loader)
+
+    def next(self) -> Any:
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.cycle += 1
+            set_loader_epoch(self.loader, self.seed, self.epoch, self.cycle)
+            self.it = iter(self.loader)
+            return next(self.it)

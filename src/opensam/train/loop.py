@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from opensam.config import TrainParams
-from opensam.data.datasets import set_loader_epoch
+from opensam.data.datasets import Cycler
 from opensam.eval.evaluation import loader_confusions
 from opensam.eval.metrics import confusion_matrix, miou_from_confusion
 from opensam.model.segmenter import forward_batch
@@ -112,24 +112,6 @@ def evaluate_miou(model: nn.Module, loader: DataLoader, use_masks: bool) -> floa
     return 0.0 if math.isnan(miou) else 100.0 * miou  # nothing labelled: 0, never NaN
 
 
-class _Cycler:
-    """Endless batches of a loader; each restart within an epoch is reseeded (cycle count)."""
-
-    def __init__(self, loader: DataLoader, seed: int, epoch: int) -> None:
-        self.loader, self.seed, self.epoch, self.cycle = loader, seed, epoch, 0
-        set_loader_epoch(loader, seed, epoch)
-        self.it: Iterator[Any] = iter(loader)
-
-    def next(self) -> Any:
-        try:
-            return next(self.it)
-        except StopIteration:
-            self.cycle += 1
-            set_loader_epoch(self.loader, self.seed, self.epoch, self.cycle)
-            self.it = iter(self.loader)
-            return next(self.it)
-
-
 @dataclass
 class _Loop:
     """The mutable state of one run: what a checkpoint holds besides the torch objects."""
@@ -171,7 +153,7 @@ def _build_loop(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> 
 
 
 def _train_step(
-    loop: _Loop, batch: Mapping[str, Any], pseudo: _Cycler | None, alpha: float
+    loop: _Loop, batch: Mapping[str, Any], pseudo: Cycler | None, alpha: float
 ) -> tuple[torch.Tensor, float, float | None]:
     """One optimizer step on a labelled batch (+ α·loss of a pseudo batch when α > 0).
 
@@ -200,8 +182,8 @@ def _train_epoch(
     """One epoch of steps; returns the epoch's history entry (without validation)."""
     cfg = loop.config
     loop.model.train()
-    labelled = _Cycler(train_loader, cfg.seed, loop.epoch)
-    pseudo = _Cycler(pseudo_loader, cfg.seed + 1, loop.epoch) if pseudo_loader else None
+    labelled = Cycler(train_loader, cfg.seed, loop.epoch)
+    pseudo = Cycler(pseudo_loader, cfg.seed + 1, loop.epoch) if pseudo_loader else None
     total, sup, unsup, conf, alpha = 0.0, 0.0, [], None, 0.0
     steps = range(loop.steps_per_epoch)
     for i in (bar := tqdm(steps, desc=f"epoch {loop.epoch + 1}", unit="step", leave=False)):
@@ -228,7 +210,8 @@ def _train_epoch(
     }
 
 
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``model``'s state dict (a best-epoch snapshot)."""
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
@@ -304,7 +287,7 @@ def _end_epoch(loop: _Loop, entry: dict[str, Any]) -> None:
     )
     if better or miou is None:  # without validation the last epoch is "best"
         loop.best_epoch, loop.best_miou = entry["epoch"], miou
-        loop.best_state = _cpu_state(loop.model)
+        loop.best_state = cpu_state(loop.model)
     loop.history.append(entry)
     loop.epoch += 1
 
@@ -365,7 +348,7 @@ def train_model(
             log.info("epoch %s", {k: round(v, 5) if v is not None else v for k, v in entry.items()})
             if on_epoch_end is not None:
                 on_epoch_end(entry["epoch"], entry)
-    last_state = _cpu_state(model)
+    last_state = cpu_state(model)
     assert loop.best_state is not None
     model.load_state_dict(loop.best_state)
     best = (loop.best_epoch, loop.best_miou, loop.best_state)

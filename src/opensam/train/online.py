@@ -36,11 +36,11 @@ from tqdm import tqdm
 
 from opensam.constants import IGNORE_INDEX
 from opensam.data.cutmix import StrongConfig, strong_view
-from opensam.data.datasets import set_loader_epoch
+from opensam.data.datasets import Cycler
 from opensam.model.segmenter import OpenSamModel, forward_batch
 from opensam.parallel.context import current_runtime
 from opensam.runtime import atomic_path
-from opensam.train.loop import TrainConfig, deterministic_algorithms, evaluate_miou
+from opensam.train.loop import TrainConfig, cpu_state, deterministic_algorithms, evaluate_miou
 from opensam.train.losses import cosine_lr, segmentation_loss
 from opensam.train.reporting import log_history
 
@@ -101,24 +101,6 @@ def dropout_log_probs(
     pool = batch["pool_weights"].to(device) if use_masks else None
     winner = batch["winner"].to(device) if use_masks else None
     return model.log_probs(emb, (images.shape[-2], images.shape[-1]), pool, winner)
-
-
-class _Cycler:
-    """Endless batches of a loader, reseeded at every epoch and every restart within one."""
-
-    def __init__(self, loader: DataLoader, seed: int, epoch: int) -> None:
-        self.loader, self.seed, self.epoch, self.cycle = loader, seed, epoch, 0
-        set_loader_epoch(loader, seed, epoch)
-        self.it = iter(loader)
-
-    def next(self) -> Any:
-        try:
-            return next(self.it)
-        except StopIteration:
-            self.cycle += 1
-            set_loader_epoch(self.loader, self.seed, self.epoch, self.cycle)
-            self.it = iter(self.loader)
-            return next(self.it)
 
 
 @dataclass
@@ -206,8 +188,8 @@ def _step(
 def _epoch(st: _State, labelled: DataLoader, unlabelled: DataLoader | None) -> dict[str, Any]:
     seed = st.config.train.seed
     st.student.train()
-    lab = _Cycler(labelled, seed, st.epoch)
-    unl = _Cycler(unlabelled, seed + 1, st.epoch) if unlabelled is not None else None
+    lab = Cycler(labelled, seed, st.epoch)
+    unl = Cycler(unlabelled, seed + 1, st.epoch) if unlabelled is not None else None
     sums: dict[str, float] = {}
     for i in tqdm(range(st.steps_per_epoch), desc=f"epoch {st.epoch + 1}", leave=False):
         step = st.epoch * st.steps_per_epoch + i
@@ -218,10 +200,6 @@ def _epoch(st: _State, labelled: DataLoader, unlabelled: DataLoader | None) -> d
     entry |= {f"train/{k}": v / st.steps_per_epoch for k, v in sums.items()}
     entry["lr"] = st.optimizer.param_groups[0]["lr"]
     return entry
-
-
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def _save(st: _State, path: Path) -> None:
@@ -270,7 +248,7 @@ def _finish_epoch(st: _State, entry: dict[str, Any]) -> None:
     """Record the epoch and keep the EMA teacher of the best val epoch (ties: the earlier)."""
     miou = entry.get("val/miou")
     if st.best_state is None or miou is None or (st.best_miou is not None and miou > st.best_miou):
-        st.best_epoch, st.best_miou, st.best_state = entry["epoch"], miou, _cpu_state(st.teacher)
+        st.best_epoch, st.best_miou, st.best_state = entry["epoch"], miou, cpu_state(st.teacher)
     st.history.append(entry)
     st.epoch += 1
 
