@@ -117,10 +117,10 @@ def test_second_repro_changes_nothing(project: Path) -> None:
 @pytest.mark.parametrize(
     ("setting", "expected"),
     [
-        ("pps=32", {"masks", "warmup", "pseudolabel", "student", "evaluate"}),
+        ("pps=32", {"masks", "warmup", "pseudolabel", "student", "control", "evaluate"}),
         ("ratio=3", {"pseudolabel", "student", "evaluate"}),
         ("student.alpha_f=0.5", {"student", "evaluate"}),
-        ("student.mode=online", {"student", "control", "evaluate"}),
+        ("student.mode=offline", {"student", "control", "evaluate"}),  # the default is online
         ("student.unsup_weight=0.5", {"student", "evaluate"}),
         ("seed=1", {"zeroshot", "warmup", "pseudolabel", "student", "control", "evaluate"}),
     ],

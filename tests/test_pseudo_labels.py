@@ -122,7 +122,9 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_pseudolabel(root: Path, prepared: Path, masks: Path, teacher: Path, ratio: int) -> Path:
     pseudolabel = load_stage("pseudolabel")
-    params = write_params(root / f"params{ratio}.yaml", ratio=ratio)
+    # an untrained teacher is confident nowhere: no threshold, so every pixel is measured
+    pseudo = {"conf_threshold": None, "batch_size": 16}
+    params = write_params(root / f"params{ratio}.yaml", ratio=ratio, pseudo=pseudo)
     out, metrics = root / f"pseudo{ratio}", root / f"pseudo{ratio}.json"
     argv = ["--prepared", str(prepared), "--masks", str(masks), "--teacher", str(teacher)]
     argv += ["--out", str(out), "--metrics", str(metrics), "--params", str(params)]
