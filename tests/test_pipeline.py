@@ -129,6 +129,7 @@ def test_exp_run_reruns_only_dependent_stages(
     project: Path, setting: str, expected: set[str]
 ) -> None:
     run(project, "git", "checkout", "-q", "--", ".")
+    run(project, "git", "clean", "-fdq", "--", "metrics")  # curves an earlier experiment added
     run(project, str(BIN / "dvc"), "checkout", "-q", check=False)
     out = run(project, str(BIN / "dvc"), "exp", "run", "-S", setting)
     assert stages_run(out) == expected, out[-3000:]
@@ -137,6 +138,7 @@ def test_exp_run_reruns_only_dependent_stages(
 def test_predict_pipeline_is_off_the_main_path(project: Path) -> None:
     dvc = str(BIN / "dvc")
     run(project, "git", "checkout", "-q", "--", ".")
+    run(project, "git", "clean", "-fdq", "--", "metrics")  # curves an earlier experiment added
     run(project, dvc, "checkout", "-q", check=False)
     assert "predict" not in run(project, dvc, "repro", "--dry")
     out = run(project, dvc, "repro", "predict/dvc.yaml")
@@ -149,6 +151,7 @@ def test_predict_pipeline_is_off_the_main_path(project: Path) -> None:
 def test_ratio_experiments_compare(project: Path) -> None:
     dvc = str(BIN / "dvc")
     run(project, "git", "checkout", "-q", "--", ".")
+    run(project, "git", "clean", "-fdq", "--", "metrics")  # curves an earlier experiment added
     run(project, dvc, "checkout", "-q", check=False)
     run(project, dvc, "exp", "run", "-S", "ratio=1", "-n", "r1")
     run(project, dvc, "exp", "run", "-S", "ratio=3", "-n", "r3")
@@ -165,6 +168,7 @@ def test_ratio_experiments_compare(project: Path) -> None:
 def test_queued_ratio_sweep(project: Path) -> None:
     dvc = str(BIN / "dvc")
     run(project, "git", "checkout", "-q", "--", ".")
+    run(project, "git", "clean", "-fdq", "--", "metrics")  # curves an earlier experiment added
     run(project, dvc, "checkout", "-q", check=False)
     run(project, dvc, "exp", "run", "--queue", "-S", "ratio=1,2", "-n", "sweep")
     run(project, dvc, "queue", "start")
