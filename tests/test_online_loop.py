@@ -79,7 +79,7 @@ def test_online_run_is_deterministic_and_learns(
 
 def test_online_run_resumes_after_a_kill(
     project: dict[str, Any], reference: OpenSamModel, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     real, calls = online._epoch, []
 
@@ -97,7 +97,9 @@ def test_online_run_resumes_after_a_kill(
         _run(project, tmp_path)
     assert (tmp_path / "last.pt").is_file()
     monkeypatch.setattr(online, "_epoch", real)
-    assert _same(_run(project, tmp_path), reference)
+    with caplog.at_level("INFO", logger="opensam.train.online"):
+        assert _same(_run(project, tmp_path), reference)
+    assert "resumed from" in caplog.text  # really resumed (weights_only load), not started over
 
 
 def _args(p: dict[str, Any], out: Path, params: Path, stage: str) -> list[str]:

@@ -43,6 +43,7 @@ from opensam.runtime import atomic_path
 from opensam.train.loop import TrainConfig, cpu_state, deterministic_algorithms, evaluate_miou
 from opensam.train.losses import cosine_lr, segmentation_loss
 from opensam.train.reporting import log_history
+from opensam.train.resume import plain, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +209,9 @@ def _save(st: _State, path: Path) -> None:
         "steps_per_epoch": st.steps_per_epoch, "epoch": st.epoch,
         "student": st.student.state_dict(), "teacher": st.teacher.state_dict(),
         "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
-        "rng": [torch.get_rng_state(), np.random.get_state(), random.getstate()],
+        "rng": rng_state(),  # tensors and plain types: the file loads with weights_only=True
         "best": {"epoch": st.best_epoch, "miou": st.best_miou, "state": st.best_state},
-        "history": st.history,
+        "history": plain(st.history),
     }  # fmt: skip
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -221,7 +222,7 @@ def _resume(st: _State, path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt checkpoint is not fatal: start over
         log.warning("%s: unreadable checkpoint (%s), starting over", path, type(exc).__name__)
         return False
@@ -234,9 +235,7 @@ def _resume(st: _State, path: Path) -> bool:
     st.teacher.load_state_dict(state["teacher"])
     st.optimizer.load_state_dict(state["optimizer"])
     st.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"][0])
-    np.random.set_state(state["rng"][1])
-    random.setstate(state["rng"][2])
+    set_rng_state(state["rng"])
     st.epoch, st.history = state["epoch"], state["history"]
     best = state["best"]
     st.best_epoch, st.best_miou, st.best_state = best["epoch"], best["miou"], best["state"]
