@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
-    rt = init_runtime(params.runtime)  # under torchrun: DDP (offline) or redundant (online)
+    rt = init_runtime(params.runtime)  # under torchrun: data-parallel (both modes), rank 0 writes
     cfg, prepared = params.student, read_prepared(args.prepared)
     store = open_mask_store(args.masks)
     model, meta = load_checkpoint(args.teacher, drop_path=cfg.drop_path)

@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from conftest import load_stage, write_tiny_project
+from dist_online_worker import train as train_online_worker
 from dist_worker import train
 
 from opensam.apps import launch
@@ -208,3 +209,47 @@ def test_two_process_training_matches_one_and_resumes(
         assert a["val/miou"] == pytest.approx(b["val/miou"], abs=1e-6)
     assert np.array_equal(two["confusion"], one["confusion"])
     assert two["seen"] == one["seen"]  # the sink sees the one-process order on rank 0
+
+
+@pytest.fixture(scope="module")
+def online_project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_tiny_project(tmp_path_factory.mktemp("dist_online"), 4, 2, 2, 6, size=48)
+
+
+@pytest.mark.slow
+def test_two_process_online_loop_syncs_ranks_and_resumes(
+    online_project: dict[str, Path], tmp_path: Path
+) -> None:
+    p = online_project
+    inputs = (p["params"], p["prepared"], p["masks"])
+    worker = TESTS / "dist_online_worker.py"
+    # λ = 0 (the control): the same global batches as one process, so the same weights up to
+    # float summation order
+    one = train_online_worker(*inputs, tmp_path / "one" / "r.pt", control=True)
+    (tmp_path / "two").mkdir()
+    done = torchrun(worker, *inputs, tmp_path / "two" / "r.pt", "--control")
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = torch.load(tmp_path / "two" / "r.pt", weights_only=True)
+    for key, value in one["state"].items():
+        torch.testing.assert_close(two["state"][key], value, rtol=1e-4, atol=1e-5)
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert a["train/loss_labelled"] == pytest.approx(b["train/loss_labelled"], rel=1e-4)
+    # λ = 1: the ranks stay identical (averaged gradients), and a kill of both ranks resumes
+    full, killed = tmp_path / "full" / "r.pt", tmp_path / "killed" / "r.pt"
+    for out in (full, killed):
+        out.parent.mkdir()
+    done = torchrun(worker, *inputs, full)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(f"{full}.rank{r}", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    student = torch.load(full, weights_only=True)
+    assert any(not torch.equal(student["state"][k], two["state"][k]) for k in ranks[0])
+    assert 0 < student["history"][-1]["train/confident"] <= 1
+    dead = torchrun(worker, *inputs, killed, "--kill-after", "1")
+    assert dead.returncode != 0 and not killed.exists()
+    again = torchrun(worker, *inputs, killed)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr
+    resumed = torch.load(killed, weights_only=True)
+    for key, value in student["state"].items():
+        assert torch.equal(resumed["state"][key], value), key

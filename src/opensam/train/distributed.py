@@ -108,6 +108,25 @@ def global_mean_loss(
     return total * runtime.world / parts[1], float(parts[0] / parts[1])
 
 
+def sync_gradients(model: nn.Module, runtime: Runtime) -> None:
+    """Average the gradients of ``model``'s trainable parameters over the ranks (one flat
+    all-reduce), as DDP's reducer does. For loops that run several forward passes per backward
+    through different entry points (the online loop: labelled, strong and feature-perturbed
+    views), which DDP's one-forward-per-backward reducer does not allow. A parameter without a
+    gradient on this rank counts as zero, so every rank reduces the same tensor."""
+    if not runtime.distributed:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), runtime)
+    flat /= runtime.world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
 def batch_loss(
     log_probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, runtime: Runtime
 ) -> tuple[torch.Tensor, float]:

@@ -15,6 +15,13 @@ labelled-only control (λ = 0, no unlabelled loader) takes the same steps, sched
 augmentation. The EMA teacher is the model that is validated, kept (best val epoch) and returned.
 A checkpoint per epoch holds both models, the optimiser, the scheduler and the RNG states; a
 killed run resumes from it and ends with the same weights.
+
+Under torchrun every rank takes its share of each one-process batch (labelled and unlabelled,
+:func:`opensam.train.distributed.distribute_loader`), the losses are normalised by the global
+batch (pixel counts all-reduced) and the gradients are averaged over the ranks before each step
+(:func:`opensam.train.distributed.sync_gradients`), so the student, and with it the EMA teacher,
+stay identical on every rank. CutMix pairs images within a rank's share, so two processes do not
+reproduce the one-process run exactly; rank 0 alone writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -38,10 +45,11 @@ from opensam.constants import IGNORE_INDEX
 from opensam.data.cutmix import StrongConfig, strong_view
 from opensam.data.datasets import Cycler
 from opensam.model.segmenter import OpenSamModel, forward_batch
-from opensam.parallel.context import current_runtime
+from opensam.parallel.context import Runtime, all_reduce_sum, current_runtime
 from opensam.runtime import atomic_path
+from opensam.train.distributed import batch_loss, distribute_loader, sync_gradients
 from opensam.train.loop import TrainConfig, cpu_state, deterministic_algorithms, evaluate_miou
-from opensam.train.losses import cosine_lr, segmentation_loss
+from opensam.train.losses import cosine_lr
 from opensam.train.reporting import log_history
 from opensam.train.resume import plain, rng_state, set_rng_state
 
@@ -80,14 +88,27 @@ def ema_decay_at(step: int, ema_decay: float) -> float:
 
 
 def confident_loss(
-    log_probs: torch.Tensor, label: torch.Tensor, conf: torch.Tensor, threshold: float
+    log_probs: torch.Tensor,
+    label: torch.Tensor,
+    conf: torch.Tensor,
+    threshold: float,
+    runtime: Runtime | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Mean NLL over all pixels of (B, C, H, W) log-probs vs pseudo-labels (B, H, W), where
-    pixels with ``conf < threshold`` (or label 255) count as 0. Returns (loss, confident share)."""
+    pixels with ``conf < threshold`` (or label 255) count as 0. Returns (loss, confident share).
+
+    Under torchrun (``runtime.distributed``) the mean is over the global batch: the returned
+    loss is this rank's NLL sum × world / all pixels of all ranks (the ranks' gradients are
+    averaged), and the confident share is the global one."""
     keep = (conf >= threshold) & (label != IGNORE_INDEX)
     target = torch.where(keep, label, torch.full_like(label, IGNORE_INDEX))
-    nll = F.nll_loss(log_probs, target, ignore_index=IGNORE_INDEX, reduction="none")
-    return nll.sum() / max(1, label.numel()), float(keep.float().mean())
+    nll = F.nll_loss(log_probs.float(), target, ignore_index=IGNORE_INDEX, reduction="none").sum()
+    if runtime is None or not runtime.distributed:
+        return nll / max(1, label.numel()), float(keep.float().mean())
+    counts = torch.tensor([float(keep.sum()), float(label.numel())], dtype=torch.float64)
+    counts = all_reduce_sum(counts, runtime)
+    total = max(1.0, float(counts[1]))
+    return nll * runtime.world / total, float(counts[0]) / total
 
 
 def dropout_log_probs(
@@ -148,16 +169,17 @@ def _unlabelled_loss(
     cfg, use_masks = st.config, st.config.train.use_masks
     with torch.no_grad():
         conf, label = forward_batch(st.teacher, ubatch, use_masks).exp().max(dim=1)
-    rng = np.random.default_rng([cfg.train.seed, 7, step])
+    rt = current_runtime()
+    rng = np.random.default_rng([cfg.train.seed, 7, step] + ([rt.rank] if rt.distributed else []))
     mixed = strong_view(ubatch["image"], ubatch["winner"], ubatch["pool_weights"],
                         label.cpu(), conf.cpu(), cfg.strong, rng)  # fmt: skip
     strong = {"image": mixed.image, "pool_weights": mixed.pool_weights, "winner": mixed.winner}
     device = label.device
     loss_s, frac = confident_loss(forward_batch(st.student, strong, use_masks),
                                   mixed.label.to(device), mixed.conf.to(device),
-                                  cfg.conf_threshold)  # fmt: skip
+                                  cfg.conf_threshold, rt)  # fmt: skip
     fp = dropout_log_probs(cast(OpenSamModel, st.student), ubatch, cfg.feature_dropout, use_masks)
-    loss_fp, _ = confident_loss(fp, label, conf, cfg.conf_threshold)
+    loss_fp, _ = confident_loss(fp, label, conf, cfg.conf_threshold, rt)
     stats = {"loss_strong": float(loss_s.detach()), "loss_feature": float(loss_fp.detach()),
              "confident": frac}  # fmt: skip
     return 0.5 * (loss_s + loss_fp), stats
@@ -167,10 +189,10 @@ def _step(
     st: _State, batch: Mapping[str, Any], ubatch: Mapping[str, Any] | None, step: int
 ) -> dict[str, float]:
     """One optimiser step and EMA update; returns the step's losses."""
-    tc = st.config.train
+    tc, rt = st.config.train, current_runtime()
     logp = forward_batch(st.student, batch, tc.use_masks)
-    loss = segmentation_loss(logp, batch["label"].to(logp.device), st.weight)
-    stats = {"loss_labelled": float(loss.detach())}
+    loss, labelled_loss = batch_loss(logp, batch["label"], st.weight, rt)
+    stats = {"loss_labelled": labelled_loss}
     if ubatch is not None:
         uloss, ustats = _unlabelled_loss(st, ubatch, step)
         loss = loss + st.config.lam * uloss
@@ -178,6 +200,7 @@ def _step(
     st.optimizer.zero_grad(set_to_none=True)
     scaler = st.scaler or torch.amp.GradScaler("cpu", enabled=False)
     scaler.scale(loss).backward()
+    sync_gradients(st.student, rt)  # under torchrun: the ranks' mean, as DDP would
     scaler.step(st.optimizer)  # a disabled scaler just steps
     scaler.update()
     st.scheduler.step()
@@ -197,6 +220,10 @@ def _epoch(st: _State, labelled: DataLoader, unlabelled: DataLoader | None) -> d
         stats = _step(st, lab.next(), unl.next() if unl is not None else None, step)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
+    if current_runtime().distributed:  # the rank mean of each rank's scaled loss: the global one
+        keys = sorted(sums)
+        mean = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+        sums = {k: float(v) / current_runtime().world for k, v in zip(keys, mean, strict=True)}
     entry: dict[str, Any] = {"epoch": st.epoch + 1}
     entry |= {f"train/{k}": v / st.steps_per_epoch for k, v in sums.items()}
     entry["lr"] = st.optimizer.param_groups[0]["lr"]
@@ -277,11 +304,10 @@ def train_online(
     History keys: train/loss, train/loss_labelled, train/loss_unlabelled, train/loss_strong,
     train/loss_feature, train/confident (share of confident pixels), lr, val/miou."""
     config.train.validate()
-    rt = current_runtime()  # one process; under torchrun every rank runs it, rank 0 writes
-    if rt.distributed:
-        log.warning("the online loop is not data-parallel: every rank trains the same run")
+    rt = current_runtime()  # under torchrun: each rank its share of every batch, rank 0 writes
     model.to(rt.device)
-    unl = unlabelled if config.lam > 0 else None
+    labelled = distribute_loader(labelled, rt)
+    unl = distribute_loader(unlabelled, rt) if unlabelled is not None and config.lam > 0 else None
     st = _build(model, config, len(labelled))
     st.scaler = rt.grad_scaler()
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
