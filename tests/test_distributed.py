@@ -82,6 +82,17 @@ def test_launch_one_process_runs_in_place(tmp_path: Path) -> None:
     assert multi[3:7] == ["--nnodes", "2", "--rdzv-endpoint", "h:29500"]
 
 
+def test_launch_bad_nproc_is_a_one_line_error(tmp_path: Path) -> None:
+    script = tmp_path / "s.py"
+    script.write_text("raise SystemExit(0)\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "opensam.apps.launch", "--nproc", "0", str(script)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: --nproc: must be >= 1, got 0"]
+
+
 def test_batches_split_by_whole_batches() -> None:
     ranks = [own_batches(10, 3, Runtime(rank=r, world=2)) for r in range(2)]
     assert ranks == [[[0, 1, 2], [6, 7, 8]], [[3, 4, 5], [9]]]

@@ -34,7 +34,12 @@ from opensam.eval.evaluation import (
     render_overlay,
 )
 from opensam.eval.metrics import miou_report
-from opensam.eval.plots import confusion_rows, save_confusion_png, write_confusion_json
+from opensam.eval.plots import (
+    DEFAULT_STRIDE,
+    confusion_rows,
+    save_confusion_png,
+    write_confusion_json,
+)
 from opensam.model.segmenter import forward_batch
 
 PALETTE = np.array(COLORS, np.uint8)
@@ -205,7 +210,8 @@ def test_evaluate_stage_main(
     assert [p.name for p in overlays] == ["t0.png"]  # eval.overlays = 1
     assert read_png(overlays[0]).shape == (SIZE, 3 * SIZE, 3)
     rows = json.loads((tmp_path / "eval" / "confusion.json").read_text())
-    assert len(rows) == 2 * (SIZE // 8) ** 2  # stride-8 grid of both test images, none ignored
+    per_side = len(range(DEFAULT_STRIDE // 2, SIZE, DEFAULT_STRIDE))
+    assert len(rows) == 2 * per_side**2  # the strided grid of both test images, none ignored
     assert {r["actual"] for r in rows} <= set(CLASSES)
 
 

@@ -16,6 +16,9 @@ import runpy
 import shlex
 import sys
 
+from opensam.errors import InputError
+from opensam.runtime import run_main
+
 MULTI_NODE_ENV = "OPENSAM_TORCHRUN_ARGS"
 
 
@@ -40,8 +43,7 @@ def main(argv: list[str]) -> int:
     """Launch; returns only for N = 1 (the script's exit code), else execs torchrun."""
     ns = parse_args(argv)
     if ns.nproc < 1:
-        print(f"error: --nproc must be >= 1, got {ns.nproc}", file=sys.stderr)
-        return 2
+        raise InputError(f"--nproc: must be >= 1, got {ns.nproc}")
     extra = os.environ.get(MULTI_NODE_ENV, "")
     if ns.nproc == 1 and not extra.strip():
         sys.argv = [ns.script, *ns.args]
@@ -57,4 +59,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_main(lambda _: main(sys.argv[1:]))
