@@ -317,3 +317,17 @@ def write_student_project(root: Path) -> dict[str, Path]:
     pool = json.loads(p["splits"].read_text())["unlabelled"][:4]  # ratio 1 x 4 train images
     generate_pseudo_labels(model, p["prepared"], pool, p["masks"], root / "pseudo", None, 4)
     return {**p, "teacher": teacher, "pseudo": root / "pseudo"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The two end-to-end DVC modules first, the longer first. Under the README's
+    ``pytest -n 2 --dist loadfile --no-loadscope-reorder`` each then starts at once on its own
+    worker (each builds its own tiny project) while the rest fills in beside them; a plain
+    ``pytest`` just runs them first."""
+    first = ("test_pipeline_reruns.py", "test_pipeline.py")
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return first.index(name) if name in first else len(first)
+
+    items.sort(key=rank)  # stable: the order within each group is kept

@@ -1,0 +1,90 @@
+"""The tiny DVC project of the end-to-end tests (tests/test_pipeline*.py): a copy of the
+repository's dvc.yaml, stages and sources with tiny params, after one full `dvc repro`.
+
+Two test modules each build their own (module-scoped), so that ``pytest -n 2 --dist loadfile``
+runs them side by side on two workers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = {
+    "image_size": 64,
+    "demo": {"labelled": 10, "unlabelled": 12, "width": 160, "height": 107},
+    "data": {"split": {"train": 4, "val": 3, "test": 3}},
+    "masks": {"max_ratio": 3},
+    "ratio": 1,
+    "ablation": {"images": 3},
+    "warmup": {"epochs": 1, "batch_size": 4},
+    "student": {"iterations": 2, "epochs": 2, "batch_size": 2},
+    "eval": {"batch_size": 8, "overlays": 2},
+    "demo_clip": {
+        "scenes": 4,
+        "heldout_scenes": 2,
+        "render_width": 96,
+        "steps": 3,
+        "batch_size": 8,
+        "crop_size": 32,
+        "warmup_steps": 1,
+        "workers": 1,
+    },
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def run(cwd: Path, *args: str, check: bool = True) -> str:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env["OPENSAM_THREADS"] = "1"
+    proc = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{out[-4000:]}")
+    return out
+
+
+def stages_run(output: str) -> set[str]:
+    """Names of the stages DVC actually ran (not the ones it skipped or restored)."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def build_project(proj: Path) -> Path:
+    """Fill the empty folder ``proj`` with the tiny project, run `dvc repro` and commit."""
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, proj / name)
+    shutil.copytree(ROOT / "predict", proj / "predict")
+    shutil.copytree(ROOT / "stages", proj / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (proj / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    run(proj, "git", "init", "-q", "-b", "main")
+    run(proj, "git", "config", "user.email", "ci@example.com")
+    run(proj, "git", "config", "user.name", "ci")
+    run(proj, str(BIN / "dvc"), "init", "-q")
+    run(proj, "git", "add", "-A")
+    run(proj, "git", "commit", "-qm", "tiny project")
+    out = run(proj, str(BIN / "dvc"), "repro")
+    ran = stages_run(out)
+    expected = {"demo_data", "demo_clip", "prepare", "masks", "zeroshot", "warmup", "student"}
+    assert expected | {"control", "evaluate"} <= ran
+    run(proj, "git", "add", "-A")
+    run(proj, "git", "commit", "-qm", "repro")
+    return proj
