@@ -70,9 +70,36 @@ def test_read_experiments_from_git_refs(tmp_path: Path, capsys: pytest.CaptureFi
         )
     _git(tmp_path, "update-ref", "refs/exps/exec/EXEC_HEAD", _git(tmp_path, "rev-parse", "HEAD"))
     runs = read_experiments(tmp_path)
-    assert sorted(r.name for r in runs) == ["exp-0", "exp-1"]
+    # HEAD is seed 1's commit: the same params as exp-1, so one run
+    assert sorted(r.name for r in runs) == ["HEAD", "exp-0"]
     assert cli_main(["report", "--repo", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert (
         "| 0,1 | 60.50 ± 0.71 |" in out and "| 3.50 ± 0.71 |" in out and "| 50.00 ± 0.00 |" in out
     )
+
+
+def test_the_committed_baseline_is_a_run_of_its_own(tmp_path: Path) -> None:
+    """`dvc repro` + commit, then `dvc exp run -S seed=1`: both seeds are in the report."""
+    _git(tmp_path, "init", "-q")
+    for key, value in (("user.email", "t@t"), ("user.name", "t")):
+        _git(tmp_path, "config", key, value)
+    (tmp_path / "metrics").mkdir()
+    for seed, (control, student) in enumerate([(60.0, 63.0), (62.0, 66.0)]):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": seed, "ratio": 2}))
+        (tmp_path / "metrics" / "eval.json").write_text(json.dumps(_eval(control, student)))
+        (tmp_path / "metrics" / "pseudo.json").write_text(json.dumps({}))
+        _git(tmp_path, "add", "-A")
+        _git(tmp_path, "commit", "-qm", f"seed {seed}")
+        if seed == 1:  # an experiment on top of the seed-0 baseline, which stays HEAD
+            _git(
+                tmp_path,
+                "update-ref",
+                "refs/exps/ab/cdef/seed1",
+                _git(tmp_path, "rev-parse", "HEAD"),
+            )
+            _git(tmp_path, "reset", "-q", "--hard", "HEAD~1")
+    runs = read_experiments(tmp_path)
+    assert sorted((r.name, r.params["seed"]) for r in runs) == [("HEAD", 0), ("seed1", 1)]
+    row = format_report(runs).splitlines()[2]
+    assert "| 0,1 | 61.00 ± 1.41 |" in row and "| 3.50 ± 0.71 |" in row

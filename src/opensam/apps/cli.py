@@ -356,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "report",
         help="mean ± std over seeds of the finished DVC experiments (test mIoU, gain)",
-        description="Read every DVC experiment of this repository (refs/exps) and print one row "
+        description="Read the committed baseline (HEAD) and every DVC experiment of this "
+        "repository (refs/exps), runs with identical params once, and print one row "
         "per group of experiments that differ only in seed: mean ± std of the test mIoU of the "
         "control, teacher and student, the gain (student - control) on test and val, and the "
         "pseudo-label mIoU against the hidden ground truth.",

@@ -2,7 +2,11 @@
 
 Every experiment DVC has run in this repository (``refs/exps/...``, e.g. from
 ``dvc exp run --queue -S seed=0,1,2`` and ``dvc queue start``) is read from git: its
-``params.yaml`` and ``metrics/eval.json``. Experiments whose params differ only in ``seed`` form
+``params.yaml`` and ``metrics/eval.json``, and so is the committed baseline (``HEAD``, the row
+``dvc exp show`` calls workspace/main once ``dvc.lock`` and the metrics are committed). Runs with
+identical params are one run (the pipeline is deterministic; ``dvc exp run`` of the baseline's
+params, e.g. ``-S seed=0`` in a seed sweep, is not counted twice). Experiments whose params
+differ only in ``seed`` form
 one row; the columns are the mean ± sample standard deviation (n - 1) of the test mIoU of the
 control, the teacher and the student (with masks), of the gain (student − control) and of the
 pseudo-label mIoU against the hidden ground truth. Single runs show ``±  -``.
@@ -104,29 +108,45 @@ def format_report(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
-def _git(repo: Path, *args: str) -> str:
+def _git(repo: Path, *args: str, check: bool = True) -> str:
     try:
-        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True)
+        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=check)
     except (OSError, subprocess.CalledProcessError) as exc:
         raise InputError(f"{repo}: git {' '.join(args[:2])} failed ({exc})") from None
     return done.stdout
 
 
+def _read_run(repo: Path, name: str, sha: str, eval_path: str) -> Run | None:
+    """The run committed at ``sha``, or None (logged) when it lacks params or metrics."""
+    try:
+        params = yaml.safe_load(_git(repo, "show", f"{sha}:params.yaml"))
+        metrics = json.loads(_git(repo, "show", f"{sha}:{eval_path}"))
+        pseudo = json.loads(_git(repo, "show", f"{sha}:metrics/pseudo.json"))
+    except (InputError, ValueError, yaml.YAMLError):
+        log.warning("%s: no params.yaml or %s; skipped", name, eval_path)
+        return None
+    if not isinstance(params, Mapping) or not isinstance(metrics, dict):
+        log.warning("%s: params.yaml or %s is not a mapping; skipped", name, eval_path)
+        return None
+    metrics["pseudo"] = pseudo
+    return Run(name, flatten(params), metrics)
+
+
 def read_experiments(repo: Path, eval_path: str = "metrics/eval.json") -> list[Run]:
-    """Every DVC experiment of ``repo`` with both ``params.yaml`` and ``eval_path``."""
+    """The committed baseline (``HEAD``) and every DVC experiment of ``repo`` with both
+    ``params.yaml`` and ``eval_path``; of runs with identical params, the first is kept."""
     refs = _git(repo, "for-each-ref", "refs/exps", "--format=%(refname) %(objectname)")
-    runs = []
+    found: list[tuple[str, str]] = []
+    if _git(repo, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", check=False).strip():
+        found.append(("HEAD", "HEAD"))
     for line in refs.splitlines():
         ref, sha = line.rsplit(" ", 1)
-        if "/exec/" in ref or ref.endswith("_HEAD"):
-            continue
-        try:
-            params = yaml.safe_load(_git(repo, "show", f"{sha}:params.yaml"))
-            metrics = json.loads(_git(repo, "show", f"{sha}:{eval_path}"))
-            pseudo = json.loads(_git(repo, "show", f"{sha}:metrics/pseudo.json"))
-        except (InputError, ValueError, yaml.YAMLError):
-            log.warning("%s: no params.yaml or %s; skipped", ref, eval_path)
-            continue
-        metrics["pseudo"] = pseudo
-        runs.append(Run(ref.rsplit("/", 1)[-1], flatten(params), metrics))
-    return runs
+        if "/exec/" not in ref and not ref.endswith("_HEAD"):
+            found.append((ref.rsplit("/", 1)[-1], sha))
+    runs: dict[str, Run] = {}
+    for name, sha in found:
+        run = _read_run(repo, name, sha, eval_path)
+        key = json.dumps(run.params, sort_keys=True, default=str) if run is not None else ""
+        if run is not None and key not in runs:
+            runs[key] = run
+    return list(runs.values())
