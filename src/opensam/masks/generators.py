@@ -258,15 +258,7 @@ def compute_mask_store(
         log.info("%s: removing the stale store before rebuilding it", out_path)
         remove_path(out_path)
     with MaskStoreWriter(out_path, attrs, ids) as writer:
-        done = writer.done_ids()
-        todo = [i for i in ids if done.get(i) != digests[i]]  # a changed image is redone
-        log.info("%s: %d of %d image(s) to compute", out_path, len(todo), len(ids))
-        if todo:
-            gen = generator if isinstance(generator, MaskGenerator) else generator()
-            for image_id in tqdm(todo, desc=f"masks {out_path.name}", unit="img"):
-                image = read_prepared_image(paths[image_id], size)
-                original = originals.get(image_id) if originals else None
-                writer.write(image_id, gen.generate(image, original), digests[image_id])
+        write_missing(writer, ids, paths, digests, generator, size, originals, out_path.name)
     summary = summarize_store(out_path)
     log.info(
         "%s: %d images, masks per image min %d / median %.1f / max %d, %.0f bytes per image "
@@ -275,6 +267,31 @@ def compute_mask_store(
         summary["masks_max"], summary["bytes_per_image"], summary["compression"],
     )  # fmt: skip
     return summary
+
+
+def write_missing(
+    writer: MaskStoreWriter,
+    ids: Sequence[str],
+    paths: Mapping[str, Path],
+    digests: Mapping[str, str],
+    generator: MaskGenerator | Callable[[], MaskGenerator],
+    size: int,
+    originals: Mapping[str, Path] | None,
+    name: str,
+) -> None:
+    """Generate and write every image of ``ids`` that ``writer``'s (partial) store lacks or
+    holds for another source digest (a changed image is redone); the generator is built only
+    when there is work. ``name`` labels the log line and the progress bar."""
+    done = writer.done_ids()
+    todo = [i for i in ids if done.get(i) != digests[i]]
+    log.info("%s: %d of %d image(s) to compute", name, len(todo), len(ids))
+    if not todo:
+        return
+    gen = generator if isinstance(generator, MaskGenerator) else generator()
+    for image_id in tqdm(todo, desc=f"masks {name}", unit="img"):
+        image = read_prepared_image(paths[image_id], size)
+        original = originals.get(image_id) if originals else None
+        writer.write(image_id, gen.generate(image, original), digests[image_id])
 
 
 def summarize_store(path: Path) -> dict[str, float]:

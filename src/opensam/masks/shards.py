@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 from tqdm import tqdm
 
-from opensam.masks.generators import MaskGenerator, read_prepared_image, summarize_store
+from opensam.masks.generators import MaskGenerator, summarize_store, write_missing
 from opensam.masks.store import (
     AttrValue,
     MaskStore,
@@ -67,15 +67,7 @@ def _compute_shard(
 ) -> None:
     size = int(attrs["image_size"])
     with MaskStoreWriter(shard, attrs, todo) as writer:
-        done = writer.done_ids()
-        left = [i for i in todo if done.get(i) != digests[i]]
-        log.info("rank %d: %d of %d image(s) to compute", rank, len(left), len(todo))
-        if left:
-            gen = generator if isinstance(generator, MaskGenerator) else generator()
-            for image_id in tqdm(left, desc=f"masks rank {rank}", unit="img"):
-                image = read_prepared_image(paths[image_id], size)
-                original = originals.get(image_id) if originals else None
-                writer.write(image_id, gen.generate(image, original), digests[image_id])
+        write_missing(writer, todo, paths, digests, generator, size, originals, f"rank {rank}")
 
 
 def _merge(out_path: Path, ids: Sequence[str], digests: Mapping[str, str],

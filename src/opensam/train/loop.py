@@ -33,7 +33,7 @@ from opensam.runtime import atomic_path
 from opensam.train.distributed import batch_loss, distribute_loader, wrap_ddp
 from opensam.train.losses import alpha_ramp, cosine_lr
 from opensam.train.reporting import log_history
-from opensam.train.resume import plain, rng_state, set_rng_state
+from opensam.train.resume import plain, read_resume_state, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -234,21 +234,10 @@ def _save_checkpoint(loop: _Loop, path: Path) -> None:
 
 def _try_resume(loop: _Loop, path: Path) -> bool:
     """Restore ``loop`` from ``path`` if it is a checkpoint of the same run; True if resumed."""
-    if not path.is_file():
-        return False
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt checkpoint is not fatal: start over
-        log.warning("%s: unreadable checkpoint (%s), starting over", path, exc.__class__.__name__)
-        return False
-    same = (
-        state.get("format") == CHECKPOINT_FORMAT
-        and state.get("config") == asdict(loop.config)
-        and state.get("steps_per_epoch") == loop.steps_per_epoch
-        and isinstance(state.get("rng"), dict)
-    )
-    if not same:
-        log.warning("%s: checkpoint of a different configuration, starting over", path)
+    fingerprint = {"format": CHECKPOINT_FORMAT, "config": asdict(loop.config),
+                   "steps_per_epoch": loop.steps_per_epoch}  # fmt: skip
+    state = read_resume_state(path, fingerprint)
+    if state is None:
         return False
     loop.model.load_state_dict(state["model"])
     loop.optimizer.load_state_dict(state["optimizer"])

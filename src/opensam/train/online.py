@@ -51,7 +51,7 @@ from opensam.train.distributed import batch_loss, distribute_loader, sync_gradie
 from opensam.train.loop import TrainConfig, cpu_state, deterministic_algorithms, evaluate_miou
 from opensam.train.losses import cosine_lr
 from opensam.train.reporting import log_history
-from opensam.train.resume import plain, rng_state, set_rng_state
+from opensam.train.resume import plain, read_resume_state, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -220,10 +220,10 @@ def _epoch(st: _State, labelled: DataLoader, unlabelled: DataLoader | None) -> d
         stats = _step(st, lab.next(), unl.next() if unl is not None else None, step)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
-    if current_runtime().distributed:  # the rank mean of each rank's scaled loss: the global one
+    if (rt := current_runtime()).distributed:  # the rank mean of the scaled losses: the global one
         keys = sorted(sums)
-        mean = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
-        sums = {k: float(v) / current_runtime().world for k, v in zip(keys, mean, strict=True)}
+        mean = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64), rt)
+        sums = {k: float(v) / rt.world for k, v in zip(keys, mean, strict=True)}
     entry: dict[str, Any] = {"epoch": st.epoch + 1}
     entry |= {f"train/{k}": v / st.steps_per_epoch for k, v in sums.items()}
     entry["lr"] = st.optimizer.param_groups[0]["lr"]
@@ -246,17 +246,10 @@ def _save(st: _State, path: Path) -> None:
 
 def _resume(st: _State, path: Path) -> bool:
     """Restore ``st`` from ``path`` when it is a checkpoint of the same run."""
-    if not path.is_file():
-        return False
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt checkpoint is not fatal: start over
-        log.warning("%s: unreadable checkpoint (%s), starting over", path, type(exc).__name__)
-        return False
-    same = (state.get("format"), state.get("config"), state.get("steps_per_epoch")) == (
-        CHECKPOINT_FORMAT, asdict(st.config), st.steps_per_epoch)  # fmt: skip
-    if not same:
-        log.warning("%s: checkpoint of a different configuration, starting over", path)
+    fingerprint = {"format": CHECKPOINT_FORMAT, "config": asdict(st.config),
+                   "steps_per_epoch": st.steps_per_epoch}  # fmt: skip
+    state = read_resume_state(path, fingerprint)
+    if state is None:
         return False
     st.student.load_state_dict(state["student"])
     st.teacher.load_state_dict(state["teacher"])

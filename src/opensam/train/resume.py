@@ -7,12 +7,16 @@ random-number states as tensors and ints and its history as plain floats, and lo
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,3 +58,22 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(plain(v) for v in value)
     return value
+
+
+def read_resume_state(path: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (loaded with ``weights_only=True``) when it is one of the
+    same run: every key of ``fingerprint`` (format, config, steps per epoch) equal, and RNG
+    states present. None (logged) when it is missing, unreadable or of another run: the loop
+    then starts over, since a corrupt or foreign checkpoint must not stop a stage."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt checkpoint is not fatal: start over
+        log.warning("%s: unreadable checkpoint (%s), starting over", path, type(exc).__name__)
+        return None
+    same = isinstance(state, dict) and isinstance(state.get("rng"), dict)
+    if not same or any(state.get(k) != v for k, v in fingerprint.items()):
+        log.warning("%s: checkpoint of a different configuration, starting over", path)
+        return None
+    return state
