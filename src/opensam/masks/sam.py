@@ -4,12 +4,13 @@
 the prepared resolution. What it does instead of stock (each measured in ``bench/masks.py``):
 
 - encoder: the decomposed rel-pos bias goes to ``scaled_dot_product_attention`` (stock adds it
-  to the (heads, 4096, 4096) map in two more passes); bias, GELU and residuals are fused into
-  the GEMMs (oneDNN on CPU);
+  to the (heads, 4096, 4096) map in two more passes), built a few query rows at a time in one
+  reused buffer; GELU and residuals are applied in place after the GEMMs;
 - decoder: the first layer's image side is the same for every prompt and is projected once;
   later projections of the per-prompt (4096, C) maps are folded into the 7 tokens
   (``(q W_k) x^T`` for ``q (x W_k^T)^T``); the upscaling head is two matmuls in channels-last
-  form, and runs only for prompts with a mask that can pass ``pred_iou_thresh``;
+  form, and runs only for prompts with a mask that can pass ``pred_iou_thresh``; prompts are
+  decoded ``PROMPTS_PER_DECODE`` at a time, so that no per-prompt map is a fresh mmap;
 - post-processing: stock's 256 -> 1024 -> crop -> output bilinear chain is linear and separable,
   so it is two small matrix products; masks stay boolean tensors (no RLE round trips).
 
@@ -51,6 +52,11 @@ SAM_CHECKPOINT_NAMES = {
 }
 CROP_NMS_THRESH = 0.7  # stock's crop_nms_thresh default, also its small-region NMS floor
 STABILITY_SCORE_OFFSET = 1.0  # stock's default
+# Prompts decoded at once, whatever points_per_batch (results are per prompt): per prompt the
+# decoder's maps are 4 MB (keys) to 8 MB (upscaling); at 64 prompts each is a fresh mmap of
+# 0.25-0.5 GB whose page faults cost as much system time as the decoder's arithmetic (vit_b,
+# one thread, 256 prompts: 25.6 s at 64, 16.9 s at 4, 15.3 s at 2, 16.6 s at 1).
+PROMPTS_PER_DECODE = 2
 
 
 def tie_upscaling_kernels(sam: Sam) -> Sam:
@@ -244,7 +250,8 @@ class SamMaskGenerator:
         coords = torch.as_tensor(
             self.transform.apply_coords(grid, image_hw), device=features.device
         )
-        mats, batch = self._resize_matrices(image_hw, out_hw), opts.points_per_batch
+        mats = self._resize_matrices(image_hw, out_hw)
+        batch = min(opts.points_per_batch, PROMPTS_PER_DECODE)
         parts = [
             self._predict_batch(features, side, coords[s : s + batch], mats)
             for s in range(0, coords.shape[0], batch)
