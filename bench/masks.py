@@ -32,6 +32,7 @@ from segment_anything import automatic_mask_generator as stock_amg
 from segment_anything.modeling import Sam
 from segment_anything.utils import amg
 
+import opensam.masks.sam as sam_module
 from opensam.demo.dataset import render_scene
 from opensam.images import resize_image
 from opensam.masks.sam import (
@@ -154,20 +155,27 @@ def ablate(sam: Sam, opts: AmgOptions, image: np.ndarray, first: tuple[float, ..
     features = SamMaskGenerator(sam, AmgOptions(fast_encoder=False))._embed(image)
     print("ablation, image 0 (cumulative)")
     row("  stock", s_enc, s_total, None, "")
+    decode = sam_module.PROMPTS_PER_DECODE
     steps: list[tuple[str, dict[str, Any]]] = [
         ("  + post at output size from low-res logits, bool masks", {"fast_decoder": False}),
-        ("  + folded decoder, channels-last upscaling", {}),
+        (
+            f"  + folded decoder, channels-last, {sam_module.PROMPTS_PER_DECODE} prompts a decode",
+            {},
+        ),
     ]
-    if batches:
-        steps += [(f"  ours, points_per_batch {n}", {"points_per_batch": n}) for n in (16, 256)]
+    if batches:  # ours decodes PROMPTS_PER_DECODE prompts at a time, whatever points_per_batch
+        steps += [(f"  ours, prompts decoded {n} at a time", {"decode": n}) for n in (1, 8, 64)]
     for i, (label, change) in enumerate(steps):
         enc = s_enc if i < 2 else o_enc
-        _, _, prompts = run_ours(sam, dataclasses.replace(opts, **change), image, features)
+        sam_module.PROMPTS_PER_DECODE = change.pop("decode", decode)
+        try:
+            _, _, prompts = run_ours(sam, dataclasses.replace(opts, **change), image, features)
+        finally:
+            sam_module.PROMPTS_PER_DECODE = decode
         row(label, enc, enc + prompts, None, "")
         if i == 1:
-            row(
-                "  + fused encoder attention and linears (= ours)", o_enc, o_enc + prompts, None, ""
-            )
+            label = "  + encoder: SDPA, rel-pos bias in row chunks, fused linears (= ours)"
+            row(label, o_enc, o_enc + prompts, None, "")
 
 
 @torch.inference_mode()

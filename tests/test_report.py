@@ -10,7 +10,15 @@ import pytest
 import yaml
 
 from opensam.apps.cli import main as cli_main
-from opensam.apps.report import Run, flatten, format_report, group_runs, mean_std, read_experiments
+from opensam.apps.report import (
+    Run,
+    flatten,
+    format_report,
+    group_runs,
+    is_experiment_ref,
+    mean_std,
+    read_experiments,
+)
 
 
 def _eval(control: float, student: float) -> dict:
@@ -65,10 +73,12 @@ def test_read_experiments_from_git_refs(tmp_path: Path, capsys: pytest.CaptureFi
         _git(
             tmp_path,
             "update-ref",
-            f"refs/exps/ab/cdef/exp-{seed}",
+            f"refs/exps/ab/{'c' * 38}/exp-{seed}",
             _git(tmp_path, "rev-parse", "HEAD"),
         )
-    _git(tmp_path, "update-ref", "refs/exps/exec/EXEC_HEAD", _git(tmp_path, "rev-parse", "HEAD"))
+    head = _git(tmp_path, "rev-parse", "HEAD")
+    for ref in ("refs/exps/exec/EXEC_HEAD", "refs/exps/celery/stash", "refs/exps/celery/failed"):
+        _git(tmp_path, "update-ref", ref, head)  # DVC's bookkeeping: queued, failed, running
     runs = read_experiments(tmp_path)
     # HEAD is seed 1's commit: the same params as exp-1, so one run
     assert sorted(r.name for r in runs) == ["HEAD", "exp-0"]
@@ -95,7 +105,7 @@ def test_the_committed_baseline_is_a_run_of_its_own(tmp_path: Path) -> None:
             _git(
                 tmp_path,
                 "update-ref",
-                "refs/exps/ab/cdef/seed1",
+                f"refs/exps/ab/{'c' * 38}/seed1",
                 _git(tmp_path, "rev-parse", "HEAD"),
             )
             _git(tmp_path, "reset", "-q", "--hard", "HEAD~1")
@@ -103,3 +113,11 @@ def test_the_committed_baseline_is_a_run_of_its_own(tmp_path: Path) -> None:
     assert sorted((r.name, r.params["seed"]) for r in runs) == [("HEAD", 0), ("seed1", 1)]
     row = format_report(runs).splitlines()[2]
     assert "| 0,1 | 61.00 ± 1.41 |" in row and "| 3.50 ± 0.71 |" in row
+
+
+def test_only_finished_experiment_refs_count() -> None:
+    sha = "93/ca2f6b8a7fae134509000fbf7e54a653463fc4"
+    assert is_experiment_ref(f"refs/exps/{sha}/seed1")
+    for ref in ("refs/exps/celery/stash", "refs/exps/celery/failed", "refs/exps/exec/EXEC_HEAD",
+                "refs/heads/main", f"refs/exps/{sha}"):  # fmt: skip
+        assert not is_experiment_ref(ref), ref

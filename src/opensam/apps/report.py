@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import statistics
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
@@ -132,6 +133,19 @@ def _read_run(repo: Path, name: str, sha: str, eval_path: str) -> Run | None:
     return Run(name, flatten(params), metrics)
 
 
+def is_experiment_ref(ref: str) -> bool:
+    """A finished experiment's ref, ``refs/exps/<baseline sha[:2]>/<sha[2:]>/<name>``; not
+    DVC's own bookkeeping (``refs/exps/celery/stash`` holds queued runs, ``celery/failed``
+    failed ones, ``exec/`` running ones: their commits carry the params but not the results)."""
+    parts = ref.split("/")
+    return (
+        len(parts) == 5
+        and parts[:2] == ["refs", "exps"]
+        and re.fullmatch(r"[0-9a-f]{2}", parts[2]) is not None
+        and re.fullmatch(r"[0-9a-f]{38}", parts[3]) is not None
+    )
+
+
 def read_experiments(repo: Path, eval_path: str = "metrics/eval.json") -> list[Run]:
     """The committed baseline (``HEAD``) and every DVC experiment of ``repo`` with both
     ``params.yaml`` and ``eval_path``; of runs with identical params, the first is kept."""
@@ -141,7 +155,7 @@ def read_experiments(repo: Path, eval_path: str = "metrics/eval.json") -> list[R
         found.append(("HEAD", "HEAD"))
     for line in refs.splitlines():
         ref, sha = line.rsplit(" ", 1)
-        if "/exec/" not in ref and not ref.endswith("_HEAD"):
+        if is_experiment_ref(ref):
             found.append((ref.rsplit("/", 1)[-1], sha))
     runs: dict[str, Run] = {}
     for name, sha in found:
