@@ -356,10 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "report",
         help="mean ± std over seeds of the finished DVC experiments (test mIoU, gain)",
-        description="Read the committed baseline (HEAD) and every DVC experiment of this "
-        "repository (refs/exps), runs with identical params once, and print one row "
-        "per group of experiments that differ only in seed: mean ± std of the test mIoU of the "
-        "control, teacher and student, the gain (student - control) on test and val, and the "
+        description="Read the baseline (HEAD) and the DVC experiments (refs/exps), identical "
+        "params once; one row per group differing only in seed: mean ± std of the test mIoU of "
+        "control, teacher, student, the gain (student - control) on test and val, and the "
         "pseudo-label mIoU against the hidden ground truth.",
     )
     p.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository")
