@@ -25,7 +25,10 @@ TINY = {
     "masks": {"max_ratio": 3},
     "ratio": 1,
     "ablation": {"images": 3},
-    "warmup": {"epochs": 1, "batch_size": 4},
+    # the tiny project's own warm-up lr, not the demo default's: one epoch at 64² must leave a
+    # teacher confident somewhere, or the student ignores every unlabelled pixel and a ratio
+    # experiment changes no student metric (test_ratio_experiments_compare)
+    "warmup": {"epochs": 1, "batch_size": 4, "lr_max": 0.002},
     "student": {"iterations": 2, "epochs": 2, "batch_size": 2},
     "eval": {"batch_size": 8, "overlays": 2},
     "demo_clip": {

@@ -55,7 +55,8 @@ STABILITY_SCORE_OFFSET = 1.0  # stock's default
 # Prompts decoded at once, whatever points_per_batch (results are per prompt): per prompt the
 # decoder's maps are 4 MB (keys) to 8 MB (upscaling); at 64 prompts each is a fresh mmap of
 # 0.25-0.5 GB whose page faults cost as much system time as the decoder's arithmetic (vit_b,
-# one thread, 256 prompts: 25.6 s at 64, 16.9 s at 4, 15.3 s at 2, 16.6 s at 1).
+# one thread, 256 prompts: 25.6 s at 64, 16.9 s at 4, 15.3 s at 2, 16.6 s at 1). CPU only: on a
+# GPU the batch of points_per_batch prompts is decoded at once.
 PROMPTS_PER_DECODE = 2
 
 
@@ -251,7 +252,8 @@ class SamMaskGenerator:
             self.transform.apply_coords(grid, image_hw), device=features.device
         )
         mats = self._resize_matrices(image_hw, out_hw)
-        batch = min(opts.points_per_batch, PROMPTS_PER_DECODE)
+        small = features.device.type == "cpu"  # a GPU wants the whole batch in one launch
+        batch = min(opts.points_per_batch, PROMPTS_PER_DECODE) if small else opts.points_per_batch
         parts = [
             self._predict_batch(features, side, coords[s : s + batch], mats)
             for s in range(0, coords.shape[0], batch)
