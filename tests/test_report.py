@@ -57,11 +57,16 @@ def _git(repo: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
-def test_read_experiments_from_git_refs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    _git(tmp_path, "init", "-q")
+def _init_repo(repo: Path) -> None:
+    """An empty git repository with a committer and a metrics folder."""
+    _git(repo, "init", "-q")
     for key, value in (("user.email", "t@t"), ("user.name", "t")):
-        _git(tmp_path, "config", key, value)
-    (tmp_path / "metrics").mkdir()
+        _git(repo, "config", key, value)
+    (repo / "metrics").mkdir()
+
+
+def test_read_experiments_from_git_refs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _init_repo(tmp_path)
     for seed, (control, student) in enumerate([(60.0, 63.0), (61.0, 65.0)]):
         (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": seed, "ratio": 2}))
         (tmp_path / "metrics" / "eval.json").write_text(json.dumps(_eval(control, student)))
@@ -91,10 +96,7 @@ def test_read_experiments_from_git_refs(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_the_committed_baseline_is_a_run_of_its_own(tmp_path: Path) -> None:
     """`dvc repro` + commit, then `dvc exp run -S seed=1`: both seeds are in the report."""
-    _git(tmp_path, "init", "-q")
-    for key, value in (("user.email", "t@t"), ("user.name", "t")):
-        _git(tmp_path, "config", key, value)
-    (tmp_path / "metrics").mkdir()
+    _init_repo(tmp_path)
     for seed, (control, student) in enumerate([(60.0, 63.0), (62.0, 66.0)]):
         (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": seed, "ratio": 2}))
         (tmp_path / "metrics" / "eval.json").write_text(json.dumps(_eval(control, student)))

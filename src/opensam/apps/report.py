@@ -159,8 +159,6 @@ def read_experiments(repo: Path, eval_path: str = "metrics/eval.json") -> list[R
             found.append((ref.rsplit("/", 1)[-1], sha))
     runs: dict[str, Run] = {}
     for name, sha in found:
-        run = _read_run(repo, name, sha, eval_path)
-        key = json.dumps(run.params, sort_keys=True, default=str) if run is not None else ""
-        if run is not None and key not in runs:
-            runs[key] = run
+        if (run := _read_run(repo, name, sha, eval_path)) is not None:
+            runs.setdefault(json.dumps(run.params, sort_keys=True, default=str), run)
     return list(runs.values())
