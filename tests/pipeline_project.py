@@ -7,6 +7,7 @@ runs them side by side on two workers.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,7 +25,8 @@ TINY = {
     "data": {"split": {"train": 4, "val": 3, "test": 3}},
     "masks": {"max_ratio": 3},
     "ratio": 1,
-    "ablation": {"images": 3},
+    # a 2 x 2 grid, not the demo's 4 x 2: each store is one more stage run in every project
+    "ablation": {"images": 3, "pps": [8, 16], "min_region_area": [0, 100]},
     # the tiny project's own warm-up lr, not the demo default's: one epoch at 64² must leave a
     # teacher confident somewhere, or the student ignores every unlabelled pixel and a ratio
     # experiment changes no student metric (test_ratio_experiments_compare)
@@ -91,3 +93,44 @@ def build_project(proj: Path) -> Path:
     run(proj, "git", "add", "-A")
     run(proj, "git", "commit", "-qm", "repro")
     return proj
+
+
+def reset(proj: Path) -> None:
+    """Back to the committed repro: params, metrics and outputs as `build_project` left them."""
+    run(proj, "git", "checkout", "-q", "--", ".")
+    run(proj, "git", "clean", "-fdq", "--", "metrics")  # curves an earlier experiment added
+    run(proj, str(BIN / "dvc"), "checkout", "-q", check=False)
+
+
+def declared_reruns(proj: Path, setting: str) -> set[str]:
+    """The stages of dvc.yaml that ``dvc exp run -S setting`` must rerun, as DVC's own graph
+    declares them: those whose params deps `dvc status` reports changed, and everything
+    downstream of them in `dvc dag`. params.yaml is put back afterwards."""
+    key, value = setting.split("=", 1)
+    path = proj / "params.yaml"
+    text = path.read_text()
+    params = yaml.safe_load(text)
+    *parents, leaf = key.split(".")
+    node = params
+    for name in parents:
+        node = node[name]
+    node[leaf] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(run(proj, str(BIN / "dvc"), "status", "--json", "dvc.yaml"))
+        dag = run(proj, str(BIN / "dvc"), "dag", "--dot")
+    finally:
+        path.write_text(text)
+    changed = {
+        stage
+        for stage, entries in status.items()
+        for entry in entries
+        if isinstance(entry, dict) and "params.yaml" in entry.get("changed deps", {})
+    }
+    edges = re.findall(r'"([^"]+)" -> "([^"]+)"', dag)
+    out = set(changed)
+    while True:
+        more = {b for a, b in edges if a in out and b not in out and ":" not in b}
+        if not more:
+            return out
+        out |= more

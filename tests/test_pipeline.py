@@ -1,6 +1,7 @@
 """End to end through DVC itself, on a tiny copy of the project (tests/pipeline_project.py):
 the full `dvc repro` writes every metric, a second one changes nothing, the predict pipeline,
-and the ratio-experiment workflow of the README (named experiments, diff, a queued sweep).
+and the ratio-experiment workflow of the README (a queued sweep, `exp show`, `exp diff`,
+`metrics diff`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_project import BIN, build_project, run, stages_run
+import yaml
+from pipeline_project import BIN, build_project, reset, run, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +33,9 @@ def test_repro_writes_every_metric(project: Path) -> None:
     gain = json.loads((project / "metrics" / "eval.json").read_text())["gain"]
     assert set(gain) == {"train", "val", "test"} and isinstance(gain["test"]["miou"], float)
     assert (project / "data" / "masks.h5").is_file()
-    assert len(list((project / "data" / "ablation").glob("*.h5"))) == 8
+    grid = yaml.safe_load((project / "params.yaml").read_text())["ablation"]
+    stores = len(grid["pps"]) * len(grid["min_region_area"])
+    assert stores > 1 and len(list((project / "data" / "ablation").glob("*.h5"))) == stores
 
 
 def test_second_repro_changes_nothing(project: Path) -> None:
@@ -42,9 +46,7 @@ def test_second_repro_changes_nothing(project: Path) -> None:
 
 def test_predict_pipeline_is_off_the_main_path(project: Path) -> None:
     dvc = str(BIN / "dvc")
-    run(project, "git", "checkout", "-q", "--", ".")
-    run(project, "git", "clean", "-fdq", "--", "metrics")  # curves an earlier experiment added
-    run(project, dvc, "checkout", "-q", check=False)
+    reset(project)
     assert "predict" not in run(project, dvc, "repro", "--dry")
     out = run(project, dvc, "repro", "predict/dvc.yaml")
     assert stages_run(out) == {"predict/dvc.yaml:predict"}
@@ -53,29 +55,12 @@ def test_predict_pipeline_is_off_the_main_path(project: Path) -> None:
     assert len(list((project / "data" / "predictions" / "labels").glob("*.png"))) == 12
 
 
-def test_ratio_experiments_compare(project: Path) -> None:
+def test_queued_ratio_sweep_compares(project: Path) -> None:
+    """The README's ratio workflow: a queued sweep, then `exp show`, `exp diff` and
+    `metrics diff` between its runs; ratio 3 reruns only the stages that depend on it."""
     dvc = str(BIN / "dvc")
-    run(project, "git", "checkout", "-q", "--", ".")
-    run(project, "git", "clean", "-fdq", "--", "metrics")  # curves an earlier experiment added
-    run(project, dvc, "checkout", "-q", check=False)
-    run(project, dvc, "exp", "run", "-S", "ratio=1", "-n", "r1")
-    run(project, dvc, "exp", "run", "-S", "ratio=3", "-n", "r3")
-    shown = run(project, dvc, "exp", "show", "--json")
-    assert "r1" in shown and "r3" in shown
-    diff = json.loads(run(project, dvc, "exp", "diff", "r1", "r3", "--json"))
-    ratio = diff["params"]["params.yaml"]["ratio"]
-    assert (ratio["old"], ratio["new"]) == (1, 3)
-    assert "metrics/student.json" in diff["metrics"] or "metrics/eval.json" in diff["metrics"]
-    mdiff = run(project, dvc, "metrics", "diff", "r1", "r3")
-    assert "miou" in mdiff
-
-
-def test_queued_ratio_sweep(project: Path) -> None:
-    dvc = str(BIN / "dvc")
-    run(project, "git", "checkout", "-q", "--", ".")
-    run(project, "git", "clean", "-fdq", "--", "metrics")  # curves an earlier experiment added
-    run(project, dvc, "checkout", "-q", check=False)
-    run(project, dvc, "exp", "run", "--queue", "-S", "ratio=1,2", "-n", "sweep")
+    reset(project)
+    run(project, dvc, "exp", "run", "--queue", "-S", "ratio=1,3", "-n", "sweep")
     run(project, dvc, "queue", "start")
     deadline = time.time() + 600
     status = ""
@@ -84,5 +69,15 @@ def test_queued_ratio_sweep(project: Path) -> None:
         if not re.search(r"\b(Queued|Running)\b", status):
             break
         time.sleep(3)
-    assert "Failed" not in status, run(project, dvc, "queue", "logs", "sweep-1", check=False)
+    assert "Failed" not in status, run(project, dvc, "queue", "logs", "sweep-2", check=False)
     assert status.count("Success") >= 2, status
+    assert stages_run(run(project, dvc, "queue", "logs", "sweep-1")) == set()  # ratio 1: cached
+    logs = run(project, dvc, "queue", "logs", "sweep-2")
+    assert stages_run(logs) == {"pseudolabel", "student", "evaluate"}, logs[-3000:]
+    shown = run(project, dvc, "exp", "show", "--json")
+    assert "sweep-1" in shown and "sweep-2" in shown
+    diff = json.loads(run(project, dvc, "exp", "diff", "sweep-1", "sweep-2", "--json"))
+    ratio = diff["params"]["params.yaml"]["ratio"]
+    assert (ratio["old"], ratio["new"]) == (1, 3)
+    assert "metrics/student.json" in diff["metrics"] or "metrics/eval.json" in diff["metrics"]
+    assert "miou" in run(project, dvc, "metrics", "diff", "sweep-1", "sweep-2")
