@@ -25,11 +25,12 @@ RERUNS = {
     "student.unsup_weight=0.5": {"student", "evaluate"},
     "seed=1": {"zeroshot", "warmup", "pseudolabel", "student", "control", "evaluate"},
 }
-# Really run through `dvc exp run`: the README's own example, and the one mode switch that
-# changes which training loop the student and control stages run. Their real rerun sets must
-# equal what the graph declares, so the declared check below stands for the others (ratio=3
-# runs for real in tests/test_pipeline.py's sweep). Each real run costs ~10 s a stage.
-REAL = ("pps=32", "student.mode=offline")
+# Really run through `dvc exp run`: the README's own example, whose rerun set reaches past the
+# stages whose params changed (masks -> warmup -> pseudolabel -> ...). Its real rerun set must
+# equal what the graph declares, so the declared check below stands for the other settings
+# (ratio=3 also runs for real in tests/test_pipeline.py's sweep; the offline student stage in
+# tests/test_student_stage.py). Each real stage run costs ~10 s, mostly imports.
+REAL = ("pps=32",)
 
 
 @pytest.mark.parametrize("setting", REAL)
