@@ -104,6 +104,20 @@ def test_checkpoint_round_trip(model: OpenSamModel, tmp_path: Path) -> None:
     assert not loaded.training
 
 
+def test_a_checkpoint_is_the_same_bytes_in_every_run(
+    model: OpenSamModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs (two PIDs, so two temporary names) saving the same weights write the same file,
+    so DVC sees the same hash and reruns nothing downstream."""
+    files = []
+    for pid, run in ((4242, "a"), (5353, "b")):
+        monkeypatch.setattr("opensam.runtime.os.getpid", lambda pid=pid: pid)
+        path = tmp_path / run / "teacher.pt"
+        save_checkpoint(path, model, CLASSES, ClipParams(), 64, epoch=3, val_miou=41.5)
+        files.append(path.read_bytes())
+    assert files[0] == files[1]
+
+
 def test_checkpoint_errors(model: OpenSamModel, tmp_path: Path) -> None:
     path = tmp_path / "m.pt"
     save_checkpoint(path, model, CLASSES, ClipParams(), 64)

@@ -167,6 +167,19 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         raise
 
 
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj)`` to ``path`` atomically, in bytes that depend on ``obj`` alone.
+
+    Saved to a path, torch names the zip's records after the file, here the per-process
+    temporary (``.teacher.pt.<pid>.tmp/data.pkl``), so two runs that trained the same weights
+    wrote different bytes and DVC hashes, and every stage downstream reran. Through an open
+    handle the records are ``archive/...``, the same in every run."""
+    import torch  # lazy: demo/prepare worker processes never need torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+
+
 def remove_path(path: Path) -> None:
     """Remove a file or directory tree if it exists."""
     if path.is_dir() and not path.is_symlink():

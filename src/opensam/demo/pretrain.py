@@ -26,7 +26,7 @@ from torch import nn
 
 from opensam.demo.captions import Scene, object_crop, sample_crop
 from opensam.model.clip import DenseImageTower, encode_prompts, image_mean_std
-from opensam.runtime import atomic_path
+from opensam.runtime import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -197,5 +197,4 @@ def save_open_clip_weights(clip_model: nn.Module, path: str | Path) -> None:
     """Write ``clip_model.state_dict()`` (CPU tensors only, so ``weights_only=True`` loads it)
     atomically: the format of an open_clip ``.bin`` / ``.pt`` release."""
     state = {k: v.detach().cpu().clone() for k, v in clip_model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)

@@ -27,7 +27,7 @@ from opensam.model.clip import (
 )
 from opensam.parallel.context import current_runtime
 from opensam.prepared import check_classes
-from opensam.runtime import atomic_path
+from opensam.runtime import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +222,7 @@ def save_checkpoint(
         image_size=int(image_size),
         text_embeddings=model.text_embeddings.detach().cpu().float().clone(),
     )
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    save_torch(ckpt, path)
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:

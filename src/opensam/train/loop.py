@@ -29,7 +29,7 @@ from opensam.eval.evaluation import loader_confusions
 from opensam.eval.metrics import confusion_matrix, miou_from_confusion
 from opensam.model.segmenter import forward_batch
 from opensam.parallel.context import all_reduce_sum, current_runtime
-from opensam.runtime import atomic_path
+from opensam.runtime import save_torch
 from opensam.train.distributed import batch_loss, distribute_loader, wrap_ddp
 from opensam.train.losses import alpha_ramp, cosine_lr
 from opensam.train.reporting import log_history
@@ -228,8 +228,7 @@ def _save_checkpoint(loop: _Loop, path: Path) -> None:
         "best": plain({"epoch": loop.best_epoch, "miou": loop.best_miou, "state": loop.best_state}),
         "history": plain(loop.history),
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)
 
 
 def _try_resume(loop: _Loop, path: Path) -> bool:

@@ -46,7 +46,7 @@ from opensam.data.cutmix import StrongConfig, strong_view
 from opensam.data.datasets import Cycler
 from opensam.model.segmenter import OpenSamModel, forward_batch
 from opensam.parallel.context import Runtime, all_reduce_sum, current_runtime
-from opensam.runtime import atomic_path
+from opensam.runtime import save_torch
 from opensam.train.distributed import batch_loss, distribute_loader, sync_gradients
 from opensam.train.loop import TrainConfig, cpu_state, deterministic_algorithms, evaluate_miou
 from opensam.train.losses import cosine_lr
@@ -240,8 +240,7 @@ def _save(st: _State, path: Path) -> None:
         "best": {"epoch": st.best_epoch, "miou": st.best_miou, "state": st.best_state},
         "history": plain(st.history),
     }  # fmt: skip
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)
 
 
 def _resume(st: _State, path: Path) -> bool:
