@@ -29,7 +29,7 @@ TINY = {
     "ablation": {"images": 3, "pps": [8, 16], "min_region_area": [0, 100]},
     # the tiny project's own warm-up lr, not the demo default's: one epoch at 64² must leave a
     # teacher confident somewhere, or the student ignores every unlabelled pixel and a ratio
-    # experiment changes no student metric (test_ratio_experiments_compare)
+    # experiment changes no student metric (test_queued_ratio_sweep_compares)
     "warmup": {"epochs": 1, "batch_size": 4, "lr_max": 0.002},
     "student": {"iterations": 2, "epochs": 2, "batch_size": 2},
     "eval": {"batch_size": 8, "overlays": 2},
@@ -109,13 +109,10 @@ def declared_reruns(proj: Path, setting: str) -> set[str]:
     key, value = setting.split("=", 1)
     path = proj / "params.yaml"
     text = path.read_text()
-    params = yaml.safe_load(text)
-    *parents, leaf = key.split(".")
-    node = params
-    for name in parents:
-        node = node[name]
-    node[leaf] = yaml.safe_load(value)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    over = yaml.safe_load(value)
+    for name in reversed(key.split(".")):
+        over = {name: over}
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load(text), over), sort_keys=False))
     try:
         status = json.loads(run(proj, str(BIN / "dvc"), "status", "--json", "dvc.yaml"))
         dag = run(proj, str(BIN / "dvc"), "dag", "--dot")
