@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     hw = (round(dc.render_width * params.demo.height / params.demo.width), dc.render_width)
     size = params.image_size
-    scenes = render_corpus(dc.seed, dc.scenes, size, dc.workers, render_hw=hw)
-    held = render_corpus(dc.seed, dc.heldout_scenes, size, dc.workers, dc.scenes, hw)
+    rendered = render_corpus(dc.seed, dc.scenes + dc.heldout_scenes, size, dc.workers, 0, hw)
+    scenes, held = rendered[: dc.scenes], rendered[dc.scenes :]  # one worker pool for both
     log.info("%d + %d scenes in %.0f s", len(scenes), len(held), time.monotonic() - start)
 
     from dvclive import Live  # heavy import, only where the curve is written

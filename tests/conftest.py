@@ -320,11 +320,15 @@ def write_student_project(root: Path) -> dict[str, Path]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The two end-to-end DVC modules first, the longer first. Under the README's
-    ``pytest -n 2 --dist loadfile --no-loadscope-reorder`` each then starts at once on its own
-    worker (each builds its own tiny project) while the rest fills in beside them; a plain
-    ``pytest`` just runs them first."""
-    first = ("test_pipeline_reruns.py", "test_pipeline.py")
+    """The longest modules first, in the order that keeps both xdist workers busy.
+
+    ``--dist loadfile --no-loadscope-reorder`` hands each worker one module, then a second each,
+    then one more whenever a worker finishes one. So worker 1 starts ``test_pipeline.py``, which
+    builds the session's tiny DVC project (about 2 minutes), while worker 2 runs the 2-process
+    tests; ``test_pipeline_reruns.py`` comes fourth, on worker 2 once those are done, when the
+    project is built and it only copies it. A plain ``pytest`` runs them in this order too."""
+    first = ("test_pipeline.py", "test_distributed.py", "test_sam_masks.py",
+             "test_pipeline_reruns.py")  # fmt: skip
 
     def rank(item: pytest.Item) -> int:
         name = item.path.name

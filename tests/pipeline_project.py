@@ -1,12 +1,13 @@
 """The tiny DVC project of the end-to-end tests (tests/test_pipeline*.py): a copy of the
 repository's dvc.yaml, stages and sources with tiny params, after one full `dvc repro`.
 
-Two test modules each build their own (module-scoped), so that ``pytest -n 2 --dist loadfile``
-runs them side by side on two workers.
+It is built once per pytest session (:func:`shared_project`), by whichever of the two modules
+asks first, on whichever xdist worker; each module then works on its own copy.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +95,29 @@ def build_project(proj: Path) -> Path:
     run(proj, "git", "add", "-A")
     run(proj, "git", "commit", "-qm", "repro")
     return proj
+
+
+def shared_project(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A private copy (in a new folder ``name``) of the session's one built tiny project.
+
+    The first caller builds it under a file lock in the session's temporary root (shared by the
+    xdist workers), in a temporary folder renamed when done; later callers wait for the lock and
+    copy it. A DVC project is relocatable: its cache is ``.dvc/cache`` and its paths relative.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if worker else root
+    built = root / "tiny-project"
+    with open(root / "tiny-project.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not built.is_dir():
+            tmp = root / f"tiny-project.{os.getpid()}.tmp"
+            tmp.mkdir()
+            build_project(tmp)
+            tmp.rename(built)
+    dest = tmp_path_factory.mktemp(name)
+    shutil.copytree(built, dest, symlinks=True, dirs_exist_ok=True)
+    return dest
 
 
 def reset(proj: Path) -> None:

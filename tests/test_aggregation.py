@@ -11,6 +11,7 @@ from opensam.model.aggregation import (
     aggregate_log_probs,
     aggregate_log_probs_naive,
     bilinear_matrix,
+    class_ids,
     collate_mask_inputs,
     nu_pool_weights,
     pixel_logits,
@@ -186,3 +187,13 @@ def test_prepare_accepts_numpy_and_collate_pads_with_zero_rows() -> None:
     assert not weights[1].any() and (winner[1] == -1).all()
     with pytest.raises(ValueError):
         prepare_mask_inputs(np.zeros((1, 8, 8), bool), (1, 1), variant="xx")
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_class_ids_equal_argmax_with_ties_and_nan(dim: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (3, 4, 5, 6), generator=gen).float()  # many ties
+    scores[0, :, 0, 0] = float("nan")
+    scores[1, 2, 1, 1] = float("nan")
+    assert torch.equal(class_ids(scores, dim), scores.argmax(dim))
+    assert class_ids(scores, dim).dtype == torch.int64

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_project import BIN, build_project, reset, run, stages_run
+from pipeline_project import BIN, reset, run, shared_project, stages_run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_project(tmp_path_factory.mktemp("proj"))
+    return shared_project(tmp_path_factory, "proj")
 
 
 def test_repro_writes_every_metric(project: Path) -> None:

@@ -7,14 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pipeline_project import BIN, build_project, declared_reruns, reset, run, stages_run
+from pipeline_project import BIN, declared_reruns, reset, run, shared_project, stages_run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_project(tmp_path_factory.mktemp("proj"))
+    return shared_project(tmp_path_factory, "proj")
 
 
 RERUNS = {

@@ -167,7 +167,8 @@ class SegDataset(Dataset[Item]):
 
         Equal to ``prepare_mask_inputs`` of the moved stack. Disjoint masks (superpixels) are
         fully described by the store's winner map, so only that map is moved; overlapping
-        masks (SAM) are moved as a stack. Unmoved results are cached (validation repeats them).
+        masks (SAM) are moved as a stack. Unmoved results are cached, for both kinds (validation and
+        evaluation repeat them).
         """
         if self.masks_path is None:
             h, w = self.grid_hw
@@ -180,6 +181,8 @@ class SegDataset(Dataset[Item]):
             if source_index is not None:
                 winner = warp_label(winner, source_index, fill=-1)
             pool = pool_weights_from_winner(winner, self._disjoint[image_id], self.grid_hw)
+            if source_index is None:
+                self._cache[image_id] = (pool, winner)
             return pool, winner
         masks = self._read_masks(image_id, shape)
         if self.variant == "nu" and int(masks.sum()) == int(masks.any(0).sum()):

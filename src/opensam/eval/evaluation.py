@@ -24,6 +24,7 @@ from opensam.constants import IGNORE_INDEX
 from opensam.data.datasets import SegDataset, make_loader
 from opensam.eval.metrics import confusion_matrix, miou_report
 from opensam.eval.plots import DEFAULT_STRIDE, confusion_rows
+from opensam.model.aggregation import class_ids
 from opensam.model.segmenter import forward_batch
 from opensam.parallel.context import current_runtime
 from opensam.parallel.sharding import gather_in_order, shard_loader, sum_over_ranks
@@ -145,7 +146,7 @@ def loader_confusions(
     for b, (batch, outs) in zip(numbers, batches, strict=True):
         labels = batch["label"].long()
         for use_masks, log_probs in zip(modes, outs, strict=True):
-            pred = log_probs.argmax(dim=1)
+            pred = class_ids(log_probs)
             conf = np.asarray(confusion_matrix(pred, labels, log_probs.shape[1]), dtype=np.int64)
             confusion[use_masks] = confusion[use_masks] + conf if use_masks in confusion else conf
             if sink is not None and use_masks == modes[0]:
@@ -208,18 +209,24 @@ def evaluate_models(
     plotted_conf = None
     modes = tuple(MODES.values())  # with masks first: the sink sees the with-masks prediction
     names = list(prepared.classes)
-    for model_name, model in models.items():
+    loaders: dict[tuple[str, tuple[int, int]], DataLoader] = {}  # the models share a split's
+    for model_name, model in models.items():  # loader, so its mask inputs are computed once
         results[model_name] = {mode: {} for mode in MODES}
+        grid_hw = model.grid_hw(prepared.image_size)  # type: ignore[operator]
         for split in SPLITS:
             ids = prepared.ids(split)
             if not ids:
                 log.warning("split %s is empty; skipped", split)
                 continue
             is_plotted = (model_name, split) == plotted
-            confs = evaluate_model_modes(
-                model, prepared.root, ids, prepared.labels_dir, masks, batch_size, modes,
-                sink=sink if is_plotted else None,
-            )  # fmt: skip
+            key = (split, (int(grid_hw[0]), int(grid_hw[1])))
+            if key not in loaders:
+                loaders[key] = build_loader(
+                    model, prepared.root, ids, prepared.labels_dir, masks, batch_size
+                )
+            confs = loader_confusions(
+                model, loaders[key], modes, sink if is_plotted else None, desc=split
+            )
             plotted_conf = confs[True] if is_plotted else plotted_conf
             for mode, use_masks in MODES.items():
                 results[model_name][mode][split] = miou_report(confs[use_masks], names)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from opensam.config import MAX_IMAGE_SIZE, ClipParams
 from opensam.errors import InputError
-from opensam.model.aggregation import aggregate_log_probs, prepare_mask_inputs
+from opensam.model.aggregation import aggregate_log_probs, class_ids, prepare_mask_inputs
 from opensam.model.clip import (
     DenseImageTower,
     create_clip,
@@ -149,7 +149,7 @@ class OpenSamModel(nn.Module):
         if masks is not None:
             inputs = prepare_mask_inputs(masks, (emb.shape[-2], emb.shape[-1]), variant)
             pool, winner = inputs.pool_weights[None], inputs.winner[None]
-        return self.log_probs(emb[None], out_hw, pool, winner)[0].argmax(0)
+        return class_ids(self.log_probs(emb[None], out_hw, pool, winner)[0], dim=0)
 
     def forward(
         self,

@@ -27,6 +27,7 @@ from opensam.config import TrainParams
 from opensam.data.datasets import Cycler
 from opensam.eval.evaluation import loader_confusions
 from opensam.eval.metrics import confusion_matrix, miou_from_confusion
+from opensam.model.aggregation import class_ids
 from opensam.model.segmenter import forward_batch
 from opensam.parallel.context import all_reduce_sum, current_runtime
 from opensam.runtime import save_torch
@@ -98,7 +99,7 @@ class TrainResult:
 
 def confusion_of(log_probs: torch.Tensor, target: torch.Tensor, num_classes: int) -> np.ndarray:
     """(C, C) int64 confusion (rows GT) of the argmax of log_probs (B, C, H, W) vs target."""
-    pred = log_probs.detach().argmax(dim=1).cpu()
+    pred = class_ids(log_probs.detach()).cpu()
     return np.asarray(confusion_matrix(pred, target.cpu(), num_classes), dtype=np.int64)
 
 
