@@ -12,25 +12,11 @@ the two are timed round-robin so they share the machine's load alike. The last l
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from aggregate import time_paths  # bench/ is on sys.path when run as a script
 
 from opensam.model.aggregation import class_ids
-
-
-def median_ms(paths: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for fn in paths.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(repeats):
-        for name, fn in paths.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(1000 * (time.perf_counter() - start))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -47,7 +33,7 @@ def main() -> None:
     for x in (scores, ties):
         if not torch.equal(class_ids(x), x.argmax(dim=1)):
             raise SystemExit("class_ids and argmax disagree")
-    ms = median_ms({"argmax": lambda: scores.argmax(dim=1), "ours": lambda: class_ids(scores)},
+    ms = time_paths({"argmax": lambda: scores.argmax(dim=1), "ours": lambda: class_ids(scores)},
                    args.repeats)  # fmt: skip
     print(f"scores {tuple(shape)} fp32, {torch.get_num_threads()} threads; same indices")
     print(f"baseline Tensor.argmax(dim=1): {ms['argmax']:.2f} ms")
