@@ -141,6 +141,31 @@ def test_masks_stage_writes_reuses_and_rebuilds(tmp_path: Path, caplog) -> None:
     assert min(store.read(i).area.min() for i in store.ids()) >= 20
 
 
+@pytest.mark.parametrize("generator", ["superpixels", "regions"])
+def test_worker_processes_write_the_same_store(
+    tmp_path: Path, generator: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """masks.workers = 2 runs the CPU generator in two threads: the same datasets."""
+    masks = {"generator": generator, "max_ratio": 1, "compactness": 10.0}
+    make_project(tmp_path, masks=masks, pps=6)
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    assert run_masks(tmp_path, one) == 0
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**yaml.safe_load(params.read_text()),
+                                      "masks": {**masks, "workers": 2}}))  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        assert run_masks(tmp_path, two) == 0
+    assert "in 2 worker threads" in caplog.text
+    content = store_content(one)
+    assert len(content) == 1 + 4 + 3 + 4 and store_content(two) == content
+
+
+def test_masks_workers_must_be_positive(tmp_path: Path) -> None:
+    make_project(tmp_path, masks={"generator": "superpixels", "max_ratio": 1, "workers": 0})
+    with pytest.raises(InputError, match="masks.workers must be >= 1, got 0"):
+        run_masks(tmp_path, tmp_path / "m.h5")
+
+
 def test_changed_image_is_recomputed(tmp_path: Path) -> None:
     prepared, _, splits = make_project(tmp_path)
     out = tmp_path / "m.h5"

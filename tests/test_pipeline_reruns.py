@@ -24,6 +24,7 @@ RERUNS = {
     "student.mode=offline": {"student", "control", "evaluate"},  # the default is online
     "student.unsup_weight=0.5": {"student", "evaluate"},
     "student.lr_max=0.001": {"student", "control", "evaluate"},  # the control's schedule too
+    "masks.workers=1": set(),  # processes only: the same masks
     "seed=1": {"zeroshot", "warmup", "pseudolabel", "student", "control", "evaluate"},
 }
 # Really run through `dvc exp run`: a setting whose rerun set reaches past the stages whose params

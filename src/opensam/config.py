@@ -94,6 +94,7 @@ class MasksParams:
     generator: str = "superpixels"  # sam | superpixels | regions
     max_ratio: int = 8
     compactness: float = 10.0  # superpixels only
+    workers: int = 1  # threads per rank for the CPU generators (superpixels, regions); not SAM
 
 
 @dataclass(frozen=True)

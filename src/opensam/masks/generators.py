@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -25,8 +25,15 @@ from tqdm import tqdm
 from opensam.config import MasksParams, SamParams
 from opensam.errors import InputError
 from opensam.masks.arrays import MaskSet
-from opensam.masks.store import AttrValue, MaskStore, MaskStoreWriter, validate_store
+from opensam.masks.store import (
+    AttrValue,
+    EncodedMasks,
+    MaskStore,
+    MaskStoreWriter,
+    validate_store,
+)
 from opensam.masks.superpixels import SuperpixelGenerator
+from opensam.masks.workers import Task, encode_in_workers, uses_workers
 from opensam.parallel.context import current_runtime
 from opensam.prepared import Prepared
 from opensam.runtime import remove_path
@@ -228,13 +235,15 @@ def compute_mask_store(
     generator: MaskGenerator | Callable[[], MaskGenerator],
     attrs: Mapping[str, AttrValue],
     originals: Mapping[str, Path] | None = None,
+    workers: int = 1,
 ) -> dict[str, float]:
     """Write the masks of ``<prepared_dir>/images/<id>.png`` for ``image_ids`` to ``out_path``.
 
     Reuses ``out_path`` if it already matches (attrs, ids, image digests); otherwise resumes the
     partial store, skipping images already done there, and computes the rest. ``generator`` may
     be a zero-argument builder, called only if some image needs computing (loading SAM is slow).
-    ``originals`` maps ids to original photos, handed to ``generate``. Returns
+    ``originals`` maps ids to original photos, handed to ``generate``; ``workers``: threads for
+    a CPU generator (see :func:`write_missing`). Returns
     :func:`summarize_store` of the finished store.
     """
     prepared_dir, out_path = Path(prepared_dir), Path(out_path)
@@ -250,7 +259,9 @@ def compute_mask_store(
     if (runtime := current_runtime()).distributed:  # torchrun: one shard per rank, then merge
         from opensam.masks.shards import compute_sharded
 
-        return compute_sharded(out_path, ids, paths, digests, generator, attrs, originals, runtime)
+        return compute_sharded(
+            out_path, ids, paths, digests, generator, attrs, originals, runtime, workers
+        )
     if validate_store(out_path, attrs, ids, digests):
         log.info("%s: up to date, reusing it", out_path)
         return summarize_store(out_path)
@@ -258,7 +269,9 @@ def compute_mask_store(
         log.info("%s: removing the stale store before rebuilding it", out_path)
         remove_path(out_path)
     with MaskStoreWriter(out_path, attrs, ids) as writer:
-        write_missing(writer, ids, paths, digests, generator, size, originals, out_path.name)
+        write_missing(
+            writer, ids, paths, digests, generator, size, originals, out_path.name, workers
+        )
     summary = summarize_store(out_path)
     log.info(
         "%s: %d images, masks per image min %d / median %.1f / max %d, %.0f bytes per image "
@@ -278,20 +291,33 @@ def write_missing(
     size: int,
     originals: Mapping[str, Path] | None,
     name: str,
+    workers: int = 1,
 ) -> None:
     """Generate and write every image of ``ids`` that ``writer``'s (partial) store lacks or
     holds for another source digest (a changed image is redone); the generator is built only
-    when there is work. ``name`` labels the log line and the progress bar."""
+    when there is work. ``name`` labels the log line and the progress bar. A CPU generator
+    (superpixels, regions) runs in ``workers`` threads if > 1 (:mod:`opensam.masks.workers`);
+    the images are written in ``ids`` order either way, so the datasets do not depend on it."""
     done = writer.done_ids()
     todo = [i for i in ids if done.get(i) != digests[i]]
     log.info("%s: %d of %d image(s) to compute", name, len(todo), len(ids))
     if not todo:
         return
     gen = generator if isinstance(generator, MaskGenerator) else generator()
-    for image_id in tqdm(todo, desc=f"masks {name}", unit="img"):
-        image = read_prepared_image(paths[image_id], size)
-        original = originals.get(image_id) if originals else None
-        writer.write(image_id, gen.generate(image, original), digests[image_id])
+
+    def tasks() -> Iterator[Task]:
+        for image_id in todo:
+            original = originals.get(image_id) if originals else None
+            yield image_id, read_prepared_image(paths[image_id], size), original
+
+    results: Iterator[tuple[str, MaskSet | EncodedMasks]]
+    if uses_workers(gen, workers) and len(todo) > 1:
+        log.info("%s: %s in %d worker threads", name, type(gen).__name__, workers)
+        results = encode_in_workers(gen, tasks(), workers)
+    else:
+        results = ((i, gen.generate(image, original)) for i, image, original in tasks())
+    for image_id, masks in tqdm(results, total=len(todo), desc=f"masks {name}", unit="img"):
+        writer.write(image_id, masks, digests[image_id])
 
 
 def summarize_store(path: Path) -> dict[str, float]:
@@ -337,6 +363,8 @@ def precompute_masks(
     image_size = prepared.image_size
     check_generator_name(masks.generator, f"{where}: masks.generator")
     check_mask_params(pps, min_region_area, image_size, where)
+    if masks.workers < 1:
+        raise InputError(f"{where}: masks.workers must be >= 1, got {masks.workers}")
     if not image_ids:
         raise InputError(f"{prepared.splits_path}: no images to compute masks for")
     attrs = store_attrs(masks.generator, pps, min_region_area, image_size, masks, sam)
@@ -345,4 +373,6 @@ def precompute_masks(
     def make() -> MaskGenerator:
         return MASK_GENERATORS[masks.generator](pps, min_region_area, masks, sam, image_size)
 
-    return compute_mask_store(prepared.root, out_path, image_ids, make, attrs, originals)
+    return compute_mask_store(
+        prepared.root, out_path, image_ids, make, attrs, originals, masks.workers
+    )

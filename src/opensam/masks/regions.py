@@ -99,6 +99,8 @@ def hierarchical_regions(
 class RegionGenerator:
     """MaskGenerator over :func:`hierarchical_regions` (``masks.generator: regions``)."""
 
+    thread_safe = True  # generate() keeps no state: may run in worker threads (masks.workers)
+
     def __init__(self, points_per_side: int, min_region_area: int, levels: int = 4) -> None:
         self.points_per_side = points_per_side
         self.min_region_area = min_region_area

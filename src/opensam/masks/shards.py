@@ -64,10 +64,13 @@ def _compute_shard(
     attrs: Mapping[str, AttrValue],
     originals: Mapping[str, Path] | None,
     rank: int,
+    workers: int,
 ) -> None:
     size = int(attrs["image_size"])
     with MaskStoreWriter(shard, attrs, todo) as writer:
-        write_missing(writer, todo, paths, digests, generator, size, originals, f"rank {rank}")
+        write_missing(
+            writer, todo, paths, digests, generator, size, originals, f"rank {rank}", workers
+        )
 
 
 def _merge(out_path: Path, ids: Sequence[str], digests: Mapping[str, str],
@@ -97,9 +100,11 @@ def compute_sharded(
     attrs: Mapping[str, AttrValue],
     originals: Mapping[str, Path] | None,
     runtime: Runtime,
+    workers: int = 1,
 ) -> dict[str, float]:
     """:func:`opensam.masks.generators.compute_mask_store` across ``runtime.world`` ranks
-    (every rank calls it); returns the finished store's summary on every rank."""
+    (every rank calls it; ``workers`` CPU-generator threads per rank); returns the finished
+    store's summary on every rank."""
     rank, world = runtime.rank, runtime.world
     if not validate_store(out_path, attrs, ids, digests):
         barrier(runtime)  # every rank has looked at out_path before rank 0 removes it
@@ -111,7 +116,7 @@ def compute_sharded(
         todo = [i for i in mine if in_partial.get(i) != digests[i]]
         barrier(runtime)  # the partial is closed everywhere before rank 0 writes it
         shard = shard_path(out_path, rank, world)
-        _compute_shard(shard, todo, paths, digests, generator, attrs, originals, rank)
+        _compute_shard(shard, todo, paths, digests, generator, attrs, originals, rank, workers)
         barrier(runtime)
         if runtime.is_main:
             _merge(out_path, ids, digests, attrs, world)

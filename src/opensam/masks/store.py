@@ -35,6 +35,7 @@ import logging
 import math
 import os
 from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,21 +95,51 @@ def _full_attrs(attrs: Mapping[str, AttrValue]) -> dict[str, AttrValue]:
     return full
 
 
-def _write_group(group: h5py.Group, ms: MaskSet) -> None:
+@dataclass(frozen=True)
+class EncodedMasks:
+    """One image's datasets exactly as the store holds them (see the format above).
+
+    :func:`encode_masks` builds it from a MaskSet: the bit packing and the winner map, the costly
+    part of a write, so that generator worker processes can do it and hand the writer only the
+    packed bytes (a pps-64 MaskSet is 255 MB of bools, its encoding 32 MB).
+    """
+
+    masks: np.ndarray  # uint8 (n, ceil(H*W/8))
+    area: np.ndarray
+    predicted_iou: np.ndarray
+    stability_score: np.ndarray
+    bbox: np.ndarray
+    winner: np.ndarray  # int16 (H, W)
+
+
+def encode_masks(ms: MaskSet, shape: tuple[int, int]) -> EncodedMasks:
+    """Check ``ms`` against an (H, W) store and encode it; ValueError if it does not fit."""
+    check_mask_set(ms, shape)
+    return EncodedMasks(
+        masks=pack_masks(ms.masks),
+        area=ms.area.astype(np.int32),
+        predicted_iou=ms.predicted_iou.astype(np.float32),
+        stability_score=ms.stability_score.astype(np.float32),
+        bbox=ms.bbox.astype(np.int32),
+        winner=compute_winner(ms.masks),
+    )
+
+
+def _write_group(group: h5py.Group, enc: EncodedMasks) -> None:
     """Write one image's datasets into ``group`` (the caller marks it complete afterwards)."""
-    packed = pack_masks(ms.masks)
-    if len(ms):  # few big chunks: deflate sees the long zero runs across masks (2x smaller)
-        rows = max(1, min(len(ms), MASKS_CHUNK_BYTES // max(packed.shape[1], 1)))
+    packed = enc.masks
+    if len(packed):  # few big chunks: deflate sees the long zero runs across masks (2x smaller)
+        rows = max(1, min(len(packed), MASKS_CHUNK_BYTES // max(packed.shape[1], 1)))
         opts = {"chunks": (rows, packed.shape[1]), "compression": MASKS_COMPRESSION,
                 "compression_opts": MASKS_COMPRESSION_LEVEL}  # fmt: skip
         group.create_dataset("masks", data=packed, **opts)
     else:  # a chunked dataset cannot have a zero-length chunk dimension
         group.create_dataset("masks", data=packed)
-    group.create_dataset("area", data=ms.area.astype(np.int32))
-    group.create_dataset("predicted_iou", data=ms.predicted_iou.astype(np.float32))
-    group.create_dataset("stability_score", data=ms.stability_score.astype(np.float32))
-    group.create_dataset("bbox", data=ms.bbox.astype(np.int32))
-    winner = compute_winner(ms.masks)
+    group.create_dataset("area", data=enc.area)
+    group.create_dataset("predicted_iou", data=enc.predicted_iou)
+    group.create_dataset("stability_score", data=enc.stability_score)
+    group.create_dataset("bbox", data=enc.bbox)
+    winner = enc.winner
     group.create_dataset("winner", data=winner, chunks=winner.shape, compression="gzip",
                          shuffle=True)  # fmt: skip
 
@@ -210,12 +241,18 @@ class MaskStoreWriter:
         """Complete ids (resumed or written here), each mapped to its recorded source_sha256."""
         return dict(self._done)
 
-    def write(self, image_id: str, masks: MaskSet, source_sha256: str = "") -> None:
-        """Store one image's masks (replacing an earlier group of that id), then mark complete."""
+    def write(self, image_id: str, masks: MaskSet | EncodedMasks, source_sha256: str = "") -> None:
+        """Store one image's masks (replacing an earlier group of that id), then mark complete.
+
+        ``masks`` may come encoded already (:func:`encode_masks` with this store's shape)."""
         f = self._require_open()
         if not image_id or "/" in image_id or image_id in (".", ".."):
             raise ValueError(f"bad image id {image_id!r}")
-        check_mask_set(masks, self._shape)
+        if isinstance(masks, MaskSet):
+            masks = encode_masks(masks, self._shape)
+        elif masks.winner.shape != self._shape:
+            shape = masks.winner.shape
+            raise ValueError(f"masks are {shape}, the store holds {self._shape} images")
         images = f["images"]
         if image_id in images:
             del images[image_id]

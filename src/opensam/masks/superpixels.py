@@ -175,6 +175,8 @@ def compute_superpixels(
 class SuperpixelGenerator:
     """MaskGenerator over SLIC: ``generate(image, original)`` -> MaskSet at the image's size."""
 
+    thread_safe = True  # generate() keeps no state: may run in worker threads (masks.workers)
+
     def __init__(self, points_per_side: int, compactness: float, min_region_area: int) -> None:
         self.points_per_side = points_per_side
         self.compactness = compactness
