@@ -15,7 +15,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from opensam.errors import InputError
-from opensam.masks.arrays import MaskSet, boxes_xywh, compute_winner, pack_masks, unpack_masks
+from opensam.masks.arrays import (
+    MaskSet,
+    boxes_xywh,
+    compute_winner,
+    encode_masks,
+    pack_masks,
+    unpack_masks,
+)
 from opensam.masks.store import MaskStore, MaskStoreWriter, partial_path, validate_store
 
 
@@ -275,6 +282,22 @@ def test_exception_inside_with_keeps_partial(tmp_path: Path) -> None:
     assert set(MaskStoreWriter(path, make_attrs(8), ["a", "b"]).done_ids()) == {"a"}
 
 
+def test_encoded_writes_equal_mask_set_writes(tmp_path: Path) -> None:
+    """What worker threads hand the writer (encode_masks) stores what a MaskSet stores."""
+    rng = np.random.default_rng(5)
+    sets = {f"i{n}": random_mask_set(rng, n, 12) for n in (0, 1, 7)}
+    write_store(tmp_path / "a.h5", sets, 12)
+    with MaskStoreWriter(tmp_path / "b.h5", make_attrs(12), list(sets)) as writer:
+        for image_id, ms in sets.items():
+            writer.write(image_id, encode_masks(ms, (12, 12)), source_sha256=f"sha-{image_id}")
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        for image_id in sets:
+            for name, ds in a["images"][image_id].items():
+                got = b["images"][image_id][name]
+                assert got.dtype == ds.dtype and got.compression == ds.compression, name
+                np.testing.assert_array_equal(got[()], ds[()], err_msg=name)
+
+
 def test_write_rejects_bad_mask_sets(tmp_path: Path) -> None:
     ms = random_mask_set(np.random.default_rng(11), 3, 8)
     writer = MaskStoreWriter(tmp_path / "m.h5", make_attrs(8))
@@ -289,6 +312,9 @@ def test_write_rejects_bad_mask_sets(tmp_path: Path) -> None:
                                   ms.bbox))  # fmt: skip
     with pytest.raises(ValueError, match="bad image id"):
         writer.write("a/b", ms)
+    other = random_mask_set(np.random.default_rng(0), 2, 9)
+    with pytest.raises(ValueError, match=r"masks are \(9, 9\), the store holds \(8, 8\)"):
+        writer.write("a", encode_masks(other, (9, 9)))  # encoded for another store
     with pytest.raises(ValueError, match="attrs need"):
         MaskStoreWriter(tmp_path / "n.h5", {"generator": "x"})
     writer.close()

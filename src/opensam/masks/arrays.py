@@ -1,9 +1,10 @@
 """In-memory region masks: the :class:`MaskSet` container and the array helpers behind the store.
 
 Bit packing (:func:`pack_masks` / :func:`unpack_masks`), the per-pixel ``winner`` index
-(:func:`compute_winner`), the store's xywh bbox convention (:func:`boxes_xywh`) and the shape
-check a MaskSet must pass before it is written (:func:`check_mask_set`). No file I/O here; the
-HDF5 format lives in :mod:`opensam.masks.store`, which re-exports these names.
+(:func:`compute_winner`), the store's xywh bbox convention (:func:`boxes_xywh`), the shape
+check a MaskSet must pass before it is written (:func:`check_mask_set`) and its encoding for the
+store (:func:`encode_masks`). No file I/O here; the
+HDF5 format lives in :mod:`opensam.masks.store`.
 """
 
 from __future__ import annotations
@@ -99,3 +100,33 @@ def check_mask_set(ms: MaskSet, shape: tuple[int, int]) -> None:
         raise ValueError(f"{n} masks but a field of shape {shapes[0][0]}, expected {shapes[0][1]}")
     if n > 1 and np.any(np.diff(ms.area.astype(np.int64)) > 0):
         raise ValueError("masks must be sorted by area, largest first")
+
+
+@dataclass(frozen=True)
+class EncodedMasks:
+    """One image's datasets exactly as the store holds them (see the format above).
+
+    :func:`encode_masks` builds it from a MaskSet: the bit packing and the winner map, the costly
+    part of a write, so that generator worker processes can do it and hand the writer only the
+    packed bytes (a pps-64 MaskSet is 255 MB of bools, its encoding 32 MB).
+    """
+
+    masks: np.ndarray  # uint8 (n, ceil(H*W/8))
+    area: np.ndarray
+    predicted_iou: np.ndarray
+    stability_score: np.ndarray
+    bbox: np.ndarray
+    winner: np.ndarray  # int16 (H, W)
+
+
+def encode_masks(ms: MaskSet, shape: tuple[int, int]) -> EncodedMasks:
+    """Check ``ms`` against an (H, W) store and encode it; ValueError if it does not fit."""
+    check_mask_set(ms, shape)
+    return EncodedMasks(
+        masks=pack_masks(ms.masks),
+        area=ms.area.astype(np.int32),
+        predicted_iou=ms.predicted_iou.astype(np.float32),
+        stability_score=ms.stability_score.astype(np.float32),
+        bbox=ms.bbox.astype(np.int32),
+        winner=compute_winner(ms.masks),
+    )

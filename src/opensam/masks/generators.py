@@ -24,14 +24,8 @@ from tqdm import tqdm
 
 from opensam.config import MasksParams, SamParams
 from opensam.errors import InputError
-from opensam.masks.arrays import MaskSet
-from opensam.masks.store import (
-    AttrValue,
-    EncodedMasks,
-    MaskStore,
-    MaskStoreWriter,
-    validate_store,
-)
+from opensam.masks.arrays import EncodedMasks, MaskSet
+from opensam.masks.store import AttrValue, MaskStore, MaskStoreWriter, validate_store
 from opensam.masks.superpixels import SuperpixelGenerator
 from opensam.masks.workers import Task, encode_in_workers, uses_workers
 from opensam.parallel.context import current_runtime

@@ -35,7 +35,6 @@ import logging
 import math
 import os
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ import numpy as np
 
 from opensam.constants import MASK_STORE_FORMAT_VERSION
 from opensam.errors import InputError
-from opensam.masks.arrays import MaskSet, check_mask_set, compute_winner, pack_masks, unpack_masks
+from opensam.masks.arrays import EncodedMasks, MaskSet, encode_masks, unpack_masks
 
 log = logging.getLogger(__name__)
 
@@ -93,36 +92,6 @@ def _full_attrs(attrs: Mapping[str, AttrValue]) -> dict[str, AttrValue]:
     if bad:
         raise TypeError(f"mask store attr {bad[0]!r} must be str/int/float/bool")
     return full
-
-
-@dataclass(frozen=True)
-class EncodedMasks:
-    """One image's datasets exactly as the store holds them (see the format above).
-
-    :func:`encode_masks` builds it from a MaskSet: the bit packing and the winner map, the costly
-    part of a write, so that generator worker processes can do it and hand the writer only the
-    packed bytes (a pps-64 MaskSet is 255 MB of bools, its encoding 32 MB).
-    """
-
-    masks: np.ndarray  # uint8 (n, ceil(H*W/8))
-    area: np.ndarray
-    predicted_iou: np.ndarray
-    stability_score: np.ndarray
-    bbox: np.ndarray
-    winner: np.ndarray  # int16 (H, W)
-
-
-def encode_masks(ms: MaskSet, shape: tuple[int, int]) -> EncodedMasks:
-    """Check ``ms`` against an (H, W) store and encode it; ValueError if it does not fit."""
-    check_mask_set(ms, shape)
-    return EncodedMasks(
-        masks=pack_masks(ms.masks),
-        area=ms.area.astype(np.int32),
-        predicted_iou=ms.predicted_iou.astype(np.float32),
-        stability_score=ms.stability_score.astype(np.float32),
-        bbox=ms.bbox.astype(np.int32),
-        winner=compute_winner(ms.masks),
-    )
 
 
 def _write_group(group: h5py.Group, enc: EncodedMasks) -> None:
@@ -242,16 +211,14 @@ class MaskStoreWriter:
         return dict(self._done)
 
     def write(self, image_id: str, masks: MaskSet | EncodedMasks, source_sha256: str = "") -> None:
-        """Store one image's masks (replacing an earlier group of that id), then mark complete.
-
-        ``masks`` may come encoded already (:func:`encode_masks` with this store's shape)."""
+        """Store one image's masks, maybe encoded already (replacing an earlier group of that id),
+        then mark it complete."""
         f = self._require_open()
         if not image_id or "/" in image_id or image_id in (".", ".."):
             raise ValueError(f"bad image id {image_id!r}")
         if isinstance(masks, MaskSet):
             masks = encode_masks(masks, self._shape)
-        elif masks.winner.shape != self._shape:
-            shape = masks.winner.shape
+        elif (shape := masks.winner.shape) != self._shape:
             raise ValueError(f"masks are {shape}, the store holds {self._shape} images")
         images = f["images"]
         if image_id in images:

@@ -25,8 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
-from opensam.masks.arrays import MaskSet
-from opensam.masks.store import EncodedMasks, encode_masks
+from opensam.masks.arrays import EncodedMasks, MaskSet, encode_masks
 
 # One image's task: id, (S, S, 3) uint8 image, original photo (or None)
 Task = tuple[str, np.ndarray, Path | None]
