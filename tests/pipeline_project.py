@@ -7,8 +7,8 @@ asks first, on whichever xdist worker; each module then works on its own copy.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -130,8 +130,13 @@ def reset(proj: Path) -> None:
 
 def declared_reruns(proj: Path, setting: str) -> set[str]:
     """The stages of dvc.yaml that ``dvc exp run -S setting`` must rerun, as DVC's own graph
-    declares them: those whose params deps `dvc status` reports changed, and everything
-    downstream of them in `dvc dag`. params.yaml is put back afterwards."""
+    declares them: those whose params deps DVC's status reports changed (`dvc status dvc.yaml`),
+    and every stage that depends on them, however indirectly (`dvc dag`). Through DVC's Python
+    API in this process: the same calls as those commands, without a DVC start-up each (the
+    suite checks nine settings). params.yaml is put back afterwards."""
+    import networkx as nx
+    from dvc.repo import Repo
+
     key, value = setting.split("=", 1)
     path = proj / "params.yaml"
     text = path.read_text()
@@ -140,20 +145,17 @@ def declared_reruns(proj: Path, setting: str) -> set[str]:
         over = {name: over}
     path.write_text(yaml.safe_dump(merge(yaml.safe_load(text), over), sort_keys=False))
     try:
-        status = json.loads(run(proj, str(BIN / "dvc"), "status", "--json", "dvc.yaml"))
-        dag = run(proj, str(BIN / "dvc"), "dag", "--dot")
+        with contextlib.chdir(proj), Repo(str(proj)) as repo:  # DVC resolves paths from cwd
+            status = repo.status(targets=["dvc.yaml"])
+            graph = repo.index.graph  # edges: a stage -> the stages that produce its deps
+            names = {stage: stage.addressing for stage in graph}
+            changed = {
+                stage
+                for stage in graph
+                for entry in status.get(names[stage], [])
+                if isinstance(entry, dict) and "params.yaml" in entry.get("changed deps", {})
+            }
+            out = set(changed).union(*(nx.ancestors(graph, stage) for stage in changed))
+            return {names[stage] for stage in out if ":" not in names[stage]}
     finally:
         path.write_text(text)
-    changed = {
-        stage
-        for stage, entries in status.items()
-        for entry in entries
-        if isinstance(entry, dict) and "params.yaml" in entry.get("changed deps", {})
-    }
-    edges = re.findall(r'"([^"]+)" -> "([^"]+)"', dag)
-    out = set(changed)
-    while True:
-        more = {b for a, b in edges if a in out and b not in out and ":" not in b}
-        if not more:
-            return out
-        out |= more
