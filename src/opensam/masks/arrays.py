@@ -3,8 +3,8 @@
 Bit packing (:func:`pack_masks` / :func:`unpack_masks`), the per-pixel ``winner`` index
 (:func:`compute_winner`), the store's xywh bbox convention (:func:`boxes_xywh`), the shape
 check a MaskSet must pass before it is written (:func:`check_mask_set`) and its encoding for the
-store (:func:`encode_masks`). No file I/O here; the
-HDF5 format lives in :mod:`opensam.masks.store`.
+store (:func:`encode_masks`). No file I/O here; the HDF5 format lives in
+:mod:`opensam.masks.store`.
 """
 
 from __future__ import annotations
@@ -104,11 +104,11 @@ def check_mask_set(ms: MaskSet, shape: tuple[int, int]) -> None:
 
 @dataclass(frozen=True)
 class EncodedMasks:
-    """One image's datasets exactly as the store holds them (see the format above).
+    """One image's datasets exactly as the store holds them (format: :mod:`opensam.masks.store`).
 
     :func:`encode_masks` builds it from a MaskSet: the bit packing and the winner map, the costly
-    part of a write, so that generator worker processes can do it and hand the writer only the
-    packed bytes (a pps-64 MaskSet is 255 MB of bools, its encoding 32 MB).
+    part of a write, so that the generator's worker threads do it and the writer only compresses
+    (a pps-64 MaskSet is 255 MB of bools, its encoding 32 MB).
     """
 
     masks: np.ndarray  # uint8 (n, ceil(H*W/8))
