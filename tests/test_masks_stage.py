@@ -142,7 +142,7 @@ def test_masks_stage_writes_reuses_and_rebuilds(tmp_path: Path, caplog) -> None:
 
 
 @pytest.mark.parametrize("generator", ["superpixels", "regions"])
-def test_worker_processes_write_the_same_store(
+def test_worker_threads_write_the_same_store(
     tmp_path: Path, generator: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """masks.workers = 2 runs the CPU generator in two threads: the same datasets."""
