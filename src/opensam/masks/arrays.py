@@ -3,13 +3,15 @@
 Bit packing (:func:`pack_masks` / :func:`unpack_masks`), the per-pixel ``winner`` index
 (:func:`compute_winner`), the store's xywh bbox convention (:func:`boxes_xywh`), the shape
 check a MaskSet must pass before it is written (:func:`check_mask_set`) and its encoding for the
-store (:func:`encode_masks`). No file I/O here; the HDF5 format lives in
-:mod:`opensam.masks.store`.
+store (:func:`encode_masks`); :class:`MaskGenerator`, the protocol of what produces a MaskSet.
+No file I/O here; the HDF5 format lives in :mod:`opensam.masks.store`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -44,6 +46,13 @@ class MaskSet:
         f32, i32 = np.float32, np.int32
         return cls(np.zeros((0, height, width), bool), np.zeros(0, i32), np.zeros(0, f32),
                    np.zeros(0, f32), np.zeros((0, 4), i32))  # fmt: skip
+
+
+@runtime_checkable
+class MaskGenerator(Protocol):
+    """Region proposals: (H, W, 3) uint8 RGB (+ its original photo) -> MaskSet at (H, W)."""
+
+    def generate(self, image: np.ndarray, original: Path | None = None) -> MaskSet: ...
 
 
 def pack_masks(masks: np.ndarray) -> np.ndarray:

@@ -16,7 +16,6 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from opensam.config import MasksParams, SamParams
 from opensam.errors import InputError
-from opensam.masks.arrays import EncodedMasks, MaskSet
+from opensam.masks.arrays import EncodedMasks, MaskGenerator, MaskSet
 from opensam.masks.store import AttrValue, MaskStore, MaskStoreWriter, validate_store
 from opensam.masks.superpixels import SuperpixelGenerator
 from opensam.masks.workers import Task, encode_in_workers, uses_workers
@@ -44,13 +43,6 @@ _SAM_OUTPUT_FIELDS: tuple[str, ...] = (
     "box_nms_thresh",
 )
 _SAM_OUTPUT_FIELDS += ("crop_n_layers", "input")
-
-
-@runtime_checkable
-class MaskGenerator(Protocol):
-    """Region proposals: (H, W, 3) uint8 RGB (+ its original photo) -> MaskSet at (H, W)."""
-
-    def generate(self, image: np.ndarray, original: Path | None = None) -> MaskSet: ...
 
 
 GeneratorBuilder = Callable[[int, int, MasksParams, SamParams, int], MaskGenerator]

@@ -21,19 +21,14 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
-from opensam.masks.arrays import EncodedMasks, MaskSet, encode_masks
+from opensam.masks.arrays import EncodedMasks, MaskGenerator, encode_masks
 
 # One image's task: id, (S, S, 3) uint8 image, original photo (or None)
 Task = tuple[str, np.ndarray, Path | None]
 _AHEAD_PER_WORKER = 2  # tasks queued per thread: bounds the results waiting for the writer
-
-
-class _Generator(Protocol):
-    def generate(self, image: np.ndarray, original: Path | None = None) -> MaskSet: ...
 
 
 def uses_workers(generator: object, workers: int) -> bool:
@@ -42,7 +37,7 @@ def uses_workers(generator: object, workers: int) -> bool:
 
 
 def encode_in_workers(
-    generator: _Generator, tasks: Iterable[Task], workers: int
+    generator: MaskGenerator, tasks: Iterable[Task], workers: int
 ) -> Iterator[tuple[str, EncodedMasks]]:
     """``(id, encode_masks(generator.generate(image, original)))`` per task, in task order,
     computed by ``workers`` threads. Tasks are drawn lazily, a few per thread ahead of the
@@ -59,6 +54,6 @@ def encode_in_workers(
         )
         while queue:
             result = queue.popleft().result()
-            for task in islice(pending, 1):  # keep the threads busy: one in, one out
+            if (task := next(pending, None)) is not None:  # keep the threads busy: one in, one out
                 queue.append(pool.submit(encode, task))
             yield result
