@@ -6,19 +6,25 @@ Reads params `pps`, `min_region_area`, `masks` (generator, max_ratio, compactnes
 the image size comes from `data/prepared/splits.json`. Masks cover all labelled images and the
 first `masks.max_ratio x len(train)` unlabelled ones, so any `ratio <= max_ratio` reuses them.
 Writes `data/masks.h5` (format: `opensam.masks.store`). An interrupted run leaves
-`data/.masks.h5.partial`; rerunning with the same settings resumes from it.
+`data/.masks.h5.partial`; rerunning with the same settings resumes from it. `--quality` gets the
+store's mask quality on the val split (`opensam.eval.mask_quality`: ABO, region-majority
+ceiling, masks per image, uncovered share).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from opensam.config import load_params
+from opensam.eval.mask_quality import store_quality
 from opensam.masks.generators import mask_image_ids, precompute_masks
 from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
-from opensam.runtime import run_main, seed_everything
+from opensam.masks.store import MaskStore
+from opensam.parallel.context import current_runtime
+from opensam.runtime import atomic_path, run_main, seed_everything
 
 SEED = 0  # mask generation draws no random numbers; fixed so the stage needn't read `seed`
 
@@ -27,6 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
     parser.add_argument("--out", type=Path, required=True, help="mask store to write (.h5)")
+    parser.add_argument("--quality", type=Path, help="mask quality on val (.json) to write")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser.parse_args(argv)
 
@@ -48,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         sam=params.sam,
         where=str(args.params),
     )
+    if args.quality is not None and current_runtime().is_main:
+        store = MaskStore(args.out)
+        attrs = {k: store.attrs[k] for k in ("generator", "model", "pps", "min_region_area")}
+        quality = {"val": store_quality(store, prepared.val, prepared), **attrs}
+        store.close()
+        with atomic_path(args.quality) as tmp:
+            tmp.write_text(json.dumps(quality, indent=2) + "\n")
     return 0
 
 

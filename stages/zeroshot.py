@@ -15,7 +15,14 @@ import json
 from pathlib import Path
 
 from opensam.config import load_params
-from opensam.eval.zeroshot import build_zeroshot_model, format_csv, format_table, run_ablation
+from opensam.eval.zeroshot import (
+    ablation_quality,
+    build_zeroshot_model,
+    format_csv,
+    format_quality_table,
+    format_table,
+    run_ablation,
+)
 from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, run_main, seed_everything
@@ -45,11 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         f"Zero-shot mIoU on {count} train images; CLIP {clip.model} "
         f"({clip.pretrained or 'random init'}). Thesis: convnext_base_w LAION-2B + SAM ViT-H."
     )
+    quality = ablation_quality(prepared, args.ablation, ab.pps, ab.min_region_area, ab.images)
     iou = results["baseline"].get("iou", {})
     note += "\n\nPer-pixel IoU (%): " + ", ".join(f"{k} {v}" for k, v in iou.items())
     texts = {
-        args.out: json.dumps(results, indent=2) + "\n",
-        args.table: note + "\n\n" + format_table(results, ab.pps),
+        args.out: json.dumps({**results, "mask_quality": quality}, indent=2) + "\n",
+        args.table: note + "\n\n" + format_table(results, ab.pps)
+        + "\n\nMask quality of each store on the same images (opensam.eval.mask_quality):\n\n"
+        + format_quality_table(quality),
         args.plot: format_csv(results, ab.pps),
     }
     for path, text in texts.items():

@@ -46,6 +46,16 @@ TINY = {
         "warmup_steps": 1,
         "workers": 1,
     },
+    "demo_sam": {
+        "scenes": 4,
+        "heldout_scenes": 2,
+        "render_width": 96,
+        "steps": 3,
+        "batch_size": 2,
+        "crop_size": 32,
+        "width": 4,
+        "workers": 1,
+    },
 }
 
 
@@ -91,8 +101,8 @@ def build_project(proj: Path) -> Path:
     run(proj, "git", "commit", "-qm", "tiny project")
     out = run(proj, str(BIN / "dvc"), "repro")
     ran = stages_run(out)
-    expected = {"demo_data", "demo_clip", "prepare", "masks", "zeroshot", "warmup", "student"}
-    assert expected | {"control", "evaluate"} <= ran
+    expected = {"demo_data", "demo_clip", "demo_sam", "prepare", "masks", "zeroshot", "warmup"}
+    assert expected | {"student", "control", "evaluate"} <= ran
     run(proj, "git", "add", "-A")
     run(proj, "git", "commit", "-qm", "repro")
     return proj

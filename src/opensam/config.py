@@ -81,6 +81,24 @@ class DemoClipParams:
 
 
 @dataclass(frozen=True)
+class DemoSamParams:
+    """The demo SAM (stage ``demo_sam``): its scene corpus and boundary training."""
+
+    seed: int = 2  # the corpus's own seed (never the demo photos')
+    scenes: int = 1000  # generated scenes with their object and part masks
+    heldout_scenes: int = 40  # further scenes: held-out mask quality (metrics/demo_sam.json)
+    render_width: int = 512  # scenes are drawn at this width (demo aspect), then squashed
+    steps: int = 600
+    batch_size: int = 8
+    crop_size: int = 128
+    width: int = 16  # channels of the U-Net's first level
+    lr: float = 0.003
+    weight_decay: float = 0.0001
+    border_weight: float = 4.0  # loss weight of border pixels
+    workers: int = 2  # scene rendering processes
+
+
+@dataclass(frozen=True)
 class RuntimeParams:
     """Where every torch stage runs (``opensam.parallel.context``); nproc > 1 = torchrun."""
 
@@ -91,7 +109,8 @@ class RuntimeParams:
 
 @dataclass(frozen=True)
 class MasksParams:
-    generator: str = "superpixels"  # sam | superpixels | regions
+    generator: str = "superpixels"  # sam | demo_sam | superpixels | regions
+    checkpoint: str = "models/demo_sam.pt"  # demo_sam's weights (SAM's: sam.checkpoint)
     max_ratio: int = 8
     compactness: float = 10.0  # superpixels only
     workers: int = 1  # threads per rank for the CPU generators (superpixels, regions); not SAM
@@ -185,6 +204,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     demo: DemoParams = field(default_factory=DemoParams)
     demo_clip: DemoClipParams = field(default_factory=DemoClipParams)
+    demo_sam: DemoSamParams = field(default_factory=DemoSamParams)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
     masks: MasksParams = field(default_factory=MasksParams)
     sam: SamParams = field(default_factory=SamParams)

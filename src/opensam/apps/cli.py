@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MASK_CHOICES = ("sam", "superpixels", "none")
+MASK_CHOICES = ("sam", "demo_sam", "regions", "superpixels", "none")
 RGB = tuple[int, int, int]
 
 

@@ -36,7 +36,6 @@ from tqdm import tqdm
 from opensam.errors import InputError
 from opensam.images import load_rgb_and_size, read_image_size, resize_image, resize_label, save_png
 from opensam.masks.generators import MaskGenerator
-from opensam.masks.superpixels import SuperpixelGenerator
 from opensam.model.aggregation import MaskInputs, collate_mask_inputs, prepare_mask_inputs
 from opensam.runtime import atomic_path
 
@@ -330,8 +329,9 @@ class _Run:
         if not loaded:
             return {}
         pairs = [(it.small, it.photo.path) for it in loaded]
-        # SLIC is pure and single-threaded: parallel per image. SAM keeps per-image state.
-        mask_map = self.pmap if isinstance(self.masks, SuperpixelGenerator) else map
+        # a generator that opts in (thread_safe: superpixels, regions, demo_sam) runs per image
+        # in the pool; SAM keeps per-image state
+        mask_map = self.pmap if getattr(self.masks, "thread_safe", False) else map
         labels, conf = infer_batch(model, pairs, self.masks, self.times, mask_map)
         t0 = time.perf_counter()
         rows = self.pmap(

@@ -364,6 +364,43 @@ def render_scene(rng: Rng, width: int, height: int) -> tuple[np.ndarray, np.ndar
     Returns the photo (H, W, 3) uint8 RGB and the label (H, W) uint8: class ids 0 lizard, 1 hand,
     2 color board, 3 background, and IGNORE_INDEX on paper scraps.
     """
+    img, lay = _render(rng, width, height)
+    return img, lay.label
+
+
+def render_scene_objects(rng: Rng, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one photo (the same one :func:`render_scene` draws from the same ``rng`` state) and
+    its class-agnostic *object and part* map, the kind of annotation SA-1B holds.
+
+    Returns the photo (H, W, 3) uint8 RGB and ``segments`` (H, W) int32 = object id * PARTS +
+    part id. Objects: 0 the paper, 1 the lizard, 2 the hand, 3 the colour chart, 4.. each paper
+    scrap. Parts: the hand's arm and palm, thumb, fingers and nails; the chart's frame and each
+    of its 24 patches; 0 for objects without parts. No class name is in it.
+    """
+    img, lay = _render(rng, width, height)
+    return img, _segments(lay, width, height)
+
+
+PARTS = 32  # part ids per object in :func:`render_scene_objects`' segment map
+
+
+def _segments(lay: _Layout, w: int, h: int) -> np.ndarray:
+    label = lay.label
+    objects = np.zeros((h, w), np.int32)
+    objects[label == LIZARD], objects[label == HAND], objects[label == BOARD] = 1, 2, 3
+    n_scraps, scraps = cv2.connectedComponents((label == IGNORE_INDEX).view(np.uint8), 4)
+    if n_scraps > 1:
+        objects[scraps > 0] = 3 + scraps[scraps > 0]
+    patches = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(patches)
+    for j, (poly, _) in enumerate(lay.chart[1:]):
+        draw.polygon(poly, fill=1 + j)
+    parts = np.where(objects == 2, lay.hand, 0).astype(np.int32)
+    parts[objects == 3] = np.asarray(patches)[objects == 3]
+    return objects * PARTS + parts
+
+
+def _render(rng: Rng, width: int, height: int) -> tuple[np.ndarray, _Layout]:
     w, h = width, height
     k = math.sqrt(w * h / _REF_AREA)
     lay = _make_layout(rng, w, h)
@@ -381,4 +418,4 @@ def render_scene(rng: Rng, width: int, height: int) -> tuple[np.ndarray, np.ndar
     img *= _shadow(lay.lizard | hand, shift, 18 * k, rng.uniform(0.25, 0.45))[..., None]
     _paint_lizard(rng, img, lay, _shadow(hand, shift, 12 * k, 0.35))
     _paint_hand(rng, img, lay)
-    return _finish(rng, img), lay.label
+    return _finish(rng, img), lay

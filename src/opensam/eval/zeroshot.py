@@ -8,7 +8,7 @@ per-pixel baseline, NU at area 0 (``nu``), NU and PM at each other area A (``nu_
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from opensam.eval.metrics import (
     miou_from_confusion,
     miou_report,
 )
+from opensam.eval.mask_quality import store_quality
 from opensam.masks.store import MaskStore
 from opensam.model.segmenter import OpenSamModel, build_model
 from opensam.prepared import Prepared
@@ -129,6 +130,28 @@ def run_ablation(
         )
     log.info("zero-shot mIoU (%%) on %d images: %s", len(ids), results)
     return results, len(ids)
+
+
+def ablation_quality(
+    prepared: Prepared, ablation_dir: Path, pps: Sequence[int], areas: Sequence[int], images: int
+) -> dict[str, dict[str, float]]:
+    """:func:`~opensam.eval.mask_quality.store_quality` of every ablation store, on the images
+    :func:`run_ablation` scores (keys ``pps<p>_mra<a>``)."""
+    stores = {
+        (p, a): MaskStore(ablation_store_path(ablation_dir, p, a)) for p, a in product(pps, areas)
+    }
+    ids = select_ids(prepared.train, list(stores.values()), images, prepared.image_size)
+    return {f"pps{p}_mra{a}": store_quality(s, ids, prepared) for (p, a), s in stores.items()}
+
+
+def format_quality_table(quality: Mapping[str, Mapping[str, float]]) -> str:
+    """Markdown: one row per store, its ABO, ceiling mIoU, masks per image and uncovered %."""
+    lines = ["| store | ABO | ceiling mIoU (%) | masks / image | uncovered (%) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for key, q in quality.items():
+        lines.append(f"| {key} | {q['abo']:.3f} | {q['ceiling_miou']:.2f} | "
+                     f"{q['masks_per_image']:.1f} | {100 * q['uncovered']:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def format_table(results: Results, pps: Sequence[int]) -> str:

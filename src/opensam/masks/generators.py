@@ -75,7 +75,16 @@ def _build_regions(
     return RegionGenerator(pps, min_region_area)
 
 
+def _build_demo_sam(
+    pps: int, min_region_area: int, masks: MasksParams, sam: SamParams, image_size: int
+) -> MaskGenerator:
+    from opensam.masks.boundaries import DemoSamGenerator  # torch: only when chosen
+
+    return DemoSamGenerator(masks.checkpoint, pps, min_region_area)
+
+
 MASK_GENERATORS: dict[str, GeneratorBuilder] = {
+    "demo_sam": _build_demo_sam,  # the demo's SAM stand-in, a learned boundary net (boundaries)
     "superpixels": _build_superpixels,
     "sam": _build_sam,
     "regions": _build_regions,  # graph-based multi-scale object regions (opensam.masks.regions)
@@ -163,6 +172,15 @@ def store_attrs(
         model, config = sam.model, {k: getattr(sam, k) for k in _SAM_OUTPUT_FIELDS}
     elif generator == "regions":
         sha, model, config = "", "felzenszwalb-hierarchy", {"levels": 4}
+    elif generator == "demo_sam":
+        if not Path(masks.checkpoint).is_file():
+            raise InputError(
+                f"{masks.checkpoint}: demo SAM checkpoint not found (run `dvc repro demo_sam`)"
+            )
+        from opensam.masks.boundaries import DEFAULT_LEVELS, SEED_THRESHOLD
+
+        sha, model = file_sha256(Path(masks.checkpoint)), "demo-sam-boundary-unet"
+        config = {"levels": list(DEFAULT_LEVELS), "seed_threshold": SEED_THRESHOLD}
     else:
         sha, model, config = "", SUPERPIXEL_MODEL, {"compactness": masks.compactness}
     return {
