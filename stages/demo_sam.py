@@ -3,13 +3,14 @@
     python stages/demo_sam.py --out models/demo_sam.pt --metrics metrics/demo_sam.json \
         --live metrics/live/demo_sam
 
-Params: ``image_size``, ``demo``, ``pps``, ``demo_sam.*``. Draws ``demo_sam.scenes`` scenes with
+Params: ``image_size``, ``demo.width``, ``demo.height``, ``demo_sam.*``. Draws ``demo_sam.scenes`` scenes with
 the demo generator under the corpus's own seed (``demo_sam.seed``; never the demo photos, their
 labels or ``unlabelled_gt``), and trains a small class-agnostic boundary U-Net from random init
 on their object and part borders (:mod:`opensam.demo.boundaries`), the stand-in for SAM's SA-1B.
 Writes the checkpoint that ``masks.generator: demo_sam`` reads (``masks.checkpoint``). The
-metrics hold the held-out quality of its masks at ``pps`` on ``demo_sam.heldout_scenes`` further
-scenes (ABO of their objects, masks per image) and the final loss.
+metrics hold the held-out quality of its masks at pps 8, 16, 32 and 64 on
+``demo_sam.heldout_scenes`` further scenes (ABO of their objects, masks per image) and the final
+loss.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from opensam.masks.boundaries import (
 from opensam.runtime import atomic_path, run_main, save_torch, seed_everything
 
 log = logging.getLogger("stages.demo_sam")
+HELDOUT_PPS = (8, 16, 32, 64)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,14 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         losses = pretrain_boundaries(net, images[: ds.scenes], targets, cfg, on_step)
     net.eval()
     objects = (segments[ds.scenes :] // PARTS).astype(np.uint8)  # class-agnostic: object ids
-    pairs = ((regions_from_boundaries(predict_boundaries(net, im), params.pps).masks, obj)
-             for im, obj in zip(images[ds.scenes :], objects, strict=True))  # fmt: skip
-    quality = mask_quality(pairs, int(objects.max()) + 1)
-    held = {k: quality[k] for k in ("abo", "masks_per_image", "uncovered", "segments")}
+    boundaries = predict_boundaries(net, images[ds.scenes :])
+    held = {}
+    for pps in HELDOUT_PPS:
+        pairs = zip((regions_from_boundaries(b, pps).masks for b in boundaries), objects)
+        quality = mask_quality(pairs, int(objects.max()) + 1)
+        held[f"pps{pps}"] = {k: quality[k] for k in ("abo", "masks_per_image", "segments")}
     meta = {"seed": ds.seed, "scenes": ds.scenes, "steps": ds.steps}
     save_torch(save_boundary_net(net, meta), args.out)
     metrics = {
-        "heldout": {**held, "pps": params.pps},
+        "heldout": held,
         "final_loss": round(float(np.mean(losses[-20:])), 4),
         "parameters": sum(p.numel() for p in net.parameters()),
     }

@@ -69,9 +69,9 @@ def test_corpus_has_its_own_generator_key() -> None:
 
 
 def _two_boxes() -> np.ndarray:
-    """A 64² boundary map: a strong wall at x = 32, a weak one at y = 32 on the left only."""
+    """A 64² boundary map: a wall above every level at x = 32, a weak one at y = 32 on the left only."""
     b = np.full((64, 64), 0.02, np.float32)
-    b[:, 31:33] = 0.95
+    b[:, 31:33] = 0.99
     b[31:33, :31] = 0.4
     return b
 
@@ -79,7 +79,7 @@ def _two_boxes() -> np.ndarray:
 def test_regions_are_nested_levels_of_the_merge_tree() -> None:
     ms = regions_from_boundaries(_two_boxes(), pps=16)
     areas = sorted(ms.area.tolist(), reverse=True)
-    # whole left half, right half, and the two parts of the left half; no whole image (0.95
+    # whole left half, right half, and the two parts of the left half; no whole image (the wall
     # is above every level), each region once
     assert len(ms) == 4
     assert areas[0] == areas[1] and areas[2] == areas[3] and areas[2] * 2 == areas[0]
@@ -184,5 +184,8 @@ def test_stage_runs_where_no_demo_photo_or_label_exists(tmp_path: Path) -> None:
         os.chdir(cwd)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "params.yaml"]
     metrics = json.loads((tmp_path / "m" / "demo_sam.json").read_text())
-    assert 0 <= metrics["heldout"]["abo"] <= 1 and metrics["heldout"]["segments"] > 0
+    held = metrics["heldout"]
+    assert set(held) == {"pps8", "pps16", "pps32", "pps64"}
+    assert held["pps8"]["masks_per_image"] <= held["pps64"]["masks_per_image"]
+    assert held["pps16"]["segments"] > 0
     assert isinstance(load_boundary_net(tmp_path / "m" / "demo_sam.pt"), BoundaryNet)

@@ -45,6 +45,16 @@ RERUNS = {
 REAL = ("student.conf_threshold=0.0",)
 
 
+def test_demo_world_never_reruns_the_stand_ins(project: Path) -> None:
+    """The demo CLIP and SAM learn from their own corpora: another demo world (demo.seed)
+    regenerates the photos and everything after them, never the stand-ins."""
+    reset(project)
+    reruns = declared_reruns(project, "demo.seed=7")
+    assert {"demo_data", "prepare", "masks", "warmup", "evaluate"} <= reruns
+    assert not {"demo_clip", "demo_sam"} & reruns
+    assert {"demo_sam", "masks", "warmup"} <= declared_reruns(project, "demo_sam.steps=4")
+
+
 @pytest.mark.parametrize("setting", REAL)
 def test_exp_run_reruns_only_dependent_stages(project: Path, setting: str) -> None:
     reset(project)
