@@ -21,7 +21,7 @@ from PIL import Image
 import opensam.masks.generators as mg
 from opensam.errors import InputError
 from opensam.masks.arrays import MaskSet
-from opensam.masks.store import MaskStore, partial_path
+from opensam.masks.store import MaskStore, partial_path, summarize_store
 from opensam.prepared import Prepared, read_prepared
 
 masks_stage = load_stage("masks")
@@ -288,7 +288,7 @@ def test_images_without_masks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     store = MaskStore(out)
     assert all(store.read(i).masks.shape == (0, SIZE, SIZE) for i in store.ids())
     assert (store.read_winner(store.ids()[0]) == -1).all()
-    assert mg.summarize_store(out)["masks_max"] == 0
+    assert summarize_store(out)["masks_max"] == 0
 
 
 def test_error_exit_is_one_line(tmp_path: Path) -> None:
