@@ -27,15 +27,14 @@ from conftest import (
 
 from opensam.constants import IGNORE_INDEX
 from opensam.errors import InputError
-from opensam.train.pseudo_labels import (
+from opensam.train.pseudo_format import (
     CONFIDENCE_DIR,
     IDS_FILE,
     LABELS_DIR,
-    generate_pseudo_labels,
     hard_labels,
     load_pseudo_ids,
-    measure_pseudo_quality,
 )
+from opensam.train.pseudo_labels import generate_pseudo_labels, measure_pseudo_quality
 
 
 def direct_miou(preds: list[np.ndarray], gts: list[np.ndarray]) -> float:

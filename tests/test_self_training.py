@@ -17,7 +17,7 @@ from opensam.config import load_params
 from opensam.prepared import read_prepared
 from opensam.train.loop import TrainConfig
 from opensam.train.losses import resolve_class_weights
-from opensam.train.pseudo_labels import load_pseudo_ids
+from opensam.train.pseudo_format import load_pseudo_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -25,10 +25,11 @@ from opensam.eval.evaluation import predict_loader
 from opensam.parallel.context import Runtime, barrier, broadcast_object
 from opensam.parallel.sharding import shard_loader
 from opensam.runtime import atomic_path, remove_path
+from opensam.train.pseudo_format import CONFIDENCE_DIR, LABELS_DIR, confidence_to_uint8, hard_labels
 
 log = logging.getLogger(__name__)
 
-LABELS_DIR, CONFIDENCE_DIR, BATCHES_DIR = "labels", "confidence", "batches"
+BATCHES_DIR = "batches"
 Stats = tuple[float, int, int]  # (sum of max probabilities, ignored pixels, pixels)
 
 
@@ -46,8 +47,6 @@ def _predict_shard(
     model: nn.Module, loader: DataLoader, use_masks: bool, conf_threshold: float | None,
     shard: Path, runtime: Runtime,
 ) -> None:  # fmt: skip
-    from opensam.train.pseudo_labels import confidence_to_uint8, hard_labels
-
     for sub in (LABELS_DIR, CONFIDENCE_DIR, BATCHES_DIR):
         (shard / sub).mkdir(parents=True, exist_ok=True)
     done = [int(p.stem) for p in (shard / BATCHES_DIR).glob("*.json") if p.stem.isdigit()]
