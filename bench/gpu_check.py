@@ -86,7 +86,7 @@ def train_steps(clip: str, device: torch.device, precision: str, batch: int, ste
     """Images/s of the training loop's own step (forward with masks, fp32 loss, backward)."""
     set_runtime(Runtime(device, precision))
     torch.manual_seed(0)
-    model = build_model(ClipParams(model=clip), PROMPTS).to(device).train()
+    model = build_model(ClipParams(model=clip, pretrained=None), PROMPTS).to(device).train()
     h, w = model.grid_hw(size)
     cfg = TrainConfig(epochs=1, lr_max=1e-4, lr_min=1e-6, weight_decay=1e-8, batch_size=batch)
     loop = _build_loop(model, cfg, steps + 2)
@@ -117,7 +117,7 @@ def predict_rate(clip: str, device: torch.device, precision: str, n: int, size: 
     """``predict_photos`` images/s on n demo JPEGs (1024x683): superpixels and per pixel."""
     set_runtime(Runtime(device, precision))
     torch.manual_seed(0)
-    model = build_model(ClipParams(model=clip), PROMPTS)
+    model = build_model(ClipParams(model=clip, pretrained=None), PROMPTS)
     colors = np.array([[250, 220, 40], [40, 200, 60], [40, 90, 230], [150, 60, 190]], np.uint8)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:

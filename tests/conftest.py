@@ -291,8 +291,8 @@ def write_tiny_checkpoint(path: Path, size: int = SIZE, **extra: Any) -> Path:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = build_model(ClipParams(), [f"a {c}" for c in CLASSES])
-    save_checkpoint(path, model, CLASSES, ClipParams(), size, **extra)
+        model = build_model(ClipParams(pretrained=None), [f"a {c}" for c in CLASSES])
+    save_checkpoint(path, model, CLASSES, ClipParams(pretrained=None), size, **extra)
     return path
 
 

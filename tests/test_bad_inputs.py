@@ -138,8 +138,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mp.chdir(root)
         assert invoke("prepare", PREPARE, mp) == 0
         assert invoke("masks", MASKS, mp) == 0
-        model = build_model(ClipParams(), [c["prompt"] for c in PARAMS["classes"]])
-        save_checkpoint("models/student.pt", model, NAMES, ClipParams(), SIZE)
+        model = build_model(ClipParams(pretrained=None), [c["prompt"] for c in PARAMS["classes"]])
+        save_checkpoint("models/student.pt", model, NAMES, ClipParams(pretrained=None), SIZE)
         assert invoke("cli", PREDICT, mp) == 0
     return root
 

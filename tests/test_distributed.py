@@ -148,7 +148,7 @@ def teacher(project: dict[str, Path]) -> Path:
     path = project["root"] / "teacher.pt"
     params = yaml.safe_load(project["params"].read_text())
     torch.manual_seed(0)
-    clip = ClipParams(model="opensam-tiny")
+    clip = ClipParams(model="opensam-tiny", pretrained=None)
     model = build_model(clip, [c["prompt"] for c in params["classes"]])
     save_checkpoint(path, model, [c["name"] for c in params["classes"]], clip, 32)
     return path

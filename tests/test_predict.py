@@ -48,8 +48,8 @@ COLORS = np.array([[250, 220, 40], [40, 200, 60], [40, 90, 230], [150, 60, 190]]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    model = build_model(ClipParams(), PROMPTS)
-    save_checkpoint(path, model, CLASSES, ClipParams(), SIZE)
+    model = build_model(ClipParams(pretrained=None), PROMPTS)
+    save_checkpoint(path, model, CLASSES, ClipParams(pretrained=None), SIZE)
     return path
 
 
@@ -341,8 +341,8 @@ def test_overlay_colors_params_then_labelmap_then_palette() -> None:
 def pps16_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint trained on superpixel masks at pps 16, and a params.yaml saying pps 32."""
     root = tmp_path_factory.mktemp("pps16")
-    model = build_model(ClipParams(), PROMPTS)
-    save_checkpoint(root / "student.pt", model, CLASSES, ClipParams(), SIZE, masks=TRAINED)
+    model = build_model(ClipParams(pretrained=None), PROMPTS)
+    save_checkpoint(root / "student.pt", model, CLASSES, ClipParams(pretrained=None), SIZE, masks=TRAINED)
     (root / "params.yaml").write_text(yaml.safe_dump(repo_params(pps=32, min_region_area=0)))
     return root / "student.pt"
 

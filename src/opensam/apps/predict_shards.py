@@ -24,7 +24,7 @@ from opensam.apps.predict import (
     Photo,
     PredictResult,
     StageTimes,
-    _is_done,
+    is_done,
     predict_photos,
     read_rows,
     write_rows,
@@ -88,7 +88,7 @@ def predict_photos_sharded(
     out_dir, todo_ids = Path(out_dir), set[str]()
     if rt.is_main:  # rank 0 decides: out_dir may be its fresh temporary folder
         done = {} if overwrite else read_rows(out_dir, class_names)
-        todo_ids = {p.id for p in photos if overwrite or not _is_done(out_dir, p, done)}
+        todo_ids = {p.id for p in photos if overwrite or not is_done(out_dir, p, done)}
     todo_ids = broadcast_object(todo_ids, rt)
     todo = [p for p in photos if p.id in todo_ids]
     mine = [todo[i] for batch in own_batches(len(todo), batch_size, rt) for i in batch]
