@@ -113,7 +113,9 @@ def test_a_checkpoint_is_the_same_bytes_in_every_run(
     for pid, run in ((4242, "a"), (5353, "b")):
         monkeypatch.setattr("opensam.runtime.os.getpid", lambda pid=pid: pid)
         path = tmp_path / run / "teacher.pt"
-        save_checkpoint(path, model, CLASSES, ClipParams(pretrained=None), 64, epoch=3, val_miou=41.5)
+        save_checkpoint(
+            path, model, CLASSES, ClipParams(pretrained=None), 64, epoch=3, val_miou=41.5
+        )
         files.append(path.read_bytes())
     assert files[0] == files[1]
 

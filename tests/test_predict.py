@@ -342,7 +342,9 @@ def pps16_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint trained on superpixel masks at pps 16, and a params.yaml saying pps 32."""
     root = tmp_path_factory.mktemp("pps16")
     model = build_model(ClipParams(pretrained=None), PROMPTS)
-    save_checkpoint(root / "student.pt", model, CLASSES, ClipParams(pretrained=None), SIZE, masks=TRAINED)
+    save_checkpoint(
+        root / "student.pt", model, CLASSES, ClipParams(pretrained=None), SIZE, masks=TRAINED
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(repo_params(pps=32, min_region_area=0)))
     return root / "student.pt"
 

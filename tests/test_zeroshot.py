@@ -132,7 +132,9 @@ def read_rgb(root: Path, image_id: str) -> torch.Tensor:
 def prototype_model(root: Path) -> OpenSamModel:
     """The stage's random tiny model with class prototypes (mean embedding of each class's
     pixels) as text embeddings, so that predictions differ between classes and variants."""
-    model = build_zeroshot_model(ClipParams(pretrained=None), [c["prompt"] for c in CLASSES], seed=3)
+    model = build_zeroshot_model(
+        ClipParams(pretrained=None), [c["prompt"] for c in CLASSES], seed=3
+    )
     with torch.no_grad():
         emb = model.embed(torch.stack([read_rgb(root, i) for i in TRAIN]))
         up = torch.nn.functional.interpolate(emb, size=(SIZE, SIZE), mode="bilinear")
@@ -247,7 +249,9 @@ def test_format_table_and_csv() -> None:
 
 
 def tiny_weights(seed: int) -> dict[str, torch.Tensor]:
-    return build_zeroshot_model(ClipParams(pretrained=None), [c["prompt"] for c in CLASSES], seed).state_dict()
+    return build_zeroshot_model(
+        ClipParams(pretrained=None), [c["prompt"] for c in CLASSES], seed
+    ).state_dict()
 
 
 def test_build_zeroshot_model_is_one_model_whatever_ran_before() -> None:
