@@ -364,8 +364,14 @@ def test_predict_uses_the_checkpoints_pps_over_params(
     monkeypatch.setattr(setup, "build_generator", lambda *a: built.append(a[:3]) or real(*a))
     (tmp_path / "in").mkdir()
     Image.fromarray(scene(40, 50, 0)).save(tmp_path / "in" / "p.png")
-    argv = ["predict", str(tmp_path / "in"), "--checkpoint", str(pps16_checkpoint),
-            "--params", str(pps16_checkpoint.parent / "params.yaml")]  # fmt: skip
+    argv = [
+        "predict",
+        str(tmp_path / "in"),
+        "--checkpoint",
+        str(pps16_checkpoint),
+        "--params",
+        str(pps16_checkpoint.parent / "params.yaml"),
+    ]
     with caplog.at_level(logging.INFO):
         assert cli_main([*argv, "--out", str(tmp_path / "a")]) == 0
     assert built == [("superpixels", 16, 0)]

@@ -379,8 +379,12 @@ def check_params(p: Params, source: str = "params.yaml") -> None:
     _check_classes(p.classes, source)
     d = p.data
     r("data.format", d.format in ("cvat", "voc"), "cvat or voc", d.format)
-    r("data.unknown_colour_max_pixels", d.unknown_colour_max_pixels >= 0, ">= 0",
-      d.unknown_colour_max_pixels)  # fmt: skip
+    r(
+        "data.unknown_colour_max_pixels",
+        d.unknown_colour_max_pixels >= 0,
+        ">= 0",
+        d.unknown_colour_max_pixels,
+    )
     _check_split(d.split, source)
     r("demo.labelled", p.demo.labelled >= 1, ">= 1", p.demo.labelled)
     r("demo.unlabelled", p.demo.unlabelled >= 0, ">= 0", p.demo.unlabelled)
@@ -389,8 +393,12 @@ def check_params(p: Params, source: str = "params.yaml") -> None:
         r(f"demo.{side}", 16 <= value <= 8192, "in 16..8192", value)
     rt = p.runtime
     r("runtime.nproc", rt.nproc >= 1, ">= 1", rt.nproc)
-    r("runtime.precision", rt.precision in ("auto", "fp32", "bf16", "fp16"),
-      "auto, fp32, bf16 or fp16", rt.precision)  # fmt: skip
+    r(
+        "runtime.precision",
+        rt.precision in ("auto", "fp32", "bf16", "fp16"),
+        "auto, fp32, bf16 or fp16",
+        rt.precision,
+    )
     kind, _, index = rt.device.partition(":")
     ok = rt.device in ("auto", "cpu") or (kind == "cuda" and (not index or index.isdigit()))
     r("runtime.device", ok, "auto, cpu, cuda or cuda:N", rt.device)
@@ -405,8 +413,12 @@ def check_params(p: Params, source: str = "params.yaml") -> None:
     r("sam.input", s.input in ("prepared", "original"), "prepared or original", s.input)
     a = p.ablation
     r("ablation.pps", all(1 <= v <= 128 for v in a.pps), "values in 1..128", list(a.pps))
-    r("ablation.min_region_area", all(v >= 0 for v in a.min_region_area), "values >= 0",
-      list(a.min_region_area))  # fmt: skip
+    r(
+        "ablation.min_region_area",
+        all(v >= 0 for v in a.min_region_area),
+        "values >= 0",
+        list(a.min_region_area),
+    )
     r("ablation.images", a.images >= 1, ">= 1", a.images)
     _check_training(p.warmup, "warmup", len(p.classes), source)
     _check_training(p.student, "student", len(p.classes), source)

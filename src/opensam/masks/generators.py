@@ -237,9 +237,14 @@ def compute_mask_store(
     log.info(
         "%s: %d images, masks per image min %d / median %.1f / max %d, %.0f bytes per image "
         "(%.1fx smaller than raw bit-packed)",
-        out_path, summary["images"], summary["masks_min"], summary["masks_median"],
-        summary["masks_max"], summary["bytes_per_image"], summary["compression"],
-    )  # fmt: skip
+        out_path,
+        summary["images"],
+        summary["masks_min"],
+        summary["masks_median"],
+        summary["masks_max"],
+        summary["bytes_per_image"],
+        summary["compression"],
+    )
     return summary
 
 

@@ -56,8 +56,13 @@ def _compute_shard(
         )
 
 
-def _merge(out_path: Path, ids: Sequence[str], digests: Mapping[str, str],
-           attrs: Mapping[str, AttrValue], world: int) -> None:  # fmt: skip
+def _merge(
+    out_path: Path,
+    ids: Sequence[str],
+    digests: Mapping[str, str],
+    attrs: Mapping[str, AttrValue],
+    world: int,
+) -> None:
     """Rank 0: copy every image the partial lacks from its rank's shard, in ``ids`` order."""
     with MaskStoreWriter(out_path, attrs, ids) as writer:
         done = writer.done_ids()
@@ -108,6 +113,11 @@ def compute_sharded(
     barrier(runtime)
     summary = summarize_store(out_path)
     if runtime.is_main:
-        log.info("%s: %d images from %d ranks, %.0f bytes per image", out_path,
-                 summary["images"], world, summary["bytes_per_image"])  # fmt: skip
+        log.info(
+            "%s: %d images from %d ranks, %.0f bytes per image",
+            out_path,
+            summary["images"],
+            world,
+            summary["bytes_per_image"],
+        )
     return summary

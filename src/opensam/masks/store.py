@@ -99,8 +99,11 @@ def _write_group(group: h5py.Group, enc: EncodedMasks) -> None:
     packed = enc.masks
     if len(packed):  # few big chunks: deflate sees the long zero runs across masks (2x smaller)
         rows = max(1, min(len(packed), MASKS_CHUNK_BYTES // max(packed.shape[1], 1)))
-        opts = {"chunks": (rows, packed.shape[1]), "compression": MASKS_COMPRESSION,
-                "compression_opts": MASKS_COMPRESSION_LEVEL}  # fmt: skip
+        opts = {
+            "chunks": (rows, packed.shape[1]),
+            "compression": MASKS_COMPRESSION,
+            "compression_opts": MASKS_COMPRESSION_LEVEL,
+        }
         group.create_dataset("masks", data=packed, **opts)
     else:  # a chunked dataset cannot have a zero-length chunk dimension
         group.create_dataset("masks", data=packed)
@@ -109,8 +112,9 @@ def _write_group(group: h5py.Group, enc: EncodedMasks) -> None:
     group.create_dataset("stability_score", data=enc.stability_score)
     group.create_dataset("bbox", data=enc.bbox)
     winner = enc.winner
-    group.create_dataset("winner", data=winner, chunks=winner.shape, compression="gzip",
-                         shuffle=True)  # fmt: skip
+    group.create_dataset(
+        "winner", data=winner, chunks=winner.shape, compression="gzip", shuffle=True
+    )
 
 
 def _group_ok(group: h5py.Group) -> bool:
