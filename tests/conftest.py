@@ -378,3 +378,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return first.index(name) if name in first else len(first)
 
     items.sort(key=rank)  # stable: the order within each group is kept
+
+
+def assert_miou_is_the_mean_iou(report: dict[str, Any]) -> None:
+    """A metrics report's ``miou`` is the mean of its per-class IoUs over the classes present
+    (None = absent from ground truth and prediction), each in 0..100: the documented convention,
+    checked independently of ``opensam.eval.metrics``."""
+    present = [v for v in report["iou"].values() if v is not None]
+    assert present and all(0.0 <= v <= 100.0 for v in present), report
+    assert abs(report["miou"] - sum(present) / len(present)) <= 0.01, report

@@ -213,7 +213,6 @@ def test_run_ablation_scores_every_variant(
     values = [results["baseline"]["miou"]] + [
         v for k in results if k != "baseline" for v in results[k].values()
     ]
-    assert all(0.0 <= v <= 100.0 for v in values)
     model = prototype_model(project)
     ids = ["t0", "t2"]  # the first 2 train ids in every store (t1 lacks the pps16 stores)
     assert results["baseline"]["miou"] == expected_miou(project, model, ids, None, "nu")
