@@ -170,7 +170,7 @@ def test_worker_threads_write_the_same_store(
 
 def test_masks_workers_must_be_positive(tmp_path: Path) -> None:
     make_project(tmp_path, masks={"generator": "superpixels", "max_ratio": 1, "workers": 0})
-    with pytest.raises(InputError, match="masks.workers must be >= 1, got 0"):
+    with pytest.raises(InputError, match="masks.workers: must be >= 1, got 0"):
         run_masks(tmp_path, tmp_path / "m.h5")
 
 
