@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     cases: list[Case] = []
     for seed in range(4 if args.quick else args.images):
         masks = voronoi_masks(args.size, args.pps, seed)
-        index = Augmenter()(torch.zeros(3, args.size, args.size), None, None,
-                            np.random.default_rng(seed)).source_index  # fmt: skip
+        index = Augmenter()(
+            torch.zeros(3, args.size, args.size), None, None, np.random.default_rng(seed)
+        ).source_index
         assert index is not None
         cases.append((masks, winner_index(masks), index))
     err = 0.0
@@ -88,11 +89,15 @@ def main(argv: list[str] | None = None) -> None:
         (wa, ia), (wb, ib) = baseline(*case), ours(*case)
         assert torch.equal(ia, ib), "winners differ"
         err = max(err, float((wa - wb).abs().max()))
-    rows = {"baseline: warp_masks + prepare_mask_inputs": median_ms(baseline, cases),
-            "ours: warp winner + pool_weights_from_winner": median_ms(ours, cases)}  # fmt: skip
+    rows = {
+        "baseline: warp_masks + prepare_mask_inputs": median_ms(baseline, cases),
+        "ours: warp winner + pool_weights_from_winner": median_ms(ours, cases),
+    }
     m = cases[0][0].shape[0]
-    print(f"{len(cases)} images {args.size}², M={m} disjoint masks, grid {GRID}, "
-          f"max |Δ pool weight| {err:.1e}")  # fmt: skip
+    print(
+        f"{len(cases)} images {args.size}², M={m} disjoint masks, grid {GRID}, "
+        f"max |Δ pool weight| {err:.1e}"
+    )
     print(f"{'path':<48}{'wall ms':>9}{'(cpu ms)':>11}")
     for name, (wall, cpu) in rows.items():
         print(f"{name:<48}{wall:>9.1f}{f'({cpu:.1f})':>11}")

@@ -33,8 +33,9 @@ def main() -> None:
     for x in (scores, ties):
         if not torch.equal(class_ids(x), x.argmax(dim=1)):
             raise SystemExit("class_ids and argmax disagree")
-    ms = time_paths({"argmax": lambda: scores.argmax(dim=1), "ours": lambda: class_ids(scores)},
-                   args.repeats)  # fmt: skip
+    ms = time_paths(
+        {"argmax": lambda: scores.argmax(dim=1), "ours": lambda: class_ids(scores)}, args.repeats
+    )
     print(f"scores {tuple(shape)} fp32, {torch.get_num_threads()} threads; same indices")
     print(f"baseline Tensor.argmax(dim=1): {ms['argmax']:.2f} ms")
     print(f"ours class_ids (max(dim=1).indices): {ms['ours']:.2f} ms")

@@ -75,18 +75,23 @@ def sam_masks(name: str, images: list[np.ndarray], device: torch.device, pps: in
         same, worst = same and n_s == n_o and iou >= 0.99, min(worst, iou)
         stock_s, ours_s = stock_s + s_total, ours_s + o_total
     del sam
-    return {"stock_images_per_s": round(len(images) / stock_s, 3),
-            "ours_images_per_s": round(len(images) / ours_s, 3),
-            "speedup": round(stock_s / ours_s, 2), "same_masks": same,
-            "worst_iou": round(worst, 4), "peak_gib": peak_gib()}  # fmt: skip
+    return {
+        "stock_images_per_s": round(len(images) / stock_s, 3),
+        "ours_images_per_s": round(len(images) / ours_s, 3),
+        "speedup": round(stock_s / ours_s, 2),
+        "same_masks": same,
+        "worst_iou": round(worst, 4),
+        "peak_gib": peak_gib(),
+    }
 
 
-def train_steps(clip: str, device: torch.device, precision: str, batch: int, steps: int,
-                size: int) -> dict:  # fmt: skip
+def train_steps(
+    clip: str, device: torch.device, precision: str, batch: int, steps: int, size: int
+) -> dict:
     """Images/s of the training loop's own step (forward with masks, fp32 loss, backward)."""
     set_runtime(Runtime(device, precision))
     torch.manual_seed(0)
-    model = build_model(ClipParams(model=clip), PROMPTS).to(device).train()
+    model = build_model(ClipParams(model=clip, pretrained=None), PROMPTS).to(device).train()
     h, w = model.grid_hw(size)
     cfg = TrainConfig(epochs=1, lr_max=1e-4, lr_min=1e-6, weight_decay=1e-8, batch_size=batch)
     loop = _build_loop(model, cfg, steps + 2)
@@ -95,10 +100,12 @@ def train_steps(clip: str, device: torch.device, precision: str, batch: int, ste
     m = 64  # masks per image, disjoint stripes (the winner map) with their pooling weights
     winner = (torch.arange(size * size).reshape(size, size) * m // (size * size)).long()
     pool = torch.rand(batch, m, h, w, generator=gen)
-    data = {"image": torch.rand(batch, 3, size, size, generator=gen),
-            "label": torch.randint(0, 4, (batch, size, size), generator=gen),
-            "pool_weights": pool / pool.sum((2, 3), keepdim=True),
-            "winner": winner.expand(batch, size, size).contiguous()}  # fmt: skip
+    data = {
+        "image": torch.rand(batch, 3, size, size, generator=gen),
+        "label": torch.randint(0, 4, (batch, size, size), generator=gen),
+        "pool_weights": pool / pool.sum((2, 3), keepdim=True),
+        "winner": winner.expand(batch, size, size).contiguous(),
+    }
     batch_dev = {k: v.to(device) for k, v in data.items()}
     for _ in range(2):  # warm-up (cudnn.benchmark autotuning)
         _train_step(loop, batch_dev, None, 0.0)
@@ -109,15 +116,19 @@ def train_steps(clip: str, device: torch.device, precision: str, batch: int, ste
         _train_step(loop, batch_dev, None, 0.0)
     sync()
     seconds = time.perf_counter() - start
-    return {"precision": precision, "images_per_s": round(batch * steps / seconds, 2),
-            "batch": batch, "peak_gib": peak_gib()}  # fmt: skip
+    return {
+        "precision": precision,
+        "images_per_s": round(batch * steps / seconds, 2),
+        "batch": batch,
+        "peak_gib": peak_gib(),
+    }
 
 
 def predict_rate(clip: str, device: torch.device, precision: str, n: int, size: int) -> dict:
     """``predict_photos`` images/s on n demo JPEGs (1024x683): superpixels and per pixel."""
     set_runtime(Runtime(device, precision))
     torch.manual_seed(0)
-    model = build_model(ClipParams(model=clip), PROMPTS)
+    model = build_model(ClipParams(model=clip, pretrained=None), PROMPTS)
     colors = np.array([[250, 220, 40], [40, 200, 60], [40, 90, 230], [150, 60, 190]], np.uint8)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,8 +140,16 @@ def predict_rate(clip: str, device: torch.device, precision: str, n: int, size: 
             photos.append(Photo(f"p{i}", path))
         for label, masks in (("superpixels", SuperpixelGenerator(16, 10.0, 0)), ("none", None)):
             peak_reset()
-            res = predict_photos(model, photos, Path(tmp) / label, ["a", "b", "c", "d"], colors,
-                                 size, masks, batch_size=8)  # fmt: skip
+            res = predict_photos(
+                model,
+                photos,
+                Path(tmp) / label,
+                ["a", "b", "c", "d"],
+                colors,
+                size,
+                masks,
+                batch_size=8,
+            )
             out[label] = {"images_per_s": round(res.images_per_s, 2), "peak_gib": peak_gib()}
     return out
 
@@ -141,8 +160,11 @@ def main() -> int:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
-        print(json.dumps({"skipped": "no CUDA GPU visible to torch "
-                          f"{torch.__version__}: nothing measured"}))  # fmt: skip
+        print(
+            json.dumps(
+                {"skipped": f"no CUDA GPU visible to torch {torch.__version__}: nothing measured"}
+            )
+        )
         return 0
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
@@ -154,8 +176,9 @@ def main() -> int:
     start = time.perf_counter()
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)",
-        "torch": torch.__version__, "amp_precision": amp,
-    }  # fmt: skip
+        "torch": torch.__version__,
+        "amp_precision": amp,
+    }
     images = demo_images(n_img)
     report["sam_masks_pps16"] = {name: sam_masks(name, images, device, 16) for name in sams}
     report["train_step_256"] = {
@@ -163,8 +186,9 @@ def main() -> int:
         "amp": train_steps(clip, device, amp, batch, steps, 256),
     }
     report["predict"] = predict_rate(clip, device, amp, 4 if smoke else 48, 256)
-    report["peak_gib"] = peak_gib() if not cuda else round(
-        torch.cuda.max_memory_reserved() / 2**30, 2)  # fmt: skip
+    report["peak_gib"] = (
+        peak_gib() if not cuda else round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    )
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(report))
     return 0

@@ -85,9 +85,14 @@ def time_layout(
 
 
 def time_ours(path: Path, sets: list[MaskSet], pps: int) -> tuple[float, float, float]:
-    attrs: dict[str, AttrValue] = {"generator": "superpixels", "model": "slic", "pps": pps,
-                                   "checkpoint_sha256": "", "min_region_area": 0,
-                                   "image_size": SIZE}  # fmt: skip
+    attrs: dict[str, AttrValue] = {
+        "generator": "superpixels",
+        "model": "slic",
+        "pps": pps,
+        "checkpoint_sha256": "",
+        "min_region_area": 0,
+        "image_size": SIZE,
+    }
     ids = [str(i) for i in range(len(sets))]
     t0 = time.perf_counter()
     with MaskStoreWriter(path, attrs, ids) as writer:
@@ -114,8 +119,10 @@ def main() -> None:
     sets = make_mask_sets(count, args.pps)
     raw = float(np.mean([pack_masks(ms.masks).nbytes for ms in sets]))
     counts = [len(ms) for ms in sets]
-    print(f"{count} demo images at {SIZE}x{SIZE}, pps {args.pps}: {min(counts)}-{max(counts)} "
-          f"masks per image, raw bit-packed {raw:.0f} bytes per image")  # fmt: skip
+    print(
+        f"{count} demo images at {SIZE}x{SIZE}, pps {args.pps}: {min(counts)}-{max(counts)} "
+        f"masks per image, raw bit-packed {raw:.0f} bytes per image"
+    )
     layouts = {
         "baseline: bool, gzip, auto chunks": bool_opts,
         "bit-packed, contiguous (raw)": packed(),
@@ -134,8 +141,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for k, (name, layout) in enumerate(layouts.items()):
             rows.append((name, *time_layout(Path(tmp) / f"{k}.h5", sets, layout)))
-        rows.append(("ours: MaskStoreWriter, full schema", *time_ours(Path(tmp) / "o.h5", sets,
-                                                                       args.pps)))  # fmt: skip
+        rows.append(
+            ("ours: MaskStoreWriter, full schema", *time_ours(Path(tmp) / "o.h5", sets, args.pps))
+        )
     print(f"{'layout':40s} {'bytes/img':>10s} {'vs raw':>7s} {'write ms':>9s} {'read ms':>8s}")
     for name, size, write, read in rows:
         print(f"{name:40s} {size:10.0f} {raw / size:6.1f}x {write:9.1f} {read:8.1f}")

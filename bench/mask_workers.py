@@ -39,16 +39,25 @@ def write_prepared(root: Path, count: int) -> list[str]:
         photo, _ = render_scene(np.random.default_rng(i), 1024, 683)
         small = cv2.resize(photo, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
         Image.fromarray(small).save(root / "images" / f"{image_id}.png")
-    splits = {"image_size": SIZE, "classes": ["a", "b"], "train": ids, "val": [], "test": [],
-              "unlabelled": []}  # fmt: skip
+    splits = {
+        "image_size": SIZE,
+        "classes": ["a", "b"],
+        "train": ids,
+        "val": [],
+        "test": [],
+        "unlabelled": [],
+    }
     (root / "splits.json").write_text(json.dumps(splits))
     return ids
 
 
 def datasets(path: Path) -> dict[str, bytes]:
     with h5py.File(path, "r") as f:
-        return {f"{i}/{k}": np.asarray(d[()]).tobytes()
-                for i, g in f["images"].items() for k, d in g.items()}  # fmt: skip
+        return {
+            f"{i}/{k}": np.asarray(d[()]).tobytes()
+            for i, g in f["images"].items()
+            for k, d in g.items()
+        }
 
 
 def main() -> None:
@@ -77,8 +86,10 @@ def main() -> None:
             if stores[1] != stores[args.workers]:
                 raise SystemExit(f"pps {pps}: the stores differ")
             ratio[pps] = wall[1] / wall[args.workers]
-            print(f"pps {pps}, {count} images: 1 thread {wall[1]:.2f} s, {args.workers} threads "
-                  f"{wall[args.workers]:.2f} s, {ratio[pps]:.2f}x, datasets identical")  # fmt: skip
+            print(
+                f"pps {pps}, {count} images: 1 thread {wall[1]:.2f} s, {args.workers} threads "
+                f"{wall[args.workers]:.2f} s, {ratio[pps]:.2f}x, datasets identical"
+            )
     print(f"mask workers speedup: {ratio[16]:.2f}x")
 
 

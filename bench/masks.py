@@ -86,9 +86,15 @@ def run_stock(
     sam: Sam, opts: AmgOptions, image: np.ndarray
 ) -> tuple[np.ndarray, float, float, float]:
     """Stock generate: non-empty masks (n, H, W) bool, encoder, RLE and total seconds."""
-    gen = SamAutomaticMaskGenerator(sam, opts.points_per_side, opts.points_per_batch, 0.0, 0.0,
-                                    box_nms_thresh=opts.box_nms_thresh,
-                                    min_mask_region_area=opts.min_mask_region_area)  # fmt: skip
+    gen = SamAutomaticMaskGenerator(
+        sam,
+        opts.points_per_side,
+        opts.points_per_batch,
+        0.0,
+        0.0,
+        box_nms_thresh=opts.box_nms_thresh,
+        min_mask_region_area=opts.min_mask_region_area,
+    )
     enc: list[float] = []
     rle: list[float] = []
     timed(gen.predictor, "set_image", enc)
@@ -104,8 +110,9 @@ def run_stock(
     return masks.reshape(-1, *image.shape[:2]), enc[0], sum(rle), total
 
 
-def run_ours(sam: Sam, opts: AmgOptions, image: np.ndarray,
-             features: torch.Tensor | None = None) -> tuple[np.ndarray, float, float]:  # fmt: skip
+def run_ours(
+    sam: Sam, opts: AmgOptions, image: np.ndarray, features: torch.Tensor | None = None
+) -> tuple[np.ndarray, float, float]:
     """Our generate; given encoder ``features``, the encoder is skipped (0 s)."""
     gen = SamMaskGenerator(sam, opts)
     if features is not None:
@@ -116,8 +123,9 @@ def run_ours(sam: Sam, opts: AmgOptions, image: np.ndarray,
     return ms.masks, enc[0] if features is None else 0.0, total
 
 
-def bench_model(name: str, images: list[np.ndarray], args: argparse.Namespace,
-                row: Row) -> tuple[float, float]:  # fmt: skip
+def bench_model(
+    name: str, images: list[np.ndarray], args: argparse.Namespace, row: Row
+) -> tuple[float, float]:
     """Print this model's rows; return (stock seconds, our seconds) over all images."""
     torch.manual_seed(0)
     sam = tie_upscaling_kernels(SAM_BUILDERS[name]().eval())
@@ -139,16 +147,19 @@ def bench_model(name: str, images: list[np.ndarray], args: argparse.Namespace,
         if i == 0:
             first = (s_enc, s_total, o_enc, o_total)
     ips = f"{len(images) / stock_s:.3f} vs {len(images) / ours_s:.3f} images/s"
-    print(f"{name}: stock {stock_s:.2f} s, ours {ours_s:.2f} s ({ips}), {stock_s / ours_s:.2f}x; "
-          f"without stock's RLE time {(stock_s - rle_s) / ours_s:.2f}x")  # fmt: skip
+    print(
+        f"{name}: stock {stock_s:.2f} s, ours {ours_s:.2f} s ({ips}), {stock_s / ours_s:.2f}x; "
+        f"without stock's RLE time {(stock_s - rle_s) / ours_s:.2f}x"
+    )
     if not args.no_ablation:
         ablate(sam, opts, images[0], first, row, batches=not args.quick)
         take_apart(sam, opts, images[0])
     return stock_s, ours_s
 
 
-def ablate(sam: Sam, opts: AmgOptions, image: np.ndarray, first: tuple[float, ...], row: Row,
-           batches: bool) -> None:  # fmt: skip
+def ablate(
+    sam: Sam, opts: AmgOptions, image: np.ndarray, first: tuple[float, ...], row: Row, batches: bool
+) -> None:
     """Our generator with the changes added one at a time, image 0 (the prompt part is re-run
     on cached features; the encoder column is copied from the full runs)."""
     s_enc, s_total, o_enc, o_total = first
@@ -200,12 +211,16 @@ def take_apart(sam: Sam, opts: AmgOptions, image: np.ndarray) -> None:
         _, t_grad = seconds(lambda: decode_masks(sam, ImageSide(sam, features), sparse))
     mh, mw = gen._resize_matrices((256, 256), (256, 256))
     logits, t_mat = seconds(lambda: mh @ low2.flatten(0, 1) @ mw)
-    print(f"one batch of {len(coords)} prompts, seconds: stock decoder {t_dec:.2f}, upsample "
-          f"to 1024 and back {t_up:.2f}, stability {t_stab:.2f}, threshold {t_bin:.2f}, boxes "
-          f"{t_box:.2f}, RLE encode + decode {t_rle:.2f}")  # fmt: skip
-    print(f"  ours: shared image side {t_side:.2f}, decoder {t_ours:.2f} (under no_grad instead "
-          f"of inference_mode {t_grad:.2f}), resize matrices {t_mat:.2f}, max |logit diff| "
-          f"{(logits.view_as(up) - up).abs().max():.1e}")  # fmt: skip
+    print(
+        f"one batch of {len(coords)} prompts, seconds: stock decoder {t_dec:.2f}, upsample "
+        f"to 1024 and back {t_up:.2f}, stability {t_stab:.2f}, threshold {t_bin:.2f}, boxes "
+        f"{t_box:.2f}, RLE encode + decode {t_rle:.2f}"
+    )
+    print(
+        f"  ours: shared image side {t_side:.2f}, decoder {t_ours:.2f} (under no_grad instead "
+        f"of inference_mode {t_grad:.2f}), resize matrices {t_mat:.2f}, max |logit diff| "
+        f"{(logits.view_as(up) - up).abs().max():.1e}"
+    )
 
 
 def main() -> int:
@@ -230,9 +245,11 @@ def main() -> int:
         torch.distributed.init_process_group("gloo")
         args.no_ablation = True
     images = demo_images(n_images)[rank::world]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, pps {args.pps}, "
-          f"points_per_batch {args.batch}, box_nms_thresh {args.nms}, min_mask_region_area "
-          f"{args.mra}, {n_images} image(s) 256x256")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, pps {args.pps}, "
+        f"points_per_batch {args.batch}, box_nms_thresh {args.nms}, min_mask_region_area "
+        f"{args.mra}, {n_images} image(s) 256x256"
+    )
     result = (1.0, 1.0)
     for name in models:
         print(f"\n{name:6} {'pipeline':58} {'encoder s':>9} {'total s':>8} {'masks':>5}  check")
@@ -248,8 +265,10 @@ def main() -> int:
         torch.distributed.all_gather_object(parts, result)
         stock_s, ours_s = max(p[0] for p in parts), max(p[1] for p in parts)
         if rank == 0:
-            print(f"{world} processes, {n_images} images: stock {n_images / stock_s:.3f} "
-                  f"images/s, ours {n_images / ours_s:.3f} images/s")  # fmt: skip
+            print(
+                f"{world} processes, {n_images} images: stock {n_images / stock_s:.3f} "
+                f"images/s, ours {n_images / ours_s:.3f} images/s"
+            )
         result = (sum(p[0] for p in parts), sum(p[1] for p in parts))
     print(f"masks speedup: {result[0] / result[1]:.2f}x")
     return 0

@@ -62,7 +62,11 @@ def load_model(args: argparse.Namespace) -> tuple[OpenSamModel, int, str]:
     if args.checkpoint.is_file():
         model, meta = load_checkpoint(args.checkpoint, expected_classes=CLASSES)
         return model, int(meta["image_size"]), str(args.checkpoint)
-    return build_model(ClipParams(), PROMPTS), args.image_size, "opensam-tiny (random init)"
+    return (
+        build_model(ClipParams(pretrained=None), PROMPTS),
+        args.image_size,
+        "opensam-tiny (random init)",
+    )
 
 
 def write_photos(folder: Path, n: int, width: int, height: int) -> list[Photo]:

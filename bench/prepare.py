@@ -136,7 +136,7 @@ def main() -> None:
             f"ours, {args.workers} processes": lambda o: ours_prepare(
                 root, o, args.size, args.workers, n_l
             ),
-        }  # fmt: skip
+        }
         best: dict[str, tuple[float, float]] = {}
         for r in range(repeats):
             for k, (name, fn) in enumerate(runs.items()):

@@ -82,16 +82,20 @@ def main() -> None:
             np.asarray(Image.fromarray(photo).resize((SIZE, SIZE), Image.Resampling.LANCZOS))
         )
     print(f"{count} demo images at {SIZE}x{SIZE}, compactness {COMPACTNESS}")
-    print(f"{'pps':>4s} {'masks (ours)':>12s} {'baseline ms (cpu)':>18s} {'ours ms (cpu)':>14s} "
-          f"{'speedup':>8s}")  # fmt: skip
+    print(
+        f"{'pps':>4s} {'masks (ours)':>12s} {'baseline ms (cpu)':>18s} {'ours ms (cpu)':>14s} "
+        f"{'speedup':>8s}"
+    )
     speedups = {}
     for pps in pps_list:
         base, base_cpu = median_ms(baseline, images, pps)
         mine, mine_cpu = median_ms(ours, images, pps)
         n = statistics.median(len(ours(im, pps)) for im in images)
         speedups[pps] = base / mine
-        print(f"{pps:4d} {n:12.0f} {base:9.1f} ({base_cpu:5.1f}) {mine:7.1f} ({mine_cpu:5.1f}) "
-              f"{base / mine:7.2f}x")  # fmt: skip
+        print(
+            f"{pps:4d} {n:12.0f} {base:9.1f} ({base_cpu:5.1f}) {mine:7.1f} ({mine_cpu:5.1f}) "
+            f"{base / mine:7.2f}x"
+        )
     print(f"superpixels speedup: {speedups[16]:.2f}x")
 
 

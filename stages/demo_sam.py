@@ -3,10 +3,11 @@
     python stages/demo_sam.py --out models/demo_sam.pt --metrics metrics/demo_sam.json \
         --live metrics/live/demo_sam
 
-Params: ``image_size``, ``demo.width``, ``demo.height``, ``demo_sam.*``. Draws ``demo_sam.scenes`` scenes with
-the demo generator under the corpus's own seed (``demo_sam.seed``; never the demo photos, their
-labels or ``unlabelled_gt``), and trains a small class-agnostic boundary U-Net from random init
-on their object and part borders (:mod:`opensam.demo.boundaries`), the stand-in for SAM's SA-1B.
+Params: ``image_size``, ``demo.width``, ``demo.height``, ``demo_sam.*``. Draws
+``demo_sam.scenes`` scenes with the demo generator under the corpus's own seed
+(``demo_sam.seed``; never the demo photos, their labels or ``unlabelled_gt``), and trains a
+small class-agnostic boundary U-Net from random init on their object and part borders
+(:mod:`opensam.demo.boundaries`), the stand-in for SAM's SA-1B.
 Writes the checkpoint that ``masks.generator: demo_sam`` reads (``masks.checkpoint``). The
 metrics hold the held-out quality of its masks at pps 8, 16, 32 and 64 on
 ``demo_sam.heldout_scenes`` further scenes (ABO of their objects, masks per image) and the final
@@ -31,8 +32,8 @@ from opensam.demo.boundaries import (
     pretrain_boundaries,
     render_boundary_corpus,
 )
-from opensam.errors import InputError
 from opensam.demo.scene import PARTS
+from opensam.errors import InputError
 from opensam.eval.mask_quality import mask_quality
 from opensam.masks.boundaries import (
     BoundaryNet,
@@ -60,11 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     ds = params.demo_sam
     if min(ds.scenes, ds.heldout_scenes, ds.steps, ds.batch_size, ds.width, ds.workers) < 1:
-        raise InputError(f"{args.params}: demo_sam needs scenes, heldout_scenes, steps, "
-                         "batch_size, width and workers >= 1")  # fmt: skip
+        raise InputError(
+            f"{args.params}: demo_sam needs scenes, heldout_scenes, steps, "
+            "batch_size, width and workers >= 1"
+        )
     if not 16 <= ds.crop_size <= params.image_size or ds.crop_size % 16:
-        raise InputError(f"{args.params}: demo_sam.crop_size must be a multiple of 16 in "
-                         f"16..image_size ({params.image_size}), got {ds.crop_size}")  # fmt: skip
+        raise InputError(
+            f"{args.params}: demo_sam.crop_size must be a multiple of 16 in "
+            f"16..image_size ({params.image_size}), got {ds.crop_size}"
+        )
     seed_everything(ds.seed)
     fields = {f.name for f in dataclasses.fields(BoundaryConfig)}
     cfg = BoundaryConfig(**{k: v for k, v in dataclasses.asdict(ds).items() if k in fields})
@@ -92,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     boundaries = predict_boundaries(net, images[ds.scenes :])
     held = {}
     for pps in HELDOUT_PPS:
-        pairs = zip((regions_from_boundaries(b, pps).masks for b in boundaries), objects)
+        pairs = zip(
+            (regions_from_boundaries(b, pps).masks for b in boundaries), objects, strict=True
+        )
         quality = mask_quality(pairs, int(objects.max()) + 1)
         held[f"pps{pps}"] = {k: quality[k] for k in ("abo", "masks_per_image", "segments")}
     meta = {"seed": ds.seed, "scenes": ds.scenes, "steps": ds.steps}

@@ -20,10 +20,9 @@ from pathlib import Path
 from opensam.config import load_params
 from opensam.eval.mask_quality import store_quality
 from opensam.masks.generators import mask_image_ids, precompute_masks
-from opensam.parallel.context import init_runtime
-from opensam.prepared import read_prepared
 from opensam.masks.store import MaskStore
-from opensam.parallel.context import current_runtime
+from opensam.parallel.context import current_runtime, init_runtime
+from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, run_main, seed_everything
 
 SEED = 0  # mask generation draws no random numbers; fixed so the stage needn't read `seed`

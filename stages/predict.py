@@ -78,9 +78,16 @@ def predict_pool(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     log.info("predicting %d unlabelled photos with %s", len(photos), args.student)
     with main_output(args.out) as tmp:  # under torchrun: rank 0 merges the ranks' shards
         result = predict_photos_sharded(
-            model, photos, tmp, params.class_names, colors, size, masks,
-            batch_size=params.predict.batch_size, low_conf=params.predict.low_conf,
-        )  # fmt: skip
+            model,
+            photos,
+            tmp,
+            params.class_names,
+            colors,
+            size,
+            masks,
+            batch_size=params.predict.batch_size,
+            low_conf=params.predict.low_conf,
+        )
         if not current_runtime().is_main:
             return {}
         info = {"checkpoint": str(args.student), "masks": choice.generator}

@@ -53,9 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     log.info("pseudo-labelling %d unlabelled images (ratio %d)", len(ids), params.ratio)
     with main_output(args.out) as tmp:
         summary = generate_pseudo_labels(
-            model, prepared.root, ids, args.masks, tmp, params.pseudo.conf_threshold,
-            params.pseudo.batch_size, use_masks=True, class_names=classes,
-        )  # fmt: skip
+            model,
+            prepared.root,
+            ids,
+            args.masks,
+            tmp,
+            params.pseudo.conf_threshold,
+            params.pseudo.batch_size,
+            use_masks=True,
+            class_names=classes,
+        )
     if not rt.is_main:
         return 0
     with atomic_path(args.metrics) as tmp:

@@ -28,7 +28,7 @@ from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
 from opensam.train.loop import TrainConfig
 from opensam.train.losses import resolve_class_weights
 from opensam.train.online_setup import run_online_student
-from opensam.train.pseudo_labels import load_pseudo_ids
+from opensam.train.pseudo_format import load_pseudo_ids
 from opensam.train.reporting import open_live
 from opensam.train.self_training import SelfTrainingInputs, run_self_training
 

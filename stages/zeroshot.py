@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     note += "\n\nPer-pixel IoU (%): " + ", ".join(f"{k} {v}" for k, v in iou.items())
     texts = {
         args.out: json.dumps({**results, "mask_quality": quality}, indent=2) + "\n",
-        args.table: note + "\n\n" + format_table(results, ab.pps)
+        args.table: note
+        + "\n\n"
+        + format_table(results, ab.pps)
         + "\n\nMask quality of each store on the same images (opensam.eval.mask_quality):\n\n"
         + format_quality_table(quality),
         args.plot: format_csv(results, ab.pps),

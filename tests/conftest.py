@@ -107,8 +107,11 @@ def scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     for c, radius in ((2, 0.22), (1, 0.18), (0, 0.14)):
         cy, cx = rng.uniform(0.25, 0.75, 2) * size
         r = radius * size
-        label[(np.abs(yy - cy) < r) & (np.abs(xx - cx) < 1.4 * r) if c == 2
-              else (yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = c  # fmt: skip
+        label[
+            (np.abs(yy - cy) < r) & (np.abs(xx - cx) < 1.4 * r)
+            if c == 2
+            else (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+        ] = c
     y, x = rng.integers(0, size - 4, 2)
     label[y : y + 3, x : x + 3] = IGNORE_INDEX  # a paper scrap
     image = SCENE_COLOURS[np.minimum(label, 3)].astype(np.float64)
@@ -131,18 +134,33 @@ def region_masks(label: np.ndarray) -> MaskSet:
     order = np.argsort(-area, kind="stable")
     stack = stack[order]
     n = len(stack)
-    return MaskSet(stack, area[order].astype(np.int32), np.ones(n, np.float32),
-                   np.ones(n, np.float32), boxes_xywh(stack))  # fmt: skip
+    return MaskSet(
+        stack,
+        area[order].astype(np.int32),
+        np.ones(n, np.float32),
+        np.ones(n, np.float32),
+        boxes_xywh(stack),
+    )
 
 
-TINY_STORE_ATTRS = {"generator": "test", "model": "none", "checkpoint_sha256": "", "pps": 4,
-                    "min_region_area": 0}  # fmt: skip
+TINY_STORE_ATTRS = {
+    "generator": "test",
+    "model": "none",
+    "checkpoint_sha256": "",
+    "pps": 4,
+    "min_region_area": 0,
+}
 
 
 def write_tiny_project(
-    root: Path, n_train: int = 6, n_val: int = 3, n_test: int = 2, n_unlab: int = 6,
-    size: int = 64, seed: int = 0,
-) -> dict[str, Path]:  # fmt: skip
+    root: Path,
+    n_train: int = 6,
+    n_val: int = 3,
+    n_test: int = 2,
+    n_unlab: int = 6,
+    size: int = 64,
+    seed: int = 0,
+) -> dict[str, Path]:
     """prepared/ (images, labels, unlabelled_gt, splits.json), masks.h5 (generator ``test``, pps 4,
     area 0), metrics/data.json and a tiny params.yaml (opensam-tiny, ``size`` px, ratio 1, 2
     warm-up epochs, 2 student rounds of 1 epoch). splits.json's labelmap colours are
@@ -153,8 +171,10 @@ def write_tiny_project(
         (prepared / sub).mkdir(parents=True, exist_ok=True)
     names = {"train": n_train, "val": n_val, "test": n_test, "unlabelled": n_unlab}
     splits: dict[str, Any] = {
-        "image_size": size, "classes": CLASSES, "colors": SCENE_COLOURS.tolist()
-    }  # fmt: skip
+        "image_size": size,
+        "classes": CLASSES,
+        "colors": SCENE_COLOURS.tolist(),
+    }
     attrs = {**TINY_STORE_ATTRS, "image_size": size}
     counts = np.zeros(4, np.int64)
     with MaskStoreWriter(root / "masks.h5", attrs) as writer:
@@ -180,16 +200,27 @@ def write_tiny_project(
     params["student"].update(train, epochs=1, iterations=2, mode="offline")
     params["pseudo"]["conf_threshold"] = None  # an untrained teacher is confident nowhere
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return {"prepared": prepared, "masks": root / "masks.h5", "data": data,
-            "params": root / "params.yaml", "splits": prepared / "splits.json"}  # fmt: skip
+    return {
+        "prepared": prepared,
+        "masks": root / "masks.h5",
+        "data": data,
+        "params": root / "params.yaml",
+        "splits": prepared / "splits.json",
+    }
 
 
 # --- the quadrant project and the stub model (pseudo-label and evaluation tests) -----------------
 
 # StubModel: left half class 1 with p = 0.8, right half class 2 with p = 0.4 (255p is whole)
 LEFT, LEFT_P, RIGHT, RIGHT_P = 1, 0.8, 2, 0.4
-QUADRANT_STORE_ATTRS = {"generator": "superpixels", "model": "", "checkpoint_sha256": "",
-                        "pps": 2, "min_region_area": 0, "image_size": SIZE}  # fmt: skip
+QUADRANT_STORE_ATTRS = {
+    "generator": "superpixels",
+    "model": "",
+    "checkpoint_sha256": "",
+    "pps": 2,
+    "min_region_area": 0,
+    "image_size": SIZE,
+}
 
 
 def quadrant_masks(n: int) -> MaskSet:
@@ -291,8 +322,8 @@ def write_tiny_checkpoint(path: Path, size: int = SIZE, **extra: Any) -> Path:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = build_model(ClipParams(), [f"a {c}" for c in CLASSES])
-    save_checkpoint(path, model, CLASSES, ClipParams(), size, **extra)
+        model = build_model(ClipParams(pretrained=None), [f"a {c}" for c in CLASSES])
+    save_checkpoint(path, model, CLASSES, ClipParams(pretrained=None), size, **extra)
     return path
 
 
@@ -312,8 +343,16 @@ def write_student_project(root: Path) -> dict[str, Path]:
         model = build_model(params.clip, params.prompts)
     teacher = root / "models" / "teacher.pt"
     settings = store_settings(open_mask_store(p["masks"]))
-    save_checkpoint(teacher, model, params.class_names, params.clip, 48, epoch=1,
-                    masks=settings, labelmap_colors=SCENE_COLOURS.tolist())  # fmt: skip
+    save_checkpoint(
+        teacher,
+        model,
+        params.class_names,
+        params.clip,
+        48,
+        epoch=1,
+        masks=settings,
+        labelmap_colors=SCENE_COLOURS.tolist(),
+    )
     pool = json.loads(p["splits"].read_text())["unlabelled"][:4]  # ratio 1 x 4 train images
     generate_pseudo_labels(model, p["prepared"], pool, p["masks"], root / "pseudo", None, 4)
     return {**p, "teacher": teacher, "pseudo": root / "pseudo"}
@@ -327,11 +366,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     builds the session's tiny DVC project (about 2 minutes), while worker 2 runs the 2-process
     tests; ``test_pipeline_reruns.py`` comes fourth, on worker 2 once those are done, when the
     project is built and it only copies it. A plain ``pytest`` runs them in this order too."""
-    first = ("test_pipeline.py", "test_distributed.py", "test_sam_masks.py",
-             "test_pipeline_reruns.py")  # fmt: skip
+    first = (
+        "test_pipeline.py",
+        "test_distributed.py",
+        "test_sam_masks.py",
+        "test_pipeline_reruns.py",
+    )
 
     def rank(item: pytest.Item) -> int:
         name = item.path.name
         return first.index(name) if name in first else len(first)
 
     items.sort(key=rank)  # stable: the order within each group is kept
+
+
+def assert_miou_is_the_mean_iou(report: dict[str, Any]) -> None:
+    """A metrics report's ``miou`` is the mean of its per-class IoUs over the classes present
+    (None = absent from ground truth and prediction), each in 0..100: the documented convention,
+    checked independently of ``opensam.eval.metrics``."""
+    present = [v for v in report["iou"].values() if v is not None]
+    assert present and all(0.0 <= v <= 100.0 for v in present), report
+    assert abs(report["miou"] - sum(present) / len(present)) <= 0.01, report

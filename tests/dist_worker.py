@@ -30,9 +30,17 @@ from opensam.runtime import setup_logging
 from opensam.train.loop import TrainConfig, train_model
 
 GRID = (2, 2)
-CFG = TrainConfig(epochs=3, lr_max=0.02, lr_min=0.001, weight_decay=1e-4, batch_size=4,
-                  class_weights=(0.3, 0.3, 0.2, 0.2), use_masks=False, alpha_f=0.5,
-                  seed=3)  # fmt: skip
+CFG = TrainConfig(
+    epochs=3,
+    lr_max=0.02,
+    lr_min=0.001,
+    weight_decay=1e-4,
+    batch_size=4,
+    class_weights=(0.3, 0.3, 0.2, 0.2),
+    use_masks=False,
+    alpha_f=0.5,
+    seed=3,
+)
 
 
 class PlainToy(nn.Module):
@@ -70,15 +78,32 @@ def train(project: Path, out: Path, kill_after: int | None = None) -> dict[str, 
             sys.stdout.flush()
             os._exit(1)  # noqa: SLF001 - a kill, not a clean exit
 
-    result = train_model(model, train_loader, CFG, val_loader=val, pseudo_loader=pseudo,
-                         checkpoint_dir=out.parent / "ckpt", on_epoch_end=kill)  # fmt: skip
+    result = train_model(
+        model,
+        train_loader,
+        CFG,
+        val_loader=val,
+        pseudo_loader=pseudo,
+        checkpoint_dir=out.parent / "ckpt",
+        on_epoch_end=kill,
+    )
     seen: list[str] = []
     confusion = evaluate_model_modes(
-        model, prepared, splits["train"] + splits["val"], prepared / "labels", None, 3,
-        modes=(False,), sink=lambda ids, *_: seen.extend(ids),
-    )  # fmt: skip
-    payload = {"state": result.last_state, "history": result.history,
-               "confusion": confusion[False], "seen": seen}  # fmt: skip
+        model,
+        prepared,
+        splits["train"] + splits["val"],
+        prepared / "labels",
+        None,
+        3,
+        modes=(False,),
+        sink=lambda ids, *_: seen.extend(ids),
+    )
+    payload = {
+        "state": result.last_state,
+        "history": result.history,
+        "confusion": confusion[False],
+        "seen": seen,
+    }
     if rt.is_main:
         torch.save(payload, out)
     return payload

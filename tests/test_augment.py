@@ -18,9 +18,15 @@ from opensam.data.augment import (
 )
 
 GEOMETRIC_ONLY = AugmentConfig(
-    hflip_prob=0.5, scale=(0.3, 1.0), rotate_deg=15.0,
-    brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, blur_prob=0.0,
-)  # fmt: skip
+    hflip_prob=0.5,
+    scale=(0.3, 1.0),
+    rotate_deg=15.0,
+    brightness=0.0,
+    contrast=0.0,
+    saturation=0.0,
+    hue=0.0,
+    blur_prob=0.0,
+)
 PHOTOMETRIC_ONLY = AugmentConfig(hflip_prob=0.0, scale=(1.0, 1.0), rotate_deg=0.0, blur_prob=1.0)
 PALETTE = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9], [0.9, 0.9, 0.1]])
 

@@ -138,8 +138,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mp.chdir(root)
         assert invoke("prepare", PREPARE, mp) == 0
         assert invoke("masks", MASKS, mp) == 0
-        model = build_model(ClipParams(), [c["prompt"] for c in PARAMS["classes"]])
-        save_checkpoint("models/student.pt", model, NAMES, ClipParams(), SIZE)
+        model = build_model(ClipParams(pretrained=None), [c["prompt"] for c in PARAMS["classes"]])
+        save_checkpoint("models/student.pt", model, NAMES, ClipParams(pretrained=None), SIZE)
         assert invoke("cli", PREDICT, mp) == 0
     return root
 
@@ -392,8 +392,13 @@ def test_bad_input_is_one_line_and_leaves_outputs_intact(
     assert not (project / "pwned").exists()
 
 
-def test_registry_size() -> None:
-    assert len(CASES) >= 40
+def test_registry_covers_every_entry_point_once_per_problem() -> None:
+    """Every entry point that reads user files has cases, and no two cases test the same
+    problem of the same entry point (a copied case would inflate the registry, not cover more)."""
+    assert {c.entry for c in CASES.values()} >= {"prepare", "masks", "warmup", "cli"}
+    keys = [(c.entry, c.file, c.problem) for c in CASES.values()]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    assert not repeated, repeated
 
 
 def test_labelmap_error_quotes_no_content(project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:  # fmt: skip

@@ -31,10 +31,12 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("project")
     (root / "params.yaml").write_text(yaml.safe_dump(repo_params(pps=4)))
     params = load_params(root / "params.yaml")
-    model = build_model(ClipParams(), params.prompts)
-    save_checkpoint(root / "student.pt", model, params.class_names, ClipParams(), SIZE)
+    model = build_model(ClipParams(pretrained=None), params.prompts)
+    save_checkpoint(
+        root / "student.pt", model, params.class_names, ClipParams(pretrained=None), SIZE
+    )
     other = ["cat", "dog", "bird", "sky"]
-    save_checkpoint(root / "other.pt", model, other, ClipParams(), SIZE)
+    save_checkpoint(root / "other.pt", model, other, ClipParams(pretrained=None), SIZE)
     return root
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from opensam.apps.cli import main as cli_main
 from opensam.apps.presets import apply_preset, merge_params
-from opensam.config import load_params, parse_params
+from opensam.config import Params, load_params, parse_params
 from opensam.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,15 @@ def test_repo_params_load_and_are_frozen() -> None:
         params.pps = 3  # type: ignore[misc]
 
 
+def test_dataclass_defaults_are_the_demo_params() -> None:
+    """One source of defaults: a field left out of params.yaml means the demo's value. Checked
+    while params.yaml is the demo's (a user's own data changes it on purpose)."""
+    raw = _raw()
+    if raw["data"]["source"] != "data/demo":
+        pytest.skip("params.yaml is not the offline demo's")
+    assert dataclasses.replace(parse_params(raw), classes=()) == Params()
+
+
 @pytest.mark.parametrize(
     ("patch", "fragment"),
     [
@@ -45,6 +54,8 @@ def test_repo_params_load_and_are_frozen() -> None:
         ({"warmup": {"epochs": 1.5}}, "warmup.epochs: expected an integer"),
         ({"warmup": {"bogus": 1}}, "warmup: unknown key(s) bogus"),
         ({"classes": []}, "classes: must not be empty"),
+        ({"ablation": {"images": 0}}, "ablation.images: must be >= 1"),
+        ({"masks": {"workers": 0}}, "masks.workers: must be >= 1"),
     ],
 )
 def test_bad_params_name_the_problem(patch: dict, fragment: str, tmp_path: Path) -> None:

@@ -100,9 +100,11 @@ def test_cvat_import(tmp_path: Path, layout: str) -> None:
     _check_export(source, expected)
     export = open_export(source, "cvat", CLASSES)
     assert export.colours == {
-        "lizard": (250, 220, 40), "Hand": (40, 200, 60), " color board ": (40, 90, 230),
+        "lizard": (250, 220, 40),
+        "Hand": (40, 200, 60),
+        " color board ": (40, 90, 230),
         "background": (0, 0, 0),
-    }  # fmt: skip
+    }
     ref = str(export.items[0].image)
     assert ref.startswith("zip:") == (layout != "dir") and ref.endswith("JPEGImages/img0.jpg")
 
@@ -203,11 +205,14 @@ def test_voc_with_classes_txt_and_rgb_labels(tmp_path: Path) -> None:
 def test_parse_labelmap() -> None:
     text = "# comment\n\nbackground:0,0,0::\ncolor board:40,90,230:part1:action\n"
     assert parse_labelmap(text, "lm") == {"background": (0, 0, 0), "color board": (40, 90, 230)}
-    for bad, why in [("a:1,2::\n", "line 1: expected"), ("a:1,2,300::", "line 1: expected"),
-                     ("a:1,2,3::\nA:4,5,6::", "line 2: empty or duplicate label name"),
-                     ("a:1,2,3::\nb:1,2,3::", "line 2: colour .* twice"),
-                     (":1,2,3::", "line 1: empty"),
-                     ("# only\n", "labelmap is empty")]:  # fmt: skip
+    for bad, why in [
+        ("a:1,2::\n", "line 1: expected"),
+        ("a:1,2,300::", "line 1: expected"),
+        ("a:1,2,3::\nA:4,5,6::", "line 2: empty or duplicate label name"),
+        ("a:1,2,3::\nb:1,2,3::", "line 2: colour .* twice"),
+        (":1,2,3::", "line 1: empty"),
+        ("# only\n", "labelmap is empty"),
+    ]:
         with pytest.raises(InputError, match=f"^lm: {why}"):
             parse_labelmap(bad, "lm")
 
@@ -388,8 +393,12 @@ def _read_labelmap(out: Path) -> str:
 def test_cvat_export_rejects_bad_items(tmp_path: Path) -> None:
     bad_label = np.full((H, W), 7, np.uint8)
     with pytest.raises(ValueError, match="outside"):
-        write_cvat_export(tmp_path / "o", ["a", "b"], [(1, 1, 1), (2, 2, 2)],
-                          [("x", np.zeros((H, W, 3), np.uint8), bad_label)])  # fmt: skip
+        write_cvat_export(
+            tmp_path / "o",
+            ["a", "b"],
+            [(1, 1, 1), (2, 2, 2)],
+            [("x", np.zeros((H, W, 3), np.uint8), bad_label)],
+        )
     assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
     item = ("x", np.zeros((H, W, 3), np.uint8), np.zeros((H, W), np.uint8))
     with pytest.raises(ValueError, match="bad or duplicate export id 'x'"):

@@ -43,8 +43,13 @@ def ids(project: dict[str, Path], split: str) -> list[str]:
 
 
 def test_item_shapes_and_dtypes(project: dict[str, Path]) -> None:
-    ds = SegDataset(project["prepared"], ids(project, "train"), project["prepared"] / "labels",
-                    project["masks"], GRID)  # fmt: skip
+    ds = SegDataset(
+        project["prepared"],
+        ids(project, "train"),
+        project["prepared"] / "labels",
+        project["masks"],
+        GRID,
+    )
     item = ds[0]
     assert item["id"] == ids(project, "train")[0]
     assert item["image"].shape == (3, 48, 48) and item["image"].dtype == torch.float32
@@ -82,8 +87,15 @@ def test_unaugmented_winner_is_the_stores(project: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize("index", range(4))
 def test_augmented_masks_match_augmented_label(project: dict[str, Path], index: int) -> None:
-    ds = SegDataset(project["prepared"], ids(project, "train"), project["prepared"] / "labels",
-                    project["masks"], GRID, augment=Augmenter(), seed=3)  # fmt: skip
+    ds = SegDataset(
+        project["prepared"],
+        ids(project, "train"),
+        project["prepared"] / "labels",
+        project["masks"],
+        GRID,
+        augment=Augmenter(),
+        seed=3,
+    )
     ds.set_epoch(index)
     item = ds[index % len(ds)]
     label, winner = item["label"], item["winner"]
@@ -97,8 +109,15 @@ def test_augmented_masks_match_augmented_label(project: dict[str, Path], index: 
 
 def test_augmentation_is_seeded_per_epoch(project: dict[str, Path]) -> None:
     def item(seed: int, epoch: int) -> dict[str, Any]:
-        ds = SegDataset(project["prepared"], ids(project, "train"), project["prepared"] / "labels",
-                        project["masks"], GRID, augment=Augmenter(), seed=seed)  # fmt: skip
+        ds = SegDataset(
+            project["prepared"],
+            ids(project, "train"),
+            project["prepared"] / "labels",
+            project["masks"],
+            GRID,
+            augment=Augmenter(),
+            seed=seed,
+        )
         ds.set_epoch(epoch)
         return ds[2]
 
@@ -110,8 +129,13 @@ def test_augmentation_is_seeded_per_epoch(project: dict[str, Path]) -> None:
 def test_collate_pads_pool_weights() -> None:
     def fake(m: int) -> dict[str, Any]:
         pool = torch.rand(m, 2, 2) + 0.1
-        return {"id": f"x{m}", "image": torch.rand(3, 8, 8), "label": torch.zeros(8, 8).long(),
-                "pool_weights": pool, "winner": torch.full((8, 8), -1)}  # fmt: skip
+        return {
+            "id": f"x{m}",
+            "image": torch.rand(3, 8, 8),
+            "label": torch.zeros(8, 8).long(),
+            "pool_weights": pool,
+            "winner": torch.full((8, 8), -1),
+        }
 
     items = [fake(2), fake(0), fake(5)]
     batch = collate_batch(items)
@@ -125,15 +149,27 @@ def test_collate_pads_pool_weights() -> None:
 
 def test_image_with_no_masks(project: dict[str, Path], tmp_path: Path) -> None:
     first, second = ids(project, "val")[:2]
-    attrs = {"generator": "test", "model": "none", "checkpoint_sha256": "", "pps": 4,
-             "min_region_area": 0, "image_size": 48}  # fmt: skip
+    attrs = {
+        "generator": "test",
+        "model": "none",
+        "checkpoint_sha256": "",
+        "pps": 4,
+        "min_region_area": 0,
+        "image_size": 48,
+    }
     with MaskStoreWriter(tmp_path / "m.h5", attrs) as writer:
         writer.write(first, MaskSet.empty(48, 48))
         label = np.asarray(Image.open(project["prepared"] / "labels" / f"{second}.png"))
         writer.write(second, region_masks(label))
     for augment in (None, Augmenter()):
-        ds = SegDataset(project["prepared"], [first, second], project["prepared"] / "labels",
-                        tmp_path / "m.h5", GRID, augment=augment)  # fmt: skip
+        ds = SegDataset(
+            project["prepared"],
+            [first, second],
+            project["prepared"] / "labels",
+            tmp_path / "m.h5",
+            GRID,
+            augment=augment,
+        )
         batch = next(iter(make_loader(ds, 2, shuffle=False, seed=0)))
         assert bool((batch["winner"][0] == -1).all())
         assert bool((batch["pool_weights"][0] == 0).all())
@@ -148,8 +184,15 @@ def _epoch_batches(loader: torch.utils.data.DataLoader, seed: int, epoch: int) -
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_is_deterministic_per_epoch(project: dict[str, Path], workers: int) -> None:
     def loader(num_workers: int) -> torch.utils.data.DataLoader:
-        ds = SegDataset(project["prepared"], ids(project, "train"), project["prepared"] / "labels",
-                        project["masks"], GRID, augment=Augmenter(), seed=5)  # fmt: skip
+        ds = SegDataset(
+            project["prepared"],
+            ids(project, "train"),
+            project["prepared"] / "labels",
+            project["masks"],
+            GRID,
+            augment=Augmenter(),
+            seed=5,
+        )
         return make_loader(ds, 4, shuffle=True, seed=5, num_workers=num_workers)
 
     ref = _epoch_batches(loader(0), 5, 1)
@@ -163,9 +206,16 @@ def test_loader_is_deterministic_per_epoch(project: dict[str, Path], workers: in
 
 def test_make_train_loaders(project: dict[str, Path], tmp_path: Path) -> None:
     train, pseudo, val = make_train_loaders(
-        project["prepared"], ids(project, "train"), ids(project, "val"), project["masks"], GRID,
-        batch_size=4, seed=0, augment=None, pseudo=(ids(project, "unlabelled"), tmp_path),
-    )  # fmt: skip
+        project["prepared"],
+        ids(project, "train"),
+        ids(project, "val"),
+        project["masks"],
+        GRID,
+        batch_size=4,
+        seed=0,
+        augment=None,
+        pseudo=(ids(project, "unlabelled"), tmp_path),
+    )
     assert pseudo is not None and val is not None
     sizes = [len(loader.dataset) for loader in (train, pseudo, val)]  # type: ignore[arg-type]
     assert sizes == [6, 6, 3]
@@ -206,8 +256,13 @@ def partition_masks(label: np.ndarray) -> MaskSet:
     area = stack.reshape(len(stack), -1).sum(1)
     order = np.argsort(-area, kind="stable")
     n = len(stack)
-    return MaskSet(stack[order], area[order].astype(np.int32), np.ones(n, np.float32),
-                   np.ones(n, np.float32), boxes_xywh(stack[order]))  # fmt: skip
+    return MaskSet(
+        stack[order],
+        area[order].astype(np.int32),
+        np.ones(n, np.float32),
+        np.ones(n, np.float32),
+        boxes_xywh(stack[order]),
+    )
 
 
 @pytest.mark.parametrize("grid", [(2, 2), (3, 5)])
@@ -223,8 +278,14 @@ def test_disjoint_masks_take_the_winner_path_with_the_same_result(
     project: dict[str, Path], tmp_path: Path, augment: bool
 ) -> None:
     train = ids(project, "train")[:3]
-    attrs = {"generator": "test", "model": "none", "checkpoint_sha256": "", "pps": 4,
-             "min_region_area": 0, "image_size": 48}  # fmt: skip
+    attrs = {
+        "generator": "test",
+        "model": "none",
+        "checkpoint_sha256": "",
+        "pps": 4,
+        "min_region_area": 0,
+        "image_size": 48,
+    }
     stacks = {}
     with MaskStoreWriter(tmp_path / "d.h5", attrs) as writer:
         for image_id in train:

@@ -172,7 +172,7 @@ def _write_params(path: Path, **demo_params: int) -> Path:
             "height": H,
             "seed": 3,
             **demo_params,
-        },  # fmt: skip
+        },
     }
     path.write_text(yaml.safe_dump(params))
     return path

@@ -122,9 +122,16 @@ def _tiny_params(path: Path, **over: object) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["image_size"] = 48
     params["demo_clip"] = {
-        "scenes": 3, "heldout_scenes": 2, "render_width": 72, "steps": 3, "batch_size": 4,
-        "crop_size": 32, "warmup_steps": 1, "workers": 1, **over,
-    }  # fmt: skip
+        "scenes": 3,
+        "heldout_scenes": 2,
+        "render_width": 72,
+        "steps": 3,
+        "batch_size": 4,
+        "crop_size": 32,
+        "warmup_steps": 1,
+        "workers": 1,
+        **over,
+    }
     path.write_text(yaml.safe_dump(params))
     return path
 

@@ -69,7 +69,7 @@ def test_corpus_has_its_own_generator_key() -> None:
 
 
 def _two_boxes() -> np.ndarray:
-    """A 64² boundary map: a wall above every level at x = 32, a weak one at y = 32 on the left only."""
+    """A 64² boundary map: a wall above every level at x = 32, a weak one at y = 32 on the left."""
     b = np.full((64, 64), 0.02, np.float32)
     b[:, 31:33] = 0.99
     b[31:33, :31] = 0.4
@@ -157,8 +157,9 @@ def test_generator_builds_from_the_checkpoint_and_records_its_hash(tmp_path: Pat
     attrs = store_attrs("demo_sam", 8, 0, 64, masks, SamParams())
     assert attrs["model"] == "demo-sam-boundary-unet" and len(str(attrs["checkpoint_sha256"])) == 64
     with pytest.raises(InputError, match="missing.pt: demo SAM checkpoint not found"):
-        store_attrs("demo_sam", 8, 0, 64, MasksParams(checkpoint=str(tmp_path / "missing.pt")),
-                    SamParams())  # fmt: skip
+        store_attrs(
+            "demo_sam", 8, 0, 64, MasksParams(checkpoint=str(tmp_path / "missing.pt")), SamParams()
+        )
 
 
 def test_stage_depends_on_no_demo_data() -> None:
@@ -171,8 +172,17 @@ def test_stage_depends_on_no_demo_data() -> None:
 def test_stage_runs_where_no_demo_photo_or_label_exists(tmp_path: Path) -> None:
     """The stage in an empty folder (no data/ at all): it cannot have read the demo."""
     raw = repo_params(image_size=64)
-    raw["demo_sam"] = {**raw["demo_sam"], "scenes": 4, "heldout_scenes": 2, "render_width": 96,
-                       "steps": 2, "batch_size": 2, "crop_size": 32, "width": 4, "workers": 1}  # fmt: skip
+    raw["demo_sam"] = {
+        **raw["demo_sam"],
+        "scenes": 4,
+        "heldout_scenes": 2,
+        "render_width": 96,
+        "steps": 2,
+        "batch_size": 2,
+        "crop_size": 32,
+        "width": 4,
+        "workers": 1,
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     stage = load_stage("demo_sam")
     cwd = os.getcwd()

@@ -76,8 +76,16 @@ def test_launch_one_process_runs_in_place(tmp_path: Path) -> None:
     script.write_text("import sys\nprint(sys.argv[1:])\nsys.exit(3)\n")
     assert launch.main(["--nproc", "1", str(script), "--x", "1"]) == 3
     cmd = launch.torchrun_command(4, "stages/warmup.py", ["--out", "m.pt"])
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-                       "stages/warmup.py", "--out", "m.pt"]  # fmt: skip
+    assert cmd[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "4",
+        "stages/warmup.py",
+        "--out",
+        "m.pt",
+    ]
     multi = launch.torchrun_command(2, "s.py", [], "--nnodes 2 --rdzv-endpoint h:29500")
     assert multi[3:7] == ["--nnodes", "2", "--rdzv-endpoint", "h:29500"]
 
@@ -87,8 +95,10 @@ def test_launch_bad_nproc_is_a_one_line_error(tmp_path: Path) -> None:
     script.write_text("raise SystemExit(0)\n")
     done = subprocess.run(
         [sys.executable, "-m", "opensam.apps.launch", "--nproc", "0", str(script)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: --nproc: must be >= 1, got 0"]
 
@@ -148,15 +158,18 @@ def teacher(project: dict[str, Path]) -> Path:
     path = project["root"] / "teacher.pt"
     params = yaml.safe_load(project["params"].read_text())
     torch.manual_seed(0)
-    clip = ClipParams(model="opensam-tiny")
+    clip = ClipParams(model="opensam-tiny", pretrained=None)
     model = build_model(clip, [c["prompt"] for c in params["classes"]])
     save_checkpoint(path, model, [c["name"] for c in params["classes"]], clip, 32)
     return path
 
 
 def folder_bytes(folder: Path, skip: tuple[str, ...] = ()) -> dict[Path, bytes]:
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in skip}  # fmt: skip
+    return {
+        p.relative_to(folder): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
 
 
 @pytest.mark.slow
@@ -167,9 +180,20 @@ def test_two_process_pseudo_labels_equal_one_process(
     outs = {}
     for n in (1, 2):
         out, metrics = project["root"] / f"pseudo{n}", project["root"] / f"pseudo{n}.json"
-        args = ["--prepared", project["prepared"], "--masks", project["masks"], "--teacher",
-                teacher, "--out", out, "--metrics", metrics,
-                "--params", project["params"]]  # fmt: skip
+        args = [
+            "--prepared",
+            project["prepared"],
+            "--masks",
+            project["masks"],
+            "--teacher",
+            teacher,
+            "--out",
+            out,
+            "--metrics",
+            metrics,
+            "--params",
+            project["params"],
+        ]
         if n == 1:
             assert pseudolabel.main([str(a) for a in args]) == 0
         else:
@@ -188,8 +212,9 @@ def test_two_process_predict_equals_one_process(
     photos = project["prepared"] / "images"
     args = ["--checkpoint", str(teacher), "--params", str(project["params"]), "--batch-size", "3"]
     assert cli.main(["predict", str(photos), "--out", str(tmp_path / "p1"), *args]) == 0
-    done = torchrun(ROOT / "src/opensam/apps/cli.py", "predict", photos, "--out",
-                    tmp_path / "p2", *args)  # fmt: skip
+    done = torchrun(
+        ROOT / "src/opensam/apps/cli.py", "predict", photos, "--out", tmp_path / "p2", *args
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = folder_bytes(tmp_path / "p1", ("summary.json",)), folder_bytes(tmp_path / "p2")
     assert len(one) == 2 * 17 + 2 and one == {k: v for k, v in two.items() if k in one}

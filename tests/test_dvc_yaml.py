@@ -1,8 +1,9 @@
-"""dvc.yaml declares exactly the sources each stage reads: its script, the core modules and the
-subpackage folders it reaches through imports (tools/dvc_deps.py writes them)."""
+"""dvc.yaml declares exactly the sources each stage reads: its script and every library file it
+reaches through imports, file by file (tools/dvc_deps.py writes them)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import shutil
 import sys
@@ -47,11 +48,65 @@ def test_stage_declares_its_script_and_existing_sources(name: str) -> None:
             assert (ROOT / dep).exists(), f"{name}: {dep} does not exist"
 
 
-def test_layers_only_rerun_the_stages_that_use_them() -> None:
+def test_deps_are_files_and_follow_the_layers() -> None:
     deps = {n: set(s.get("deps", [])) for n, s in _stages().items()}
-    assert "src/opensam/train" not in deps["masks"] | deps["prepare"] | deps["zeroshot"]
-    assert "src/opensam/masks" in deps["masks"] and "src/opensam/train" in deps["student"]
-    assert not any(d.startswith("src/opensam/masks/") for d in deps["masks"]), "folders, not files"
+    for name, found in deps.items():
+        folders = [d for d in found if d.startswith("src/") and not d.endswith(".py")]
+        assert not folders, f"{name}: whole folders {folders}, not files"
+    train = {d for d in deps["student"] if d.startswith("src/opensam/train/")}
+    assert "src/opensam/train/online.py" in train
+    assert not train & (deps["masks"] | deps["prepare"] | deps["zeroshot"])
+    assert "src/opensam/masks/store.py" in deps["masks"]
+    assert "src/opensam/masks/sam.py" in deps["masks"]  # imported inside a function, when chosen
+    assert "src/opensam/masks/generators.py" not in deps["warmup"]  # training reads the store only
+
+
+LIBRARY = sorted(
+    str(p.relative_to(ROOT))
+    for p in (ROOT / "src" / "opensam").rglob("*.py")
+    if p.name != "__init__.py"
+)
+
+
+@functools.cache
+def _stage_closures() -> dict[str, list[str]]:
+    launched = dvc_deps.launched_scripts()
+    return {
+        stage: dvc_deps.stage_deps(ROOT / script, script in launched)
+        for stage, script in dvc_deps.stage_scripts().items()
+    }
+
+
+@pytest.mark.parametrize("module", LIBRARY)
+def test_a_module_edit_reruns_exactly_the_stages_that_import_it(module: str) -> None:
+    """The stages whose deps name ``module`` (what an edit of it, a docstring say, reruns) are
+    the stages whose script reaches it through imports; launched stages also reach the
+    launcher."""
+    importers = sorted(stage for stage, deps in _stage_closures().items() if module in deps)
+    assert dvc_deps.stages_using(module) == importers
+
+
+@pytest.mark.parametrize(
+    "module", ["src/opensam/apps/predict_setup.py", "src/opensam/apps/predict_shards.py"]
+)
+def test_a_docstring_edit_in_a_predict_only_module_reruns_no_stage(
+    module: str, tmp_path: Path
+) -> None:
+    """Edit the module's docstring in a copy of the project: the deps the tool computes do not
+    change, and no stage of the main pipeline depends on the file (only ``predict`` itself)."""
+    for rel in ("dvc.yaml", "predict/dvc.yaml"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    shutil.copytree(ROOT / "stages", tmp_path / "stages")
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    path = tmp_path / module
+    text = path.read_text()
+    assert text.startswith('"""')
+    path.write_text('"""An edited first line.\n\n' + text[3:])
+    assert dvc_deps.main(["--check", "--root", str(tmp_path)]) == 0
+    assert dvc_deps.stages_using(module, tmp_path) == ["predict"]
+    main = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    assert not [name for name, spec in main.items() if module in spec.get("deps", [])]
 
 
 def test_launched_torch_stages_depend_on_the_launcher_file_only() -> None:
@@ -60,19 +115,21 @@ def test_launched_torch_stages_depend_on_the_launcher_file_only() -> None:
         stage = stages[name]
         assert stage["cmd"].startswith("python -m opensam.apps.launch --nproc ${runtime.nproc} ")
         assert "runtime" in stage.get("params", []), f"{name}: runtime params not declared"
-        deps = set(stage["deps"])
-        assert dvc_deps.LAUNCHER in deps or "src/opensam/apps" in deps, name
-    assert "src/opensam/apps" not in stages["warmup"]["deps"]  # the launcher file, not apps/
+        assert dvc_deps.LAUNCHER in set(stage["deps"]), name
+    apps = [d for d in stages["warmup"]["deps"] if d.startswith("src/opensam/apps/")]
+    assert apps == [dvc_deps.LAUNCHER]
 
 
 def test_closure_follows_lazy_and_transitive_imports(tmp_path: Path) -> None:
     script = tmp_path / "s.py"
     script.write_text("def f():\n    from opensam.eval.zeroshot import build_zeroshot_model\n")
     deps = dvc_deps.source_deps(script)
-    assert "src/opensam/eval" in deps
-    assert "src/opensam/model" in deps  # eval.zeroshot imports model.segmenter
-    assert "src/opensam/errors.py" in deps  # a core module, as a file
-    assert "src/opensam/apps" not in deps
+    assert "src/opensam/eval/zeroshot.py" in deps
+    assert "src/opensam/model/segmenter.py" in deps  # eval.zeroshot imports model.segmenter
+    assert "src/opensam/errors.py" in deps  # a core module
+    assert "src/opensam/eval/evaluation.py" not in deps  # a module of eval it does not reach
+    assert not any(d.startswith("src/opensam/apps/") for d in deps)
+    assert not any(d.endswith("__init__.py") for d in deps)
 
 
 def test_check_reports_and_sync_repairs_a_stale_file(tmp_path: Path) -> None:
@@ -82,7 +139,7 @@ def test_check_reports_and_sync_repairs_a_stale_file(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "stages", tmp_path / "stages")
     shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
     text = (tmp_path / "dvc.yaml").read_text()
-    (tmp_path / "dvc.yaml").write_text(text.replace("      - src/opensam/masks\n", "", 1))
+    (tmp_path / "dvc.yaml").write_text(text.replace("      - src/opensam/masks/store.py\n", "", 1))
     root = ["--root", str(tmp_path)]
     assert dvc_deps.main(["--check", *root]) == 1
     assert dvc_deps.main(root) == 0

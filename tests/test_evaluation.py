@@ -13,6 +13,7 @@ from conftest import (
     COLORS,
     SIZE,
     StubModel,
+    assert_miou_is_the_mean_iou,
     load_stage,
     make_quadrant_project,
     read_png,
@@ -196,7 +197,7 @@ def test_evaluate_stage_main(
             assert set(per_split) == {"train", "val", "test"}
             for report in per_split.values():
                 assert set(report) == {"miou", "iou"} and set(report["iou"]) == set(CLASSES)
-                assert 0.0 <= report["miou"] <= 100.0
+                assert_miou_is_the_mean_iou(report)
     # one shared embedding per batch gives the numbers of separate single-mode evaluations
     from opensam.model.segmenter import load_checkpoint
 

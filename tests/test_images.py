@@ -67,9 +67,14 @@ def _png16_rgb(arr: np.ndarray) -> bytes:
 
 @pytest.mark.parametrize(
     ("orientation", "expected"),
-    [(1, lambda a: a), (3, lambda a: a[::-1, ::-1]), (6, lambda a: np.rot90(a, -1)),
-     (8, lambda a: np.rot90(a, 1)), (2, lambda a: a[:, ::-1])],
-)  # fmt: skip
+    [
+        (1, lambda a: a),
+        (3, lambda a: a[::-1, ::-1]),
+        (6, lambda a: np.rot90(a, -1)),
+        (8, lambda a: np.rot90(a, 1)),
+        (2, lambda a: a[:, ::-1]),
+    ],
+)
 @pytest.mark.parametrize("ext", [".jpg", ".png"])
 def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, expected, ext: str) -> None:
     rgb = _quadrants()
@@ -257,8 +262,14 @@ def test_file_ref_reads_zip_members(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "ok"),
-    [("a.JPG", True), ("b.jpeg", True), ("c.Tif", True), ("d.bmp", True), ("e.txt", False),
-     ("png", False)],
-)  # fmt: skip
+    [
+        ("a.JPG", True),
+        ("b.jpeg", True),
+        ("c.Tif", True),
+        ("d.bmp", True),
+        ("e.txt", False),
+        ("png", False),
+    ],
+)
 def test_is_image_name(name: str, ok: bool) -> None:
     assert is_image_name(name) is ok

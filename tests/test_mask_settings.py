@@ -74,9 +74,22 @@ def test_check_store_settings(project: tuple[Path, Path], caplog: pytest.LogCapt
 
 def evaluate_argv(project: tuple[Path, Path], teacher: Path, student: Path, root: Path) -> list:
     params = write_params(root / "params.yaml", eval={"batch_size": 4, "overlays": 1})
-    return ["--prepared", str(project[0]), "--masks", str(project[1]), "--teacher", str(teacher),
-            "--student", str(student), "--out", str(root / "eval.json"),
-            "--plots", str(root / "eval"), "--params", str(params)]  # fmt: skip
+    return [
+        "--prepared",
+        str(project[0]),
+        "--masks",
+        str(project[1]),
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--out",
+        str(root / "eval.json"),
+        "--plots",
+        str(root / "eval"),
+        "--params",
+        str(params),
+    ]
 
 
 def test_evaluate_refuses_a_store_of_other_pps(
@@ -92,9 +105,20 @@ def test_pseudolabel_refuses_a_store_of_other_pps(
     project: tuple[Path, Path], checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
     out, metrics = tmp_path / "pseudo", tmp_path / "pseudo.json"
-    argv = ["--prepared", str(project[0]), "--masks", str(project[1]),
-            "--teacher", str(checkpoints["other"]), "--out", str(out), "--metrics", str(metrics),
-            "--params", str(write_params(tmp_path / "params.yaml", ratio=1))]  # fmt: skip
+    argv = [
+        "--prepared",
+        str(project[0]),
+        "--masks",
+        str(project[1]),
+        "--teacher",
+        str(checkpoints["other"]),
+        "--out",
+        str(out),
+        "--metrics",
+        str(metrics),
+        "--params",
+        str(write_params(tmp_path / "params.yaml", ratio=1)),
+    ]
     with pytest.raises(InputError) as err:
         load_stage("pseudolabel").main(argv)
     assert str(err.value).startswith(f"{checkpoints['other']}: trained with other masks")

@@ -27,8 +27,14 @@ from opensam.masks.store import MaskStore, MaskStoreWriter, partial_path, valida
 
 
 def make_attrs(size: int, **over: object) -> dict:
-    attrs = {"generator": "test", "model": "none", "checkpoint_sha256": "", "pps": 4,
-             "min_region_area": 0, "image_size": size}  # fmt: skip
+    attrs = {
+        "generator": "test",
+        "model": "none",
+        "checkpoint_sha256": "",
+        "pps": 4,
+        "min_region_area": 0,
+        "image_size": size,
+    }
     attrs.update(over)
     return attrs
 
@@ -144,8 +150,13 @@ def test_store_is_much_smaller_than_raw_packed(tmp_path: Path) -> None:
     masks = labels[None] == np.arange(256)[:, None, None]
     area = masks.reshape(256, -1).sum(1)
     order = np.argsort(-area, kind="stable")
-    ms = MaskSet(masks[order], area[order].astype(np.int32), np.ones(256, np.float32),
-                 np.ones(256, np.float32), boxes_xywh(masks[order]))  # fmt: skip
+    ms = MaskSet(
+        masks[order],
+        area[order].astype(np.int32),
+        np.ones(256, np.float32),
+        np.ones(256, np.float32),
+        boxes_xywh(masks[order]),
+    )
     path = tmp_path / "m.h5"
     write_store(path, {f"i{k}": ms for k in range(4)}, 128)
     raw = 4 * pack_masks(ms.masks).nbytes
@@ -301,15 +312,21 @@ def test_encoded_writes_equal_mask_set_writes(tmp_path: Path) -> None:
 def test_write_rejects_bad_mask_sets(tmp_path: Path) -> None:
     ms = random_mask_set(np.random.default_rng(11), 3, 8)
     writer = MaskStoreWriter(tmp_path / "m.h5", make_attrs(8))
-    unsorted = MaskSet(ms.masks[::-1], ms.area[::-1] + np.array([0, 0, 1], np.int32),
-                       ms.predicted_iou, ms.stability_score, ms.bbox)  # fmt: skip
+    unsorted = MaskSet(
+        ms.masks[::-1],
+        ms.area[::-1] + np.array([0, 0, 1], np.int32),
+        ms.predicted_iou,
+        ms.stability_score,
+        ms.bbox,
+    )
     with pytest.raises(ValueError, match="sorted"):
         writer.write("a", unsorted)
     with pytest.raises(ValueError, match="store holds"):
         writer.write("a", random_mask_set(np.random.default_rng(0), 2, 9))
     with pytest.raises(ValueError, match="field of shape"):
-        writer.write("a", MaskSet(ms.masks, ms.area[:2], ms.predicted_iou, ms.stability_score,
-                                  ms.bbox))  # fmt: skip
+        writer.write(
+            "a", MaskSet(ms.masks, ms.area[:2], ms.predicted_iou, ms.stability_score, ms.bbox)
+        )
     with pytest.raises(ValueError, match="bad image id"):
         writer.write("a/b", ms)
     other = random_mask_set(np.random.default_rng(0), 2, 9)

@@ -21,7 +21,7 @@ from PIL import Image
 import opensam.masks.generators as mg
 from opensam.errors import InputError
 from opensam.masks.arrays import MaskSet
-from opensam.masks.store import MaskStore, partial_path
+from opensam.masks.store import MaskStore, partial_path, summarize_store
 from opensam.prepared import Prepared, read_prepared
 
 masks_stage = load_stage("masks")
@@ -102,8 +102,15 @@ def store_content(path: Path) -> dict:
 
 
 def test_mask_image_ids_cover_labelled_and_max_ratio_pool() -> None:
-    splits = Prepared(Path("p"), SIZE, ("a",), train=("t1", "t2"), val=("v",), test=("s",),
-                      unlabelled=tuple("abcdefg"))  # fmt: skip
+    splits = Prepared(
+        Path("p"),
+        SIZE,
+        ("a",),
+        train=("t1", "t2"),
+        val=("v",),
+        test=("s",),
+        unlabelled=tuple("abcdefg"),
+    )
     assert mg.mask_image_ids(splits, 2) == ["t1", "t2", "v", "s", "a", "b", "c", "d"]
     assert mg.mask_image_ids(splits, 0) == ["t1", "t2", "v", "s"]
     assert mg.mask_image_ids(splits, 9)[-1] == "g"
@@ -151,8 +158,9 @@ def test_worker_threads_write_the_same_store(
     one, two = tmp_path / "one.h5", tmp_path / "two.h5"
     assert run_masks(tmp_path, one) == 0
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({**yaml.safe_load(params.read_text()),
-                                      "masks": {**masks, "workers": 2}}))  # fmt: skip
+    params.write_text(
+        yaml.safe_dump({**yaml.safe_load(params.read_text()), "masks": {**masks, "workers": 2}})
+    )
     with caplog.at_level(logging.INFO):
         assert run_masks(tmp_path, two) == 0
     assert "in 2 worker threads" in caplog.text
@@ -162,7 +170,7 @@ def test_worker_threads_write_the_same_store(
 
 def test_masks_workers_must_be_positive(tmp_path: Path) -> None:
     make_project(tmp_path, masks={"generator": "superpixels", "max_ratio": 1, "workers": 0})
-    with pytest.raises(InputError, match="masks.workers must be >= 1, got 0"):
+    with pytest.raises(InputError, match="masks.workers: must be >= 1, got 0"):
         run_masks(tmp_path, tmp_path / "m.h5")
 
 
@@ -183,8 +191,18 @@ def test_changed_image_is_recomputed(tmp_path: Path) -> None:
 def test_ablation_stage_uses_first_train_images(tmp_path: Path) -> None:
     prepared, params, splits = make_project(tmp_path, n_train=5)
     out = tmp_path / "data" / "ablation" / "pps3_mra10.h5"
-    argv = ["--prepared", str(prepared), "--pps", "3", "--min-region-area", "10",
-            "--out", str(out), "--params", str(params)]  # fmt: skip
+    argv = [
+        "--prepared",
+        str(prepared),
+        "--pps",
+        "3",
+        "--min-region-area",
+        "10",
+        "--out",
+        str(out),
+        "--params",
+        str(params),
+    ]
     assert ablation_stage.main(argv) == 0
     store = MaskStore(out)
     assert store.ids() == sorted(splits["train"][:3])
@@ -193,14 +211,28 @@ def test_ablation_stage_uses_first_train_images(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "pps,mra,match",
-    [(0, 0, "pps must be in 1..128, got 0"), (129, 0, "pps must be in 1..128"),
-     (4, -1, "min_region_area must be in 0..1023"), (4, SIZE * SIZE, "got 1024")],
-)  # fmt: skip
+    [
+        (0, 0, "pps must be in 1..128, got 0"),
+        (129, 0, "pps must be in 1..128"),
+        (4, -1, "min_region_area must be in 0..1023"),
+        (4, SIZE * SIZE, "got 1024"),
+    ],
+)
 def test_ablation_stage_rejects_out_of_range_settings(tmp_path: Path, pps, mra, match) -> None:  # noqa: ANN001
     prepared, params, _ = make_project(tmp_path)
     out = tmp_path / "x.h5"
-    argv = ["--prepared", str(prepared), "--pps", str(pps), "--min-region-area", str(mra),
-            "--out", str(out), "--params", str(params)]  # fmt: skip
+    argv = [
+        "--prepared",
+        str(prepared),
+        "--pps",
+        str(pps),
+        "--min-region-area",
+        str(mra),
+        "--out",
+        str(out),
+        "--params",
+        str(params),
+    ]
     with pytest.raises(InputError, match=match) as info:
         ablation_stage.main(argv)
     assert str(params) in str(info.value) and "\n" not in str(info.value)
@@ -238,8 +270,13 @@ def test_sam_checkpoint_missing_is_an_input_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sam_generator_through_the_stage(tmp_path: Path) -> None:
-    sam = {"model": "tiny", "checkpoint": None, "device": "cpu", "pred_iou_thresh": 0.0,
-           "stability_score_thresh": 0.0}  # fmt: skip
+    sam = {
+        "model": "tiny",
+        "checkpoint": None,
+        "device": "cpu",
+        "pred_iou_thresh": 0.0,
+        "stability_score_thresh": 0.0,
+    }
     make_project(tmp_path, n_train=1, n_unl=0, pps=2, masks={"generator": "sam"}, sam=sam)
     out = tmp_path / "m.h5"
     assert run_masks(tmp_path, out) == 0
@@ -288,14 +325,25 @@ def test_images_without_masks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     store = MaskStore(out)
     assert all(store.read(i).masks.shape == (0, SIZE, SIZE) for i in store.ids())
     assert (store.read_winner(store.ids()[0]) == -1).all()
-    assert mg.summarize_store(out)["masks_max"] == 0
+    assert summarize_store(out)["masks_max"] == 0
 
 
 def test_error_exit_is_one_line(tmp_path: Path) -> None:
     prepared, params, _ = make_project(tmp_path)
-    cmd = [sys.executable, str(ROOT / "stages" / "ablation_masks.py"), "--prepared",
-           str(prepared), "--pps", "0", "--min-region-area", "0", "--out",
-           str(tmp_path / "x.h5"), "--params", str(params)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "stages" / "ablation_masks.py"),
+        "--prepared",
+        str(prepared),
+        "--pps",
+        "0",
+        "--min-region-area",
+        "0",
+        "--out",
+        str(tmp_path / "x.h5"),
+        "--params",
+        str(params),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
@@ -318,8 +366,17 @@ def test_kill_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "data" / "masks.h5"
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER)
-    cmd = [sys.executable, str(wrapper), str(ROOT / "stages" / "masks.py"), "--prepared",
-           str(prepared), "--out", str(out), "--params", str(params)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(wrapper),
+        str(ROOT / "stages" / "masks.py"),
+        "--prepared",
+        str(prepared),
+        "--out",
+        str(out),
+        "--params",
+        str(params),
+    ]
     first, second = tmp_path / "first.txt", tmp_path / "second.txt"
     env = {**os.environ, "COUNTER": str(first), "DELAY": "0.2"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -28,7 +28,7 @@ PROMPTS = ["a lizard", "a human hand", "a color board", "a background"]
 @pytest.fixture(scope="module")
 def model() -> OpenSamModel:
     torch.manual_seed(0)
-    return build_model(ClipParams(), PROMPTS)
+    return build_model(ClipParams(pretrained=None), PROMPTS)
 
 
 def masks_for(size: int, seed: int) -> torch.Tensor:
@@ -91,7 +91,7 @@ def test_gradients_reach_the_tower_but_not_the_text(model: OpenSamModel) -> None
 
 def test_checkpoint_round_trip(model: OpenSamModel, tmp_path: Path) -> None:
     path = tmp_path / "models" / "teacher.pt"
-    save_checkpoint(path, model, CLASSES, ClipParams(), 64, epoch=3, val_miou=41.5)
+    save_checkpoint(path, model, CLASSES, ClipParams(pretrained=None), 64, epoch=3, val_miou=41.5)
     assert sorted(p.name for p in path.parent.iterdir()) == ["teacher.pt"]  # no temporary left
     loaded, meta = load_checkpoint(path, expected_classes=CLASSES, drop_path=0.1)
     assert meta["classes"] == CLASSES and meta["image_size"] == 64
@@ -113,14 +113,16 @@ def test_a_checkpoint_is_the_same_bytes_in_every_run(
     for pid, run in ((4242, "a"), (5353, "b")):
         monkeypatch.setattr("opensam.runtime.os.getpid", lambda pid=pid: pid)
         path = tmp_path / run / "teacher.pt"
-        save_checkpoint(path, model, CLASSES, ClipParams(), 64, epoch=3, val_miou=41.5)
+        save_checkpoint(
+            path, model, CLASSES, ClipParams(pretrained=None), 64, epoch=3, val_miou=41.5
+        )
         files.append(path.read_bytes())
     assert files[0] == files[1]
 
 
 def test_checkpoint_errors(model: OpenSamModel, tmp_path: Path) -> None:
     path = tmp_path / "m.pt"
-    save_checkpoint(path, model, CLASSES, ClipParams(), 64)
+    save_checkpoint(path, model, CLASSES, ClipParams(pretrained=None), 64)
     with pytest.raises(InputError) as err:
         load_checkpoint(path, expected_classes=["cat", "dog"])
     assert str(err.value).startswith(f"{path}: ") and "cat" in str(err.value)
@@ -129,7 +131,7 @@ def test_checkpoint_errors(model: OpenSamModel, tmp_path: Path) -> None:
         load_checkpoint(path, ["cat", "dog"], classes_from="my.yaml classes")
     meta = read_checkpoint_meta(path)
     assert "state_dict" not in meta and meta["classes"] == CLASSES and meta["image_size"] == 64
-    assert checkpoint_clip(meta, path) == ClipParams()
+    assert checkpoint_clip(meta, path) == ClipParams(pretrained=None)
     with pytest.raises(InputError, match=f"^{path}: bad 'clip' entry"):
         checkpoint_clip({**meta, "clip": {"bogus": 1}}, path)
     with pytest.raises(InputError, match="checkpoint not found"):
@@ -145,7 +147,7 @@ def test_checkpoint_errors(model: OpenSamModel, tmp_path: Path) -> None:
 def test_unknown_decoder_is_an_input_error() -> None:
     assert "upsample" in DECODERS
     with pytest.raises(InputError, match="clip.decoder"):
-        build_model(ClipParams(decoder="unet"), PROMPTS)
+        build_model(ClipParams(pretrained=None, decoder="unet"), PROMPTS)
 
 
 @pytest.mark.slow

@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import load_stage, write_tiny_project
+from conftest import assert_miou_is_the_mean_iou, load_stage, write_tiny_project
 
 from opensam.config import StudentParams, load_params
+from opensam.eval.evaluation import build_loader, predict_loader
+from opensam.images import read_label_png
 from opensam.model.segmenter import OpenSamModel, build_model, save_checkpoint
 from opensam.prepared import read_prepared
 from opensam.train import online
@@ -69,12 +71,41 @@ def reference(project: dict[str, Any]) -> OpenSamModel:
     return _run(project, None)
 
 
-def test_online_run_is_deterministic_and_learns(
+def _labelled_train_loss(model: OpenSamModel, project: dict[str, Any]) -> float:
+    """Mean per-pixel NLL of ``model`` (with masks) on the labelled train images."""
+    prepared = read_prepared(project["prepared"])
+    loader = build_loader(model, prepared.root, list(prepared.train), None, project["masks"], 4)
+    total, pixels = 0.0, 0
+    for ids, log_probs in predict_loader(model, loader, True):
+        for i, image_id in enumerate(ids):
+            label = torch.from_numpy(read_label_png(prepared.label_path(image_id)).astype("int64"))
+            nll = torch.nn.functional.nll_loss(
+                log_probs[i : i + 1].float(), label[None], ignore_index=255, reduction="sum"
+            )
+            total, pixels = total + float(nll), pixels + int((label != 255).sum())
+    return total / pixels
+
+
+def test_online_run_is_deterministic_and_trains(
     project: dict[str, Any], reference: OpenSamModel
 ) -> None:
     assert _same(_run(project, None), reference)
     assert not _same(reference, project["model"])  # it trained
     assert not _same(_run(project, None, control=True), reference)  # λ = 0 differs
+
+
+@pytest.mark.xfail(
+    reason="found while replacing 'the weights changed': after this tiny run (and its control) "
+    "the labelled train loss is higher than the initial model's (2.33 and 2.30 vs 1.57); "
+    "to be explained by the one-engine work",
+    strict=False,
+)
+def test_online_run_lowers_the_labelled_loss(
+    project: dict[str, Any], reference: OpenSamModel
+) -> None:
+    """Learning, not merely change: the loss on the labelled train images falls."""
+    before = _labelled_train_loss(project["model"], project)
+    assert _labelled_train_loss(reference, project) < before
 
 
 def test_online_run_resumes_after_a_kill(
@@ -122,7 +153,7 @@ def test_online_student_and_control_stages(project: dict[str, Any], tmp_path: Pa
     for stage in ("student", "control"):
         assert load_stage(stage).main(_args(project, tmp_path, params, stage)) == 0
         report = json.loads((tmp_path / "metrics" / f"{stage}.json").read_text())
-        assert 0.0 <= report.get("best", report)["test"]["miou"] <= 100.0
+        assert_miou_is_the_mean_iou(report.get("best", report)["test"])
         assert not (tmp_path / "models" / f".{stage}_ckpt").exists()
     live = tmp_path / "live" / "plots" / "metrics" / "train"
     assert (live / "loss_labelled.tsv").is_file()

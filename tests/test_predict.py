@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import CLASSES, PROMPTS, SIZE, load_stage, repo_params
+from conftest import CLASSES, PROMPTS, SIZE, assert_miou_is_the_mean_iou, load_stage, repo_params
 from PIL import Image
 
 from opensam.apps.cli import list_photos
@@ -48,8 +48,8 @@ COLORS = np.array([[250, 220, 40], [40, 200, 60], [40, 90, 230], [150, 60, 190]]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    model = build_model(ClipParams(), PROMPTS)
-    save_checkpoint(path, model, CLASSES, ClipParams(), SIZE)
+    model = build_model(ClipParams(pretrained=None), PROMPTS)
+    save_checkpoint(path, model, CLASSES, ClipParams(pretrained=None), SIZE)
     return path
 
 
@@ -287,7 +287,8 @@ def test_predict_stage(checkpoint: Path, tmp_path: Path) -> None:
     with Image.open(out / LABELS_DIR / "u1.png") as img:
         assert img.size == (150, 100)  # the original photo, not the prepared one
     gt_report = result["vs_hidden_gt"]
-    assert gt_report["images"] == 3 and 0.0 <= gt_report["miou"] <= 100.0
+    assert gt_report["images"] == 3
+    assert_miou_is_the_mean_iou(gt_report)
 
 
 def test_build_summary_means(model, tmp_path: Path) -> None:
@@ -341,8 +342,10 @@ def test_overlay_colors_params_then_labelmap_then_palette() -> None:
 def pps16_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint trained on superpixel masks at pps 16, and a params.yaml saying pps 32."""
     root = tmp_path_factory.mktemp("pps16")
-    model = build_model(ClipParams(), PROMPTS)
-    save_checkpoint(root / "student.pt", model, CLASSES, ClipParams(), SIZE, masks=TRAINED)
+    model = build_model(ClipParams(pretrained=None), PROMPTS)
+    save_checkpoint(
+        root / "student.pt", model, CLASSES, ClipParams(pretrained=None), SIZE, masks=TRAINED
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(repo_params(pps=32, min_region_area=0)))
     return root / "student.pt"
 
@@ -362,8 +365,14 @@ def test_predict_uses_the_checkpoints_pps_over_params(
     monkeypatch.setattr(setup, "build_generator", lambda *a: built.append(a[:3]) or real(*a))
     (tmp_path / "in").mkdir()
     Image.fromarray(scene(40, 50, 0)).save(tmp_path / "in" / "p.png")
-    argv = ["predict", str(tmp_path / "in"), "--checkpoint", str(pps16_checkpoint),
-            "--params", str(pps16_checkpoint.parent / "params.yaml")]  # fmt: skip
+    argv = [
+        "predict",
+        str(tmp_path / "in"),
+        "--checkpoint",
+        str(pps16_checkpoint),
+        "--params",
+        str(pps16_checkpoint.parent / "params.yaml"),
+    ]
     with caplog.at_level(logging.INFO):
         assert cli_main([*argv, "--out", str(tmp_path / "a")]) == 0
     assert built == [("superpixels", 16, 0)]

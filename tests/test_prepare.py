@@ -87,10 +87,14 @@ def run_stage(root: Path, monkeypatch: pytest.MonkeyPatch, workers: int = 1) -> 
 
 @pytest.mark.parametrize(
     ("split", "n", "expected"),
-    [((60, 10, 8), 78, (60, 10, 8)), ((0.6, 0.2, 0.2), 10, (6, 2, 2)),
-     ((0.29, 0.5, 0), 100, (29, 50, 0)), ((0.5, 0.3, 0.2), 5, (2, 1, 1)),
-     ((3, 0.5, 1), 10, (3, 5, 1))],
-)  # fmt: skip
+    [
+        ((60, 10, 8), 78, (60, 10, 8)),
+        ((0.6, 0.2, 0.2), 10, (6, 2, 2)),
+        ((0.29, 0.5, 0), 100, (29, 50, 0)),
+        ((0.5, 0.3, 0.2), 5, (2, 1, 1)),
+        ((3, 0.5, 1), 10, (3, 5, 1)),
+    ],
+)
 def test_resolve_split_sizes(split: tuple, n: int, expected: tuple) -> None:
     sizes = resolve_split_sizes(n, SplitParams(*split), "src")
     assert (sizes.train, sizes.val, sizes.test) == expected

@@ -25,8 +25,12 @@ def _eval(control: float, student: float) -> dict:
     def block(v: float) -> dict:
         return {"with_masks": {"test": {"miou": v}, "val": {"miou": v}}}
 
-    return {"control": block(control), "teacher": block(50.0), "student": block(student),
-            "gain": {"test": {"miou": round(student - control, 2)}}}  # fmt: skip
+    return {
+        "control": block(control),
+        "teacher": block(50.0),
+        "student": block(student),
+        "gain": {"test": {"miou": round(student - control, 2)}},
+    }
 
 
 def test_mean_std_is_the_sample_std() -> None:
@@ -120,6 +124,11 @@ def test_the_committed_baseline_is_a_run_of_its_own(tmp_path: Path) -> None:
 def test_only_finished_experiment_refs_count() -> None:
     sha = "93/ca2f6b8a7fae134509000fbf7e54a653463fc4"
     assert is_experiment_ref(f"refs/exps/{sha}/seed1")
-    for ref in ("refs/exps/celery/stash", "refs/exps/celery/failed", "refs/exps/exec/EXEC_HEAD",
-                "refs/heads/main", f"refs/exps/{sha}"):  # fmt: skip
+    for ref in (
+        "refs/exps/celery/stash",
+        "refs/exps/celery/failed",
+        "refs/exps/exec/EXEC_HEAD",
+        "refs/heads/main",
+        f"refs/exps/{sha}",
+    ):
         assert not is_experiment_ref(ref), ref

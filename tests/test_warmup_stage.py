@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import CLASSES, SCENE_COLOURS, TINY_STORE_ATTRS, load_stage, write_tiny_project
+from conftest import (
+    CLASSES,
+    SCENE_COLOURS,
+    TINY_STORE_ATTRS,
+    assert_miou_is_the_mean_iou,
+    load_stage,
+    write_tiny_project,
+)
 
 from opensam.errors import InputError
 from opensam.model.segmenter import load_checkpoint
@@ -41,7 +48,7 @@ def test_warmup_writes_its_outputs(first_run: Path) -> None:
     metrics = json.loads((first_run / "metrics" / "warmup.json").read_text())
     assert metrics["best_epoch"] in (1, 2)
     for split in ("train", "val", "test"):
-        assert 0.0 <= metrics[split]["miou"] <= 100.0
+        assert_miou_is_the_mean_iou(metrics[split])
         assert set(metrics[split]["iou"]) == set(CLASSES)
     model, meta = load_checkpoint(first_run / "models" / "teacher.pt", expected_classes=CLASSES)
     assert meta["epoch"] == metrics["best_epoch"] and meta["image_size"] == 48

@@ -1,11 +1,13 @@
-"""Keep each DVC stage's source deps equal to what its script imports, folder by folder.
+"""Keep each DVC stage's source deps equal to the library files its script imports.
 
-A stage depends on its script, on every top-level module of ``src/opensam/`` it reaches, and on
-every subpackage folder (``src/opensam/masks`` ...) it reaches through imports (top level or
-inside functions, followed transitively). Editing any file of a folder the stage uses reruns it;
-editing a folder it does not use does not. A stage run through the launcher
-(``python -m opensam.apps.launch --nproc ... stages/x.py``) also depends on that one file,
-``src/opensam/apps/launch.py`` (standard library only), not on all of ``apps/``.
+A stage depends on its script and on every ``src/opensam`` module file it reaches through
+imports (top level or inside functions, followed transitively), file by file: editing a module
+reruns exactly the stages that import it, and a docstring edit in a module that only ``predict``
+uses reruns no stage of the main pipeline. Package ``__init__.py`` files are left out: the
+subpackages' are empty (tests/test_layout.py) and the top-level one holds the notebook API,
+which no stage imports. A stage run through the launcher
+(``python -m opensam.apps.launch --nproc ... stages/x.py``) also depends on
+``src/opensam/apps/launch.py`` (standard library only).
 
     python tools/dvc_deps.py          # rewrite dvc.yaml and predict/dvc.yaml
     python tools/dvc_deps.py --check  # exit 1 and list the differences (tests/test_dvc_yaml.py)
@@ -63,23 +65,28 @@ def module_closure(script: Path, root: Path = ROOT) -> set[Path]:
 
 
 def source_deps(script: Path, root: Path = ROOT) -> list[str]:
-    """The stage's src deps: top-level module files, and subpackage folders as a whole."""
-    deps: set[str] = set()
-    for rel in module_closure(script, root):
-        parts = rel.relative_to(PKG).parts
-        if parts == ("__init__.py",):
-            continue
-        deps.add(str(PKG / parts[0]) if len(parts) > 1 else str(rel))
-    return sorted(deps)
+    """The stage's src deps: every opensam module file it reaches, except ``__init__.py``."""
+    return sorted(str(rel) for rel in module_closure(script, root) if rel.name != "__init__.py")
 
 
 def stage_deps(script: Path, launched: bool, root: Path = ROOT) -> list[str]:
-    """:func:`source_deps`, plus :data:`LAUNCHER` for a launched stage (unless all of
-    ``apps/`` is a dep already)."""
-    deps = source_deps(script, root)
-    if launched and str(PKG / "apps") not in deps:
-        deps = sorted({*deps, LAUNCHER})
-    return deps
+    """:func:`source_deps`, plus :data:`LAUNCHER` and what it imports for a launched stage."""
+    deps = set(source_deps(script, root))
+    if launched:
+        deps |= {LAUNCHER, *source_deps(root / LAUNCHER, root)}
+    return sorted(deps)
+
+
+def stages_using(path: str, root: Path = ROOT) -> list[str]:
+    """The stages whose declared deps include ``path`` (a repo-relative file): the stages an
+    edit of that file reruns."""
+    out = []
+    for name in PIPELINES:
+        for stage, spec in yaml.safe_load((root / name).read_text())["stages"].items():
+            deps = [d for d in spec.get("deps", []) if isinstance(d, str)]
+            if any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps):
+                out.append(stage)
+    return sorted(out)
 
 
 def launched_scripts(root: Path = ROOT) -> set[str]:
@@ -103,6 +110,16 @@ def stage_scripts(root: Path = ROOT) -> dict[str, str]:
                 raise SystemExit(f"{name}: stage {stage}: no stages/<name>.py in its cmd")
             out[stage] = match.group(1)
     return out
+
+
+def declared_src_deps(root: Path, stage: str) -> set[str]:
+    """The ``src/`` deps that dvc.yaml (or predict/dvc.yaml) declares for ``stage``."""
+    for name in PIPELINES:
+        stages = yaml.safe_load((root / name).read_text())["stages"]
+        if stage in stages:
+            deps = stages[stage].get("deps", [])
+            return {d for d in deps if isinstance(d, str) and d.startswith("src/")}
+    return set()
 
 
 def sync_file(path: Path, closures: dict[str, list[str]]) -> str:
@@ -136,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
             if not args.check:
                 path.write_text(text)
     if args.check and stale:
+        for stage, script in sorted(stage_scripts(args.root).items()):
+            declared = declared_src_deps(args.root, stage)
+            wanted = set(closures[script])
+            for dep in sorted(wanted - declared):
+                print(f"{stage}: missing {dep}")
+            for dep in sorted(declared - wanted):
+                print(f"{stage}: extra {dep}")
         print(f"stale src deps in {', '.join(stale)}: run python tools/dvc_deps.py")
         return 1
     return 0

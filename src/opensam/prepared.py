@@ -88,8 +88,12 @@ class Prepared:
             raise ValueError(f"ratio must be >= 0, got {ratio}")
         wanted = ratio * len(self.train)
         if wanted > len(self.unlabelled):
-            log.warning("ratio %d wants %d unlabelled images, only %d exist", ratio, wanted,
-                        len(self.unlabelled))  # fmt: skip
+            log.warning(
+                "ratio %d wants %d unlabelled images, only %d exist",
+                ratio,
+                wanted,
+                len(self.unlabelled),
+            )
         return list(self.unlabelled[:wanted])
 
     def check_classes(self, names: Sequence[str], source: str) -> None:

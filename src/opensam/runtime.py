@@ -45,9 +45,19 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
 
 
 WRITE_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
-     errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EFBIG}
-)  # fmt: skip
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENAMETOOLONG,
+        errno.EFBIG,
+    }
+)
 
 
 def os_error_line(exc: OSError) -> str | None:

@@ -26,9 +26,15 @@ def torchrun_command(nproc: int, script: str, args: list[str], extra: str = "") 
     """The torchrun command line (``python -m torch.distributed.run ...``) for one stage."""
     rendezvous = shlex.split(extra) if extra.strip() else ["--standalone"]
     return [
-        sys.executable, "-m", "torch.distributed.run", *rendezvous,
-        "--nproc_per_node", str(nproc), script, *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *rendezvous,
+        "--nproc_per_node",
+        str(nproc),
+        script,
+        *args,
+    ]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

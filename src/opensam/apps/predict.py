@@ -237,7 +237,7 @@ def write_rows(
         writer.writerows(sorted(rows, key=lambda r: str(r["id"])))
 
 
-def _is_done(out_dir: Path, photo: Photo, rows: Mapping[str, Any]) -> bool:
+def is_done(out_dir: Path, photo: Photo, rows: Mapping[str, Any]) -> bool:
     return (
         photo.id in rows
         and (out_dir / LABELS_DIR / f"{photo.id}.png").is_file()
@@ -274,7 +274,7 @@ def predict_photos(
         if not overwrite:
             raise
         rows = {}
-    todo = list(photos) if overwrite else [p for p in photos if not _is_done(out_dir, p, rows)]
+    todo = list(photos) if overwrite else [p for p in photos if not is_done(out_dir, p, rows)]
     if len(todo) < len(photos):
         log.info("skipping %d photo(s) already predicted in %s", len(photos) - len(todo), out_dir)
     run = _Run(out_dir, class_names, colors, image_size, masks, low_conf, failed=list(refused))

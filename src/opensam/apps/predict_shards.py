@@ -24,7 +24,7 @@ from opensam.apps.predict import (
     Photo,
     PredictResult,
     StageTimes,
-    _is_done,
+    is_done,
     predict_photos,
     read_rows,
     write_rows,
@@ -44,8 +44,14 @@ def shard_folder(out_dir: Path, rank: int, world: int) -> Path:
     return out_dir.with_name(f"{out_dir.name}.rank{rank}of{world}")
 
 
-def _merge(out_dir: Path, photos: Sequence[Photo], class_names: Sequence[str],
-           results: list[PredictResult], world: int, skipped: int) -> PredictResult:  # fmt: skip
+def _merge(
+    out_dir: Path,
+    photos: Sequence[Photo],
+    class_names: Sequence[str],
+    results: list[PredictResult],
+    world: int,
+    skipped: int,
+) -> PredictResult:
     """Rank 0: move every shard into ``out_dir``; the combined result of all ranks."""
     rows = read_rows(out_dir, class_names)
     for r in range(world):
@@ -66,36 +72,68 @@ def _merge(out_dir: Path, photos: Sequence[Photo], class_names: Sequence[str],
         for key in vars(times):
             setattr(times, key, getattr(times, key) + getattr(res.times, key))
     return PredictResult(
-        [rows[p.id] for p in photos if p.id in rows], sum(r.processed for r in results),
-        skipped + sum(r.skipped for r in results), failed, max(r.seconds for r in results),
+        [rows[p.id] for p in photos if p.id in rows],
+        sum(r.processed for r in results),
+        skipped + sum(r.skipped for r in results),
+        failed,
+        max(r.seconds for r in results),
         times,
-    )  # fmt: skip
+    )
 
 
 def predict_photos_sharded(
-    model: nn.Module, photos: Sequence[Photo], out_dir: Path, class_names: Sequence[str],
-    colors: np.ndarray, image_size: int, masks: MaskGenerator | None = None,
-    batch_size: int = 8, low_conf: float = 0.5, overwrite: bool = False,
-    refused: Sequence[tuple[str, str]] = (), runtime: Runtime | None = None,
-) -> PredictResult:  # fmt: skip
+    model: nn.Module,
+    photos: Sequence[Photo],
+    out_dir: Path,
+    class_names: Sequence[str],
+    colors: np.ndarray,
+    image_size: int,
+    masks: MaskGenerator | None = None,
+    batch_size: int = 8,
+    low_conf: float = 0.5,
+    overwrite: bool = False,
+    refused: Sequence[tuple[str, str]] = (),
+    runtime: Runtime | None = None,
+) -> PredictResult:
     """:func:`predict_photos` of ``photos`` into ``out_dir``, by every rank of a torchrun job
     (rank 0 writes ``out_dir``; the others only their shards). Returns the same result on
     every rank."""
     rt = runtime or current_runtime()
     if not rt.distributed:
-        return predict_photos(model, photos, out_dir, class_names, colors, image_size, masks,
-                              batch_size, low_conf, overwrite, refused)  # fmt: skip
+        return predict_photos(
+            model,
+            photos,
+            out_dir,
+            class_names,
+            colors,
+            image_size,
+            masks,
+            batch_size,
+            low_conf,
+            overwrite,
+            refused,
+        )
     out_dir, todo_ids = Path(out_dir), set[str]()
     if rt.is_main:  # rank 0 decides: out_dir may be its fresh temporary folder
         done = {} if overwrite else read_rows(out_dir, class_names)
-        todo_ids = {p.id for p in photos if overwrite or not _is_done(out_dir, p, done)}
+        todo_ids = {p.id for p in photos if overwrite or not is_done(out_dir, p, done)}
     todo_ids = broadcast_object(todo_ids, rt)
     todo = [p for p in photos if p.id in todo_ids]
     mine = [todo[i] for batch in own_batches(len(todo), batch_size, rt) for i in batch]
     shard = shard_folder(out_dir, rt.rank, rt.world)
     own_refused = refused if rt.is_main else ()
-    result = predict_photos(model, mine, shard, class_names, colors, image_size, masks,
-                            batch_size, low_conf, refused=own_refused)  # fmt: skip
+    result = predict_photos(
+        model,
+        mine,
+        shard,
+        class_names,
+        colors,
+        image_size,
+        masks,
+        batch_size,
+        low_conf,
+        refused=own_refused,
+    )
     results = all_gather_objects(result, rt)  # also waits for every rank's shard
     skipped, merged = len(photos) - len(todo), None
     if rt.is_main:

@@ -142,8 +142,9 @@ def cutmix_batch(
         mixed = mix_winner(winner[i], winner[int(partner[i])], boxes[i], m)
         winners.append(mixed)
         pools.append(pool_weights_from_winner(mixed, 2 * m, (h, w)))
-    return MixedBatch(mixed_image, torch.stack(winners), torch.stack(pools), mixed_label,
-                      mixed_conf, boxes)  # fmt: skip
+    return MixedBatch(
+        mixed_image, torch.stack(winners), torch.stack(pools), mixed_label, mixed_conf, boxes
+    )
 
 
 def strong_view(

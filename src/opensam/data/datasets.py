@@ -144,8 +144,13 @@ class SegDataset(Dataset[Item]):
             assert out.label is not None
             image, label = out.image, out.label
             pool, winner = self._mask_inputs(image_id, shape, out.source_index)
-        return {"id": image_id, "image": image, "label": label, "pool_weights": pool,
-                "winner": winner}  # fmt: skip
+        return {
+            "id": image_id,
+            "image": image,
+            "label": label,
+            "pool_weights": pool,
+            "winner": winner,
+        }
 
     def _read_masks(self, image_id: str, shape: tuple[int, int]) -> np.ndarray:
         """The stored masks of one image, (M, H, W) bool, checked against the image size."""

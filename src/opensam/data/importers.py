@@ -49,10 +49,28 @@ log = logging.getLogger(__name__)
 RGB = tuple[int, int, int]
 FORMATS = ("cvat", "voc")
 VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)  # fmt: skip
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 
 
 @dataclass(frozen=True)
@@ -226,8 +244,10 @@ def warn_unknown_colours(files: Sequence[str], max_pixels: int) -> None:
     if files:
         log.warning(
             "%d label file(s) had <= %d pixels of colours not in the labelmap, mapped to 255: %s",
-            len(files), max_pixels, ", ".join(files),
-        )  # fmt: skip
+            len(files),
+            max_pixels,
+            ", ".join(files),
+        )
 
 
 def _norm(name: str) -> str:
@@ -359,9 +379,17 @@ def open_export(
     items = _collect_items(tree)
     log.info("%s: %d labelled images (%s)", source, len(items), fmt)
     return Export(
-        str(source), fmt, [c.name for c in classes], picked, items, Path(where).name,
-        unknown_colour_max_pixels, codes, code_ids, index_lut,
-    )  # fmt: skip
+        str(source),
+        fmt,
+        [c.name for c in classes],
+        picked,
+        items,
+        Path(where).name,
+        unknown_colour_max_pixels,
+        codes,
+        code_ids,
+        index_lut,
+    )
 
 
 def list_unlabelled(

@@ -35,7 +35,7 @@ StepCallback = Callable[[int, float], None]
 class BoundaryConfig:
     """Training settings (the ``demo_sam`` params block without the corpus sizes)."""
 
-    steps: int = 600
+    steps: int = 1400
     batch_size: int = 8
     crop_size: int = 128
     width: int = 16
@@ -57,8 +57,10 @@ def border_target(segments: np.ndarray) -> np.ndarray:
 
     out = np.zeros(segments.shape, np.float32)
     full = slice(None)
-    for a, b in (((full, slice(0, -1)), (full, slice(1, None))),
-                 ((slice(0, -1), full), (slice(1, None), full))):
+    for a, b in (
+        ((full, slice(0, -1)), (full, slice(1, None))),
+        ((slice(0, -1), full), (slice(1, None), full)),
+    ):
         value = pair_value(a, b)
         np.maximum(out[a], value, out=out[a])
         np.maximum(out[b], value, out=out[b])
@@ -112,8 +114,12 @@ def _batch(
     n, size = images.shape[:2]
     idx = rng.integers(0, n, batch_size)
     ys, xs = rng.integers(0, size - crop + 1, (2, batch_size))
-    img = np.stack([images[i, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs)])
-    tgt = np.stack([targets[i, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs)])
+    img = np.stack(
+        [images[i, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs, strict=True)]
+    )
+    tgt = np.stack(
+        [targets[i, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs, strict=True)]
+    )
     flip = rng.random(batch_size) < 0.5
     img[flip], tgt[flip] = img[flip, :, ::-1], tgt[flip, :, ::-1]
     turn = rng.random(batch_size) < 0.5  # borders have no preferred direction

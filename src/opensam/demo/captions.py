@@ -45,11 +45,21 @@ _PARTS: dict[int, tuple[str, ...]] = {
 }
 _PREFIX = ("", "", "a photo of ", "a close-up of ", "a cropped photo of ", "an image of ")
 _WHERE = ("on the left", "on the right", "at the top", "at the bottom", "in the centre")
-_LIZARD_COLOURS = {"brown": (120, 90, 60), "olive": (100, 105, 60), "grey": (120, 115, 100),
-                   "green": (80, 125, 65), "dark": (70, 65, 55)}  # fmt: skip
+_LIZARD_COLOURS = {
+    "brown": (120, 90, 60),
+    "olive": (100, 105, 60),
+    "grey": (120, 115, 100),
+    "green": (80, 125, 65),
+    "dark": (70, 65, 55),
+}
 _SKIN = {"pale": 215, "light": 185, "tanned": 150, "brown": 115, "dark": 80}
-_INKS = {"orange": (226, 120, 60), "green": (96, 166, 118), "blue": (96, 138, 200),
-         "red": (190, 104, 88), "grey": (140, 140, 140)}  # fmt: skip
+_INKS = {
+    "orange": (226, 120, 60),
+    "green": (96, 166, 118),
+    "blue": (96, 138, 200),
+    "red": (190, 104, 88),
+    "grey": (140, 140, 140),
+}
 
 
 @dataclass(frozen=True)
@@ -88,8 +98,10 @@ def _colour_words(image: np.ndarray, drawn: np.ndarray) -> dict[int, str]:
         tint = np.median(paper, 0)
         inks = {n: np.array(v, np.float32) - tint for n, v in _INKS.items()}
         d = dark - tint  # the grid lines pull the paper's tint towards their ink
-        cos = {n: float(d @ v) / (np.linalg.norm(d) * np.linalg.norm(v) + 1e-6)
-               for n, v in inks.items()}  # fmt: skip
+        cos = {
+            n: float(d @ v) / (np.linalg.norm(d) * np.linalg.norm(v) + 1e-6)
+            for n, v in inks.items()
+        }
         words[BACKGROUND] = max(cos, key=lambda n: cos[n])
     return words
 
@@ -153,8 +165,11 @@ def caption(
     counts = np.bincount(drawn.ravel(), minlength=256)[:4]
     frac = counts / max(1, drawn.size)
     share = counts / np.maximum(whole, 1)
-    shown = [c for c in (LIZARD, HAND, BOARD) if frac[c] >= _SHOW or
-             (share[c] >= _SHOW_PART and frac[c] >= 0.02)]  # fmt: skip
+    shown = [
+        c
+        for c in (LIZARD, HAND, BOARD)
+        if frac[c] >= _SHOW or (share[c] >= _SHOW_PART and frac[c] >= 0.02)
+    ]
     shown.sort(key=lambda c: -frac[c])
     if not shown:
         return _name(rng, BACKGROUND, False, colours)

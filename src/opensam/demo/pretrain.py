@@ -188,8 +188,10 @@ def zero_shot_accuracy(
     features = _ImageFeatures(clip_model, pool).eval()
     pred = torch.cat([(features(b) @ text.T).argmax(1) for b in images.split(64)])
     hit = (pred == targets).float()
-    per = [float(hit[targets == k].mean()) if (targets == k).any() else math.nan
-           for k in range(len(prompts))]  # fmt: skip
+    per = [
+        float(hit[targets == k].mean()) if (targets == k).any() else math.nan
+        for k in range(len(prompts))
+    ]
     return float(hit.mean()), per
 
 

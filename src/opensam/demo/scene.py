@@ -388,7 +388,8 @@ def _segments(lay: _Layout, w: int, h: int) -> np.ndarray:
     label = lay.label
     objects = np.zeros((h, w), np.int32)
     objects[label == LIZARD], objects[label == HAND], objects[label == BOARD] = 1, 2, 3
-    n_scraps, scraps = cv2.connectedComponents((label == IGNORE_INDEX).view(np.uint8), 4)
+    scrap_mask = (label == IGNORE_INDEX).astype(np.uint8)
+    n_scraps, scraps = cv2.connectedComponents(scrap_mask, connectivity=4)
     if n_scraps > 1:
         objects[scraps > 0] = 3 + scraps[scraps > 0]
     patches = Image.new("L", (w, h), 0)

@@ -27,8 +27,8 @@ import cv2
 import numpy as np
 
 from opensam.constants import IGNORE_INDEX
-from opensam.eval.metrics import confusion_matrix, miou_from_confusion
 from opensam.errors import InputError
+from opensam.eval.metrics import confusion_matrix, miou_from_confusion
 from opensam.images import read_label_png
 from opensam.masks.arrays import compute_winner
 from opensam.masks.store import MaskStore

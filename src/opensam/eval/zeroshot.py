@@ -20,13 +20,13 @@ from tqdm import tqdm
 from opensam.config import ClipParams
 from opensam.data.datasets import read_image, read_label
 from opensam.errors import InputError
+from opensam.eval.mask_quality import store_quality
 from opensam.eval.metrics import (
     confusion_matrix,
     format_miou_table,
     miou_from_confusion,
     miou_report,
 )
-from opensam.eval.mask_quality import store_quality
 from opensam.masks.store import MaskStore
 from opensam.model.segmenter import OpenSamModel, build_model
 from opensam.prepared import Prepared
@@ -146,11 +146,15 @@ def ablation_quality(
 
 def format_quality_table(quality: Mapping[str, Mapping[str, float]]) -> str:
     """Markdown: one row per store, its ABO, ceiling mIoU, masks per image and uncovered %."""
-    lines = ["| store | ABO | ceiling mIoU (%) | masks / image | uncovered (%) |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| store | ABO | ceiling mIoU (%) | masks / image | uncovered (%) |",
+        "|---|---|---|---|---|",
+    ]
     for key, q in quality.items():
-        lines.append(f"| {key} | {q['abo']:.3f} | {q['ceiling_miou']:.2f} | "
-                     f"{q['masks_per_image']:.1f} | {100 * q['uncovered']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {key} | {q['abo']:.3f} | {q['ceiling_miou']:.2f} | "
+            f"{q['masks_per_image']:.1f} | {100 * q['uncovered']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -44,8 +44,13 @@ class MaskSet:
     def empty(cls, height: int, width: int) -> MaskSet:
         """A MaskSet with n = 0 masks for an (height, width) image."""
         f32, i32 = np.float32, np.int32
-        return cls(np.zeros((0, height, width), bool), np.zeros(0, i32), np.zeros(0, f32),
-                   np.zeros(0, f32), np.zeros((0, 4), i32))  # fmt: skip
+        return cls(
+            np.zeros((0, height, width), bool),
+            np.zeros(0, i32),
+            np.zeros(0, f32),
+            np.zeros(0, f32),
+            np.zeros((0, 4), i32),
+        )
 
 
 @runtime_checkable
@@ -103,8 +108,16 @@ def check_mask_set(ms: MaskSet, shape: tuple[int, int]) -> None:
         raise ValueError(f"masks must be (n, H, W) bool, got {ms.masks.shape} {ms.masks.dtype}")
     if ms.image_shape != shape:
         raise ValueError(f"masks are {ms.image_shape}, the store holds {shape} images")
-    shapes = [(x.shape, s) for x, s in [(ms.area, (n,)), (ms.predicted_iou, (n,)),
-              (ms.stability_score, (n,)), (ms.bbox, (n, 4))] if x.shape != s]  # fmt: skip
+    shapes = [
+        (x.shape, s)
+        for x, s in [
+            (ms.area, (n,)),
+            (ms.predicted_iou, (n,)),
+            (ms.stability_score, (n,)),
+            (ms.bbox, (n, 4)),
+        ]
+        if x.shape != s
+    ]
     if shapes:
         raise ValueError(f"{n} masks but a field of shape {shapes[0][0]}, expected {shapes[0][1]}")
     if n > 1 and np.any(np.diff(ms.area.astype(np.int64)) > 0):

@@ -27,7 +27,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -79,7 +79,7 @@ class BoundaryNet(nn.Module):
         self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - self.mean) / 0.25
+        x = (images - cast(torch.Tensor, self.mean)) / 0.25
         skips = [self.stem(x)]
         for block in self.down:
             skips.append(block(nn.functional.max_pool2d(skips[-1], 2)))
@@ -115,7 +115,9 @@ def load_boundary_net(path: str | Path) -> BoundaryNet:
     try:
         net.load_state_dict(ckpt["state_dict"])
     except (KeyError, RuntimeError, TypeError) as exc:
-        raise InputError(f"{path}: weights do not fit a BoundaryNet ({type(exc).__name__})") from None
+        raise InputError(
+            f"{path}: weights do not fit a BoundaryNet ({type(exc).__name__})"
+        ) from None
     if not all(torch.isfinite(p).all() for p in net.state_dict().values() if p.is_floating_point()):
         raise InputError(f"{path}: the demo SAM weights hold NaN or infinite values")
     return net.eval()

@@ -13,20 +13,16 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from opensam.config import MasksParams, SamParams
 from opensam.errors import InputError
-from opensam.masks.arrays import EncodedMasks, MaskGenerator, MaskSet
-from opensam.masks.store import AttrValue, MaskStore, MaskStoreWriter, validate_store
+from opensam.masks.arrays import MaskGenerator
+from opensam.masks.shards import compute_sharded
+from opensam.masks.store import AttrValue, MaskStoreWriter, summarize_store, validate_store
 from opensam.masks.superpixels import SuperpixelGenerator
-from opensam.masks.workers import Task, encode_in_workers, uses_workers
+from opensam.masks.workers import write_missing
 from opensam.parallel.context import current_runtime
 from opensam.prepared import Prepared
 from opensam.runtime import remove_path
@@ -213,25 +209,6 @@ def ablation_image_ids(prepared: Prepared, count: int, where: str = "params.yaml
     return train[:count]
 
 
-def read_prepared_image(path: Path, image_size: int) -> np.ndarray:
-    """A prepared image as (S, S, 3) uint8 RGB; InputError if missing, unreadable or resized."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode, size = img.mode, img.size
-            array = np.asarray(img.convert("RGB"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: prepared image not found") from None
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
-    if size != (image_size, image_size) or mode not in ("RGB", "RGBA", "L"):
-        raise InputError(
-            f"{path}: expected a {image_size}x{image_size} RGB image, got {size[0]}x{size[1]} "
-            f"{mode} (rerun the prepare stage)"
-        )
-    return array
-
-
 def compute_mask_store(
     prepared_dir: Path,
     out_path: Path,
@@ -247,8 +224,8 @@ def compute_mask_store(
     partial store, skipping images already done there, and computes the rest. ``generator`` may
     be a zero-argument builder, called only if some image needs computing (loading SAM is slow).
     ``originals`` maps ids to original photos, handed to ``generate``; ``workers``: threads for
-    a CPU generator (see :func:`write_missing`). Returns
-    :func:`summarize_store` of the finished store.
+    a CPU generator (see :func:`opensam.masks.workers.write_missing`). Returns
+    :func:`opensam.masks.store.summarize_store` of the finished store.
     """
     prepared_dir, out_path = Path(prepared_dir), Path(out_path)
     ids = [str(i) for i in image_ids]
@@ -261,8 +238,6 @@ def compute_mask_store(
             raise InputError(f"{path}: prepared image not found")
     digests = {i: file_sha256(p) for i, p in paths.items()}
     if (runtime := current_runtime()).distributed:  # torchrun: one shard per rank, then merge
-        from opensam.masks.shards import compute_sharded
-
         return compute_sharded(
             out_path, ids, paths, digests, generator, attrs, originals, runtime, workers
         )
@@ -280,72 +255,15 @@ def compute_mask_store(
     log.info(
         "%s: %d images, masks per image min %d / median %.1f / max %d, %.0f bytes per image "
         "(%.1fx smaller than raw bit-packed)",
-        out_path, summary["images"], summary["masks_min"], summary["masks_median"],
-        summary["masks_max"], summary["bytes_per_image"], summary["compression"],
-    )  # fmt: skip
+        out_path,
+        summary["images"],
+        summary["masks_min"],
+        summary["masks_median"],
+        summary["masks_max"],
+        summary["bytes_per_image"],
+        summary["compression"],
+    )
     return summary
-
-
-def write_missing(
-    writer: MaskStoreWriter,
-    ids: Sequence[str],
-    paths: Mapping[str, Path],
-    digests: Mapping[str, str],
-    generator: MaskGenerator | Callable[[], MaskGenerator],
-    size: int,
-    originals: Mapping[str, Path] | None,
-    name: str,
-    workers: int = 1,
-) -> None:
-    """Generate and write every image of ``ids`` that ``writer``'s (partial) store lacks or
-    holds for another source digest (a changed image is redone); the generator is built only
-    when there is work. ``name`` labels the log line and the progress bar. A CPU generator
-    (superpixels, regions) runs in ``workers`` threads if > 1 (:mod:`opensam.masks.workers`);
-    the images are written in ``ids`` order either way, so the datasets do not depend on it."""
-    done = writer.done_ids()
-    todo = [i for i in ids if done.get(i) != digests[i]]
-    log.info("%s: %d of %d image(s) to compute", name, len(todo), len(ids))
-    if not todo:
-        return
-    gen = generator if isinstance(generator, MaskGenerator) else generator()
-
-    def tasks() -> Iterator[Task]:
-        for image_id in todo:
-            original = originals.get(image_id) if originals else None
-            yield image_id, read_prepared_image(paths[image_id], size), original
-
-    results: Iterator[tuple[str, MaskSet | EncodedMasks]]
-    if uses_workers(gen, workers) and len(todo) > 1:
-        log.info("%s: %s in %d worker threads", name, type(gen).__name__, workers)
-        results = encode_in_workers(gen, tasks(), workers)
-    else:
-        results = ((i, gen.generate(image, original)) for i, image, original in tasks())
-    for image_id, masks in tqdm(results, total=len(todo), desc=f"masks {name}", unit="img"):
-        writer.write(image_id, masks, digests[image_id])
-
-
-def summarize_store(path: Path) -> dict[str, float]:
-    """Masks per image (min, median, max), file bytes per image and the ratio to raw bit-packed
-    bytes (sum of n * ceil(H*W/8))."""
-    store = MaskStore(path)
-    try:
-        ids = store.ids()
-        counts = np.array([store.num_masks(i) for i in ids], np.int64)
-        h, w = store.image_shape
-    finally:
-        store.close()
-    n_images = max(len(ids), 1)
-    file_bytes = Path(path).stat().st_size
-    raw = int(counts.sum()) * math.ceil(h * w / 8)
-    return {
-        "images": float(len(ids)),
-        "masks_min": float(counts.min()) if counts.size else 0.0,
-        "masks_median": float(np.median(counts)) if counts.size else 0.0,
-        "masks_max": float(counts.max()) if counts.size else 0.0,
-        "bytes_per_image": file_bytes / n_images,
-        "raw_bytes_per_image": raw / n_images,
-        "compression": raw / file_bytes if file_bytes else 0.0,
-    }
 
 
 def precompute_masks(

@@ -77,16 +77,29 @@ def build_sam_tiny() -> Sam:
     and tiny widths, upscaling kernels tied: for tests and ``bench/masks.py --quick``."""
     dim = 32
     encoder = modeling.ImageEncoderViT(
-        depth=2, embed_dim=64, img_size=1024, mlp_ratio=2, num_heads=2, patch_size=16,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True,
-        global_attn_indexes=(1,), window_size=14, out_chans=dim,
-    )  # fmt: skip
-    prompt = modeling.PromptEncoder(embed_dim=dim, image_embedding_size=(64, 64),
-                                    input_image_size=(1024, 1024), mask_in_chans=4)  # fmt: skip
+        depth=2,
+        embed_dim=64,
+        img_size=1024,
+        mlp_ratio=2,
+        num_heads=2,
+        patch_size=16,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=(1,),
+        window_size=14,
+        out_chans=dim,
+    )
+    prompt = modeling.PromptEncoder(
+        embed_dim=dim, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=4
+    )
     decoder = modeling.MaskDecoder(
-        num_multimask_outputs=3, transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=32,
+        num_multimask_outputs=3,
+        transformer_dim=dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=32,
         transformer=modeling.TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
-    )  # fmt: skip
+    )
     return tie_upscaling_kernels(Sam(encoder, prompt, decoder)).eval()
 
 
@@ -226,8 +239,9 @@ class SamMaskGenerator:
         encoder = self.model.image_encoder
         return encode_image(encoder, x) if self.opts.fast_encoder else encoder(x)
 
-    def _resize_matrices(self, image_hw: tuple[int, int], out_hw: tuple[int, int]
-                         ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    def _resize_matrices(
+        self, image_hw: tuple[int, int], out_hw: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
         """(M_h (H, 256), M_w^T (256, W)) for an image of image_hw, cached."""
         key = (*image_hw, *out_hw)
         if key not in self._matrices:
@@ -268,8 +282,9 @@ class SamMaskGenerator:
             iou, stab = iou[keep], stab[keep]
         return masks, iou, stab
 
-    def _predict_batch(self, features: Tensor, side: ImageSide | None, coords: Tensor,
-                       mats: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:  # fmt: skip
+    def _predict_batch(
+        self, features: Tensor, side: ImageSide | None, coords: Tensor, mats: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, ...]:
         """Prompts (B, 2) float64 in the model frame -> masks (K, H, W) bool, predicted IoU,
         stability (K,) float32 and boxes (K, 4) xyxy inclusive, filtered as in stock's
         ``_process_batch`` (empty masks dropped as well)."""
@@ -301,10 +316,16 @@ class SamMaskGenerator:
 
         opts, scale = self.opts, out_hw[0] * out_hw[1] / (image.shape[0] * image.shape[1])
         records = SamAutomaticMaskGenerator(
-            self.model, opts.points_per_side, opts.points_per_batch, opts.pred_iou_thresh,
-            opts.stability_score_thresh, STABILITY_SCORE_OFFSET, opts.box_nms_thresh,
-            opts.crop_n_layers, min_mask_region_area=round(opts.min_mask_region_area / scale),
-        ).generate(image)  # fmt: skip
+            self.model,
+            opts.points_per_side,
+            opts.points_per_batch,
+            opts.pred_iou_thresh,
+            opts.stability_score_thresh,
+            STABILITY_SCORE_OFFSET,
+            opts.box_nms_thresh,
+            opts.crop_n_layers,
+            min_mask_region_area=round(opts.min_mask_region_area / scale),
+        ).generate(image)
         if not records:
             return MaskSet.empty(*out_hw)
         masks = torch.as_tensor(np.stack([r["segmentation"] for r in records]))[:, None].float()
@@ -313,8 +334,9 @@ class SamMaskGenerator:
         return _to_mask_set(masks.numpy(), np.array(iou), np.array(stab), out_hw)
 
 
-def _remove_small_regions(masks: Tensor, min_area: int, box_nms_thresh: float
-                          ) -> tuple[Tensor, Tensor]:  # fmt: skip
+def _remove_small_regions(
+    masks: Tensor, min_area: int, box_nms_thresh: float
+) -> tuple[Tensor, Tensor]:
     """Stock's ``postprocess_small_regions`` on masks (K, H, W) bool: returns the new masks kept
     by the second NMS (unchanged masks preferred) and their indices (k,) into the input."""
     new, scores = [], []
@@ -329,8 +351,9 @@ def _remove_small_regions(masks: Tensor, min_area: int, box_nms_thresh: float
     return out[keep], keep
 
 
-def _to_mask_set(masks: np.ndarray, iou: np.ndarray, stab: np.ndarray, out_hw: tuple[int, int]
-                 ) -> MaskSet:  # fmt: skip
+def _to_mask_set(
+    masks: np.ndarray, iou: np.ndarray, stab: np.ndarray, out_hw: tuple[int, int]
+) -> MaskSet:
     """(n, H, W) bool masks in NMS order -> MaskSet sorted by area, largest first (stable), empty
     masks dropped, boxes in the store's convention (w, h = pixels spanned)."""
     area = masks.sum(axis=(1, 2))
@@ -339,12 +362,18 @@ def _to_mask_set(masks: np.ndarray, iou: np.ndarray, stab: np.ndarray, out_hw: t
     if order.size == 0:
         return MaskSet.empty(*out_hw)
     masks = np.ascontiguousarray(masks[order])
-    return MaskSet(masks, area[order].astype(np.int32), iou[order].astype(np.float32),
-                   stab[order].astype(np.float32), boxes_xywh(masks))  # fmt: skip
+    return MaskSet(
+        masks,
+        area[order].astype(np.int32),
+        iou[order].astype(np.float32),
+        stab[order].astype(np.float32),
+        boxes_xywh(masks),
+    )
 
 
-def build_sam_generator(sam: SamParams, points_per_side: int, min_region_area: int,
-                        image_size: int) -> SamMaskGenerator:  # fmt: skip
+def build_sam_generator(
+    sam: SamParams, points_per_side: int, min_region_area: int, image_size: int
+) -> SamMaskGenerator:
     """Load ``sam.model`` / ``sam.checkpoint`` on ``sam.device`` and wrap it in a generator
     for image_size x image_size prepared images (its resize matrices are built up front)."""
     if sam.input not in ("prepared", "original"):
@@ -352,9 +381,18 @@ def build_sam_generator(sam: SamParams, points_per_side: int, min_region_area: i
     if sam.points_per_batch < 1 or sam.crop_n_layers < 0:
         raise InputError("sam: points_per_batch must be >= 1 and crop_n_layers >= 0")
     model = load_sam(sam.model, sam.checkpoint, sam.device)
-    gen = SamMaskGenerator(model, AmgOptions(
-        points_per_side, sam.points_per_batch, sam.pred_iou_thresh, sam.stability_score_thresh,
-        sam.box_nms_thresh, min_region_area, sam.crop_n_layers, sam.input == "original",
-    ))  # fmt: skip
+    gen = SamMaskGenerator(
+        model,
+        AmgOptions(
+            points_per_side,
+            sam.points_per_batch,
+            sam.pred_iou_thresh,
+            sam.stability_score_thresh,
+            sam.box_nms_thresh,
+            min_region_area,
+            sam.crop_n_layers,
+            sam.input == "original",
+        ),
+    )
     gen._resize_matrices((image_size, image_size), (image_size, image_size))
     return gen

@@ -26,8 +26,9 @@ from torch import Tensor
 _BIAS_BYTES = 64 << 20  # rel-pos bias built per SDPA call (query rows x heads x keys), bytes
 
 
-def _linear(x: Tensor, weight: Tensor, bias: Tensor, gelu: bool = False,
-            residual: Tensor | None = None) -> Tensor:  # fmt: skip
+def _linear(
+    x: Tensor, weight: Tensor, bias: Tensor, gelu: bool = False, residual: Tensor | None = None
+) -> Tensor:
     """gelu(x @ weight.T + bias) or residual + x @ weight.T + bias; x (M, K), weight (N, K).
 
     ``F.linear`` (MKL's sgemm, as stock's ``nn.Linear``), then GELU or the residual in place: on
@@ -39,8 +40,16 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor, gelu: bool = False,
     return out if residual is None else out.add_(residual)
 
 
-def _rel_pos_sdpa(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor,
-                  hw: tuple[int, int], scale: float, out: Tensor) -> None:  # fmt: skip
+def _rel_pos_sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_h: Tensor,
+    rel_w: Tensor,
+    hw: tuple[int, int],
+    scale: float,
+    out: Tensor,
+) -> None:
     """SDPA of q, k, v (nh, N, d) with the decomposed rel-pos bias, written to out (N, nh, d).
 
     The bias is built a few query rows of the grid at a time into one reused buffer of at most
@@ -151,8 +160,14 @@ def _t2i_folded(attn: two_way.Attention, q_tok: Tensor, x: Tensor, x_pe: Tensor)
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, nh * d))
 
 
-def _i2t(attn: two_way.Attention, tok: Tensor, tok_pe: Tensor, x: Tensor, x_pe: Tensor | None,
-         q_img: Tensor | None = None) -> Tensor:  # fmt: skip
+def _i2t(
+    attn: two_way.Attention,
+    tok: Tensor,
+    tok_pe: Tensor,
+    x: Tensor,
+    x_pe: Tensor | None,
+    q_img: Tensor | None = None,
+) -> Tensor:
     """Image tokens attend to the T prompt tokens: returns x + out_proj(attention), (B, N, C).
 
     Queries are ``q_img`` (N, Ci), projected once, or ``x_pe`` (B, N, C), with W_q folded into
@@ -193,8 +208,9 @@ class ImageSide:
         self.q0 = first.cross_attn_image_to_token.q_proj(self.keys0 + self.pe)
 
 
-def _run_transformer(tr: modeling.TwoWayTransformer, side: ImageSide, tokens: Tensor
-                     ) -> tuple[Tensor, Tensor]:  # fmt: skip
+def _run_transformer(
+    tr: modeling.TwoWayTransformer, side: ImageSide, tokens: Tensor
+) -> tuple[Tensor, Tensor]:
     """``TwoWayTransformer.forward`` for B prompts of one image: tokens (B, T, C) -> queries
     (B, T, C) and keys (B, N, C)."""
     first, qpe = tr.layers[0], tokens
@@ -233,8 +249,9 @@ def _upscale_masks(dec: modeling.MaskDecoder, keys: Tensor, mask_tokens: Tensor)
     return masks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, len(mlps), 4 * h, 4 * h)
 
 
-def decode_masks(sam: Sam, side: ImageSide, sparse: Tensor, iou_thresh: float = 0.0
-                 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+def decode_masks(
+    sam: Sam, side: ImageSide, sparse: Tensor, iou_thresh: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
     """SAM's mask decoder (multimask output) for B point prompts of one image.
 
     sparse: (B, 2, C) prompt embeddings. Returns the predicted IoU (B, 3) float32, ``rows``

@@ -14,21 +14,19 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import h5py
 from tqdm import tqdm
 
-from opensam.masks.generators import MaskGenerator, summarize_store, write_missing
+from opensam.masks.arrays import MaskGenerator
 from opensam.masks.store import (
     AttrValue,
     MaskStore,
     MaskStoreWriter,
-    _attrs_diff,
-    _full_attrs,
-    _read_attrs,
-    _scan_images,
+    completed_images,
     partial_path,
+    summarize_store,
     validate_store,
 )
+from opensam.masks.workers import write_missing
 from opensam.parallel.context import Runtime, barrier
 from opensam.runtime import remove_path
 
@@ -38,21 +36,6 @@ log = logging.getLogger(__name__)
 def shard_path(out_path: Path, rank: int, world: int) -> Path:
     """Rank ``rank``'s finished shard beside ``out_path``: ``data/.masks.h5.rank0of2``."""
     return out_path.with_name(f".{out_path.name}.rank{rank}of{world}")
-
-
-def completed_images(path: Path, attrs: Mapping[str, AttrValue]) -> dict[str, str]:
-    """{id: source_sha256} of the complete images of a (partial) store made with ``attrs``;
-    {} when it is missing, unreadable or made with other attrs. Opens it read-only."""
-    if not path.is_file():
-        return {}
-    try:
-        with h5py.File(path, "r") as f:
-            if _attrs_diff(_read_attrs(f), _full_attrs(attrs)):
-                return {}
-            return _scan_images(f)[0]
-    except Exception as exc:  # a damaged partial: the writer rebuilds it later
-        log.info("%s: not reused (%s)", path, exc.__class__.__name__)
-        return {}
 
 
 def _compute_shard(
@@ -73,8 +56,13 @@ def _compute_shard(
         )
 
 
-def _merge(out_path: Path, ids: Sequence[str], digests: Mapping[str, str],
-           attrs: Mapping[str, AttrValue], world: int) -> None:  # fmt: skip
+def _merge(
+    out_path: Path,
+    ids: Sequence[str],
+    digests: Mapping[str, str],
+    attrs: Mapping[str, AttrValue],
+    world: int,
+) -> None:
     """Rank 0: copy every image the partial lacks from its rank's shard, in ``ids`` order."""
     with MaskStoreWriter(out_path, attrs, ids) as writer:
         done = writer.done_ids()
@@ -125,6 +113,11 @@ def compute_sharded(
     barrier(runtime)
     summary = summarize_store(out_path)
     if runtime.is_main:
-        log.info("%s: %d images from %d ranks, %.0f bytes per image", out_path,
-                 summary["images"], world, summary["bytes_per_image"])  # fmt: skip
+        log.info(
+            "%s: %d images from %d ranks, %.0f bytes per image",
+            out_path,
+            summary["images"],
+            world,
+            summary["bytes_per_image"],
+        )
     return summary

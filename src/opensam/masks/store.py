@@ -99,8 +99,11 @@ def _write_group(group: h5py.Group, enc: EncodedMasks) -> None:
     packed = enc.masks
     if len(packed):  # few big chunks: deflate sees the long zero runs across masks (2x smaller)
         rows = max(1, min(len(packed), MASKS_CHUNK_BYTES // max(packed.shape[1], 1)))
-        opts = {"chunks": (rows, packed.shape[1]), "compression": MASKS_COMPRESSION,
-                "compression_opts": MASKS_COMPRESSION_LEVEL}  # fmt: skip
+        opts = {
+            "chunks": (rows, packed.shape[1]),
+            "compression": MASKS_COMPRESSION,
+            "compression_opts": MASKS_COMPRESSION_LEVEL,
+        }
         group.create_dataset("masks", data=packed, **opts)
     else:  # a chunked dataset cannot have a zero-length chunk dimension
         group.create_dataset("masks", data=packed)
@@ -109,8 +112,9 @@ def _write_group(group: h5py.Group, enc: EncodedMasks) -> None:
     group.create_dataset("stability_score", data=enc.stability_score)
     group.create_dataset("bbox", data=enc.bbox)
     winner = enc.winner
-    group.create_dataset("winner", data=winner, chunks=winner.shape, compression="gzip",
-                         shuffle=True)  # fmt: skip
+    group.create_dataset(
+        "winner", data=winner, chunks=winner.shape, compression="gzip", shuffle=True
+    )
 
 
 def _group_ok(group: h5py.Group) -> bool:
@@ -398,3 +402,42 @@ def validate_store(
         return True
     log.info("%s: cannot reuse: %s", path, reason)
     return False
+
+
+def completed_images(path: Path, attrs: Mapping[str, AttrValue]) -> dict[str, str]:
+    """{id: source_sha256} of the complete images of a (partial) store made with ``attrs``;
+    {} when it is missing, unreadable or made with other attrs. Opens it read-only."""
+    if not path.is_file():
+        return {}
+    try:
+        with h5py.File(path, "r") as f:
+            if _attrs_diff(_read_attrs(f), _full_attrs(attrs)):
+                return {}
+            return _scan_images(f)[0]
+    except Exception as exc:  # a damaged partial: the writer rebuilds it later
+        log.info("%s: not reused (%s)", path, exc.__class__.__name__)
+        return {}
+
+
+def summarize_store(path: Path) -> dict[str, float]:
+    """Masks per image (min, median, max), file bytes per image and the ratio to raw bit-packed
+    bytes (sum of n * ceil(H*W/8))."""
+    store = MaskStore(path)
+    try:
+        ids = store.ids()
+        counts = np.array([store.num_masks(i) for i in ids], np.int64)
+        h, w = store.image_shape
+    finally:
+        store.close()
+    n_images = max(len(ids), 1)
+    file_bytes = Path(path).stat().st_size
+    raw = int(counts.sum()) * math.ceil(h * w / 8)
+    return {
+        "images": float(len(ids)),
+        "masks_min": float(counts.min()) if counts.size else 0.0,
+        "masks_median": float(np.median(counts)) if counts.size else 0.0,
+        "masks_max": float(counts.max()) if counts.size else 0.0,
+        "bytes_per_image": file_bytes / n_images,
+        "raw_bytes_per_image": raw / n_images,
+        "compression": raw / file_bytes if file_bytes else 0.0,
+    }

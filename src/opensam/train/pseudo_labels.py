@@ -1,15 +1,10 @@
 """Pseudo-labels: the teacher's hard predictions on the unlabelled pool, and their quality.
 
-Layout of a pseudo-label folder (``data/pseudo/``)::
-
-    labels/<id>.png      mode L uint8 class ids; 255 where the max probability < conf_threshold
-    confidence/<id>.png  mode L uint8 round(255 * max probability)
-    ids.json             the labelled ids, a JSON list in pool order
-
-The pool for a ratio r is the first ``r * len(train)`` ids of ``splits["unlabelled"]`` (a fixed
-seeded order), so a larger ratio's pool contains the smaller one's. Pseudo-label quality is
-measured against ``prepared/unlabelled_gt/<id>.png`` when the source has hidden ground truth;
-training never reads that folder.
+The folder they are written to is :mod:`opensam.train.pseudo_format`. The pool for a ratio r is
+the first ``r * len(train)`` ids of ``splits["unlabelled"]`` (a fixed seeded order), so a larger
+ratio's pool contains the smaller one's. Pseudo-label quality is measured against
+``prepared/unlabelled_gt/<id>.png`` when the source has hidden ground truth; training never
+reads that folder.
 """
 
 from __future__ import annotations
@@ -26,42 +21,21 @@ from PIL import Image
 from torch import nn
 
 from opensam.constants import IGNORE_INDEX
-from opensam.errors import InputError
 from opensam.eval.evaluation import build_loader, predict_loader
 from opensam.eval.metrics import confusion_matrix, miou_report
 from opensam.images import read_label_png
 from opensam.parallel.context import broadcast_object, current_runtime
-from opensam.prepared import read_prepared
-from opensam.runtime import read_json
+from opensam.prepared import HIDDEN_GT_DIR, read_prepared
+from opensam.train.pseudo_format import (
+    CONFIDENCE_DIR,
+    IDS_FILE,
+    LABELS_DIR,
+    confidence_to_uint8,
+    hard_labels,
+)
+from opensam.train.pseudo_shards import predict_sharded
 
 log = logging.getLogger(__name__)
-
-LABELS_DIR = "labels"
-CONFIDENCE_DIR = "confidence"
-IDS_FILE = "ids.json"
-HIDDEN_GT_DIR = "unlabelled_gt"
-
-
-def hard_labels(
-    log_probs: torch.Tensor, conf_threshold: float | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard pseudo-labels from (B, C, H, W) log-probabilities.
-
-    Returns labels (B, H, W) uint8 (argmax; ``IGNORE_INDEX`` where the max probability is below
-    ``conf_threshold``, when set) and the max probability (B, H, W) float32 in [0, 1].
-    """
-    if log_probs.shape[1] >= IGNORE_INDEX:
-        raise ValueError(f"{log_probs.shape[1]} classes do not fit uint8 labels with 255 = ignore")
-    conf, labels = log_probs.float().exp().max(dim=1)
-    labels = labels.to(torch.uint8)
-    if conf_threshold is not None:
-        labels[conf < conf_threshold] = IGNORE_INDEX
-    return labels, conf
-
-
-def confidence_to_uint8(conf: torch.Tensor) -> np.ndarray:
-    """Max probability (..., H, W) float in [0, 1] -> uint8 round(255 * p)."""
-    return conf.clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
 
 
 def generate_pseudo_labels(
@@ -95,8 +69,6 @@ def generate_pseudo_labels(
     loader = build_loader(model, prepared, ids, None, masks if use_masks else None, batch_size)
     conf_sum, ignored, pixels = 0.0, 0, 0
     if rt.distributed:
-        from opensam.train.pseudo_shards import predict_sharded
-
         conf_sum, ignored, pixels = predict_sharded(
             model, loader, use_masks, conf_threshold, out_dir, rt
         )
@@ -150,15 +122,3 @@ def measure_pseudo_quality(
         total += np.asarray(conf, dtype=np.int64)
     log.info("pseudo-label quality measured on %d/%d images with hidden GT", len(with_gt), len(ids))
     return miou_report(total, list(class_names))
-
-
-def load_pseudo_ids(pseudo_dir: Path) -> list[str]:
-    """The ids of a pseudo-label folder (``ids.json``), checking every label file exists."""
-    path = Path(pseudo_dir) / IDS_FILE
-    ids = read_json(path, "run the pseudolabel stage")
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise InputError(f"{path}: expected a JSON list of image ids")
-    missing = [i for i in ids if not (Path(pseudo_dir) / LABELS_DIR / f"{i}.png").is_file()]
-    if missing:
-        raise InputError(f"{path}: {len(missing)} ids have no label file, e.g. {missing[0]}")
-    return ids

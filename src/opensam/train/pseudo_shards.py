@@ -25,10 +25,11 @@ from opensam.eval.evaluation import predict_loader
 from opensam.parallel.context import Runtime, barrier, broadcast_object
 from opensam.parallel.sharding import shard_loader
 from opensam.runtime import atomic_path, remove_path
+from opensam.train.pseudo_format import CONFIDENCE_DIR, LABELS_DIR, confidence_to_uint8, hard_labels
 
 log = logging.getLogger(__name__)
 
-LABELS_DIR, CONFIDENCE_DIR, BATCHES_DIR = "labels", "confidence", "batches"
+BATCHES_DIR = "batches"
 Stats = tuple[float, int, int]  # (sum of max probabilities, ignored pixels, pixels)
 
 
@@ -43,11 +44,13 @@ def _save_png(array: torch.Tensor | object, path: Path) -> None:
 
 
 def _predict_shard(
-    model: nn.Module, loader: DataLoader, use_masks: bool, conf_threshold: float | None,
-    shard: Path, runtime: Runtime,
-) -> None:  # fmt: skip
-    from opensam.train.pseudo_labels import confidence_to_uint8, hard_labels
-
+    model: nn.Module,
+    loader: DataLoader,
+    use_masks: bool,
+    conf_threshold: float | None,
+    shard: Path,
+    runtime: Runtime,
+) -> None:
     for sub in (LABELS_DIR, CONFIDENCE_DIR, BATCHES_DIR):
         (shard / sub).mkdir(parents=True, exist_ok=True)
     done = [int(p.stem) for p in (shard / BATCHES_DIR).glob("*.json") if p.stem.isdigit()]
@@ -60,8 +63,12 @@ def _predict_shard(
             _save_png(labels[i].numpy(), shard / LABELS_DIR / f"{image_id}.png")
             _save_png(conf_u8[i], shard / CONFIDENCE_DIR / f"{image_id}.png")
         ignored = int((labels == IGNORE_INDEX).sum())
-        stats = {"ids": ids, "conf_sum": float(conf.double().sum()), "ignored": ignored,
-                 "pixels": labels.numel()}  # fmt: skip
+        stats = {
+            "ids": ids,
+            "conf_sum": float(conf.double().sum()),
+            "ignored": ignored,
+            "pixels": labels.numel(),
+        }
         with atomic_path(shard / BATCHES_DIR / f"{b}.json") as tmp:
             tmp.write_text(json.dumps(stats))
 
@@ -86,9 +93,13 @@ def _merge(out_dir: Path, world: int) -> Stats:
 
 
 def predict_sharded(
-    model: nn.Module, loader: DataLoader, use_masks: bool, conf_threshold: float | None,
-    out_dir: Path, runtime: Runtime,
-) -> Stats:  # fmt: skip
+    model: nn.Module,
+    loader: DataLoader,
+    use_masks: bool,
+    conf_threshold: float | None,
+    out_dir: Path,
+    runtime: Runtime,
+) -> Stats:
     """Every rank: label this rank's batches of ``loader`` into its shard; rank 0 merges them
     into ``out_dir`` (which holds ``labels/`` and ``confidence/``). Returns the statistics of
     all images on every rank, after the merge."""
