@@ -50,7 +50,8 @@ _SIGNATURES = {
     (144, 48): "sam2.1_hiera_large",
 }
 _PATCH_KEY = "image_encoder.trunk.patch_embed.proj.weight"
-_HOLES_WARNING = ".*Skipping the post-processing step"  # no sam2._C: hole filling is skipped
+# no sam2._C (a CPU-only install): the package warns on every image that hole filling is skipped
+_HOLES_WARNING = r"(?s).*Skipping the post-processing step"
 
 
 def check_sam2_model(model: str) -> tuple[str, str]:
@@ -181,7 +182,7 @@ class Sam2MaskGenerator:
     def generate(self, image: np.ndarray, original: Path | None = None) -> MaskSet:
         """Masks of ``image`` (H, W, 3) uint8 at (H, W); ``original`` is not used."""
         out_hw = (int(image.shape[0]), int(image.shape[1]))
-        records = self.records(np.ascontiguousarray(image))
+        records = self.records(np.require(image, np.uint8, ["C", "W"]))  # torchvision: writable
         if not records:
             return MaskSet.empty(*out_hw)
         masks = np.stack([np.asarray(r["segmentation"], bool) for r in records])
