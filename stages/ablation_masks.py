@@ -5,8 +5,8 @@
 
 Reads params `ablation.images` (the first that many train images), `masks`, `sam` and `sam2`;
 `pps` and the minimum region area come from the command line (dvc.yaml's matrix over
-`ablation.pps` x `ablation.min_region_area`). Writes one mask store (format: `opensam.masks.store`), resumable
-like the `masks` stage.
+`ablation.pps` x `ablation.min_region_area`). Writes one mask store (format:
+`opensam.masks.store`), resumable like the `masks` stage.
 """
 
 from __future__ import annotations

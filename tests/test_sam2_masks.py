@@ -182,7 +182,8 @@ def test_store_through_precompute_masks(
     monkeypatch.setitem(mg.MASK_GENERATORS, "sam2", fail)
     assert mg.precompute_masks(prepared, out, ids, sam2=sam2, **args)["images"] == 2
     other = Sam2Params(checkpoint=str(path), device="cpu", pred_iou_thresh=0.5)
-    assert not validate_store(out, mg.store_attrs("sam2", 3, 10, 64, masks, SamParams(), other), ids)
+    changed = mg.store_attrs("sam2", 3, 10, 64, masks, SamParams(), other)
+    assert not validate_store(out, changed, ids)
 
 
 def test_predict_accepts_masks_sam2() -> None:

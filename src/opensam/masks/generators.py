@@ -156,9 +156,7 @@ def build_generator(
 ) -> MaskGenerator:
     """The generator ``name`` (a key of MASK_GENERATORS); masks come at ``image_size``²."""
     check_generator_name(name, "masks.generator")
-    return MASK_GENERATORS[name](
-        pps, min_region_area, masks, sam, image_size, sam2 or Sam2Params()
-    )
+    return MASK_GENERATORS[name](pps, min_region_area, masks, sam, image_size, sam2 or Sam2Params())
 
 
 def file_sha256(path: Path) -> str:
