@@ -16,11 +16,13 @@ pytest.importorskip(
     "sam2", reason="the sam2 package (requirements.txt: sam2==1.1.0) is not installed"
 )
 
-from conftest import write_tiny_project  # noqa: E402
+import yaml  # noqa: E402
+from conftest import load_stage, write_tiny_project  # noqa: E402
 
 from opensam.apps.cli import build_parser  # noqa: E402
 from opensam.config import MasksParams, Sam2Params, SamParams  # noqa: E402
 from opensam.errors import InputError  # noqa: E402
+from opensam.eval.mask_quality import store_quality  # noqa: E402
 from opensam.masks import generators as mg  # noqa: E402
 from opensam.masks.arrays import boxes_xywh  # noqa: E402
 from opensam.masks.sam import build_sam_tiny  # noqa: E402
@@ -140,7 +142,8 @@ def test_generate_is_the_package_generator_as_a_sorted_mask_set(
 def test_store_through_precompute_masks(
     tmp_path: Path, tiny_checkpoint: tuple[Path, torch.nn.Module], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The masks stage's path: attrs, a valid store that MaskStore reads, then reuse."""
+    """The masks stage's path: attrs, a valid store that MaskStore reads and the mask-quality
+    report works on, then reuse."""
     path = tiny_checkpoint[0]
     p = write_tiny_project(tmp_path, n_train=1, n_val=1, n_test=0, n_unlab=0)
     prepared = read_prepared(p["prepared"])
@@ -173,6 +176,9 @@ def test_store_through_precompute_masks(
         for i in ids:
             assert store.num_masks(i) >= 1
         assert store.attrs["generator"] == "sam2" and store.attrs["checkpoint_sha256"] == sha
+        quality = store_quality(store, prepared.val, prepared)  # the masks stage's --quality
+        assert quality["images"] == 1 and quality["masks_per_image"] >= 1
+        assert 0 <= quality["abo"] <= 1 and 0 <= quality["uncovered"] <= 1
     finally:
         store.close()
 
@@ -184,6 +190,21 @@ def test_store_through_precompute_masks(
     other = Sam2Params(checkpoint=str(path), device="cpu", pred_iou_thresh=0.5)
     changed = mg.store_attrs("sam2", 3, 10, 64, masks, SamParams(), other)
     assert not validate_store(out, changed, ids)
+
+
+def test_masks_stage_reads_the_sam2_params(tmp_path: Path) -> None:
+    """params.yaml -> stage -> store attrs: a missing sam2.checkpoint stops before any model."""
+    p = write_tiny_project(tmp_path, n_train=1, n_val=1, n_test=0, n_unlab=0)
+    raw = yaml.safe_load(p["params"].read_text())
+    missing = tmp_path / "models" / "sam2.1_hiera_small.pt"
+    raw["masks"]["generator"] = "sam2"
+    raw["sam2"] = {**raw["sam2"], "model": "sam2.1_hiera_small", "checkpoint": str(missing)}
+    p["params"].write_text(yaml.safe_dump(raw))
+    argv = ["--prepared", str(p["prepared"]), "--out", str(tmp_path / "m.h5")]
+    with pytest.raises(InputError) as err:
+        load_stage("masks").main([*argv, "--params", str(p["params"])])
+    assert str(err.value).startswith(f"{missing}: SAM 2.1 checkpoint not found")
+    assert f"{SAM2_URL}sam2.1_hiera_small.pt" in str(err.value)
 
 
 def test_predict_accepts_masks_sam2() -> None:
