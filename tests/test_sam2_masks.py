@@ -20,7 +20,7 @@ import yaml  # noqa: E402
 from conftest import load_stage, write_tiny_project  # noqa: E402
 
 from opensam.apps.cli import build_parser  # noqa: E402
-from opensam.config import MasksParams, Sam2Params, SamParams  # noqa: E402
+from opensam.config import SAM2_MODEL_NAMES, MasksParams, Sam2Params, SamParams  # noqa: E402
 from opensam.errors import InputError  # noqa: E402
 from opensam.eval.mask_quality import store_quality  # noqa: E402
 from opensam.masks import generators as mg  # noqa: E402
@@ -60,6 +60,10 @@ def image(size: int = 64) -> np.ndarray:
     img[(yy - 0.45) ** 2 + (xx - 0.35) ** 2 < 0.04] = (0.2, 0.3, 0.2)
     img[(yy > 0.6) & (xx > 0.55)] = (0.1, 0.2, 0.8)
     return np.clip(img * 255 + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+
+
+def test_the_params_names_are_the_models_built() -> None:
+    assert tuple(SAM2_MODELS) == SAM2_MODEL_NAMES
 
 
 def test_checkpoint_round_trip(tiny_checkpoint: tuple[Path, torch.nn.Module]) -> None:

@@ -23,6 +23,13 @@ from opensam.errors import InputError
 
 T = TypeVar("T")
 MAX_IMAGE_SIZE = 2048  # prepared images are image_size² RGB, and so is every mask
+# sam2.model values (opensam.masks.sam2_masks.SAM2_MODELS maps each to its config and file)
+SAM2_MODEL_NAMES = (
+    "sam2.1_hiera_tiny",
+    "sam2.1_hiera_small",
+    "sam2.1_hiera_base_plus",
+    "sam2.1_hiera_large",
+)
 
 
 @dataclass(frozen=True)
@@ -446,6 +453,7 @@ def check_params(p: Params, source: str = "params.yaml") -> None:
     r("sam.crop_n_layers", s.crop_n_layers >= 0, ">= 0", s.crop_n_layers)
     r("sam.input", s.input in ("prepared", "original"), "prepared or original", s.input)
     s2 = p.sam2
+    r("sam2.model", s2.model in SAM2_MODEL_NAMES, f"one of {', '.join(SAM2_MODEL_NAMES)}", s2.model)
     r("sam2.points_per_batch", s2.points_per_batch >= 1, ">= 1", s2.points_per_batch)
     for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
         r(f"sam2.{name}", 0 <= getattr(s2, name) <= 1, "in 0..1", getattr(s2, name))
