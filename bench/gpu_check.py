@@ -4,7 +4,9 @@
     python bench/gpu_check.py --smoke    # CPU, tiny models, a few steps: checks the code only
 
 Prints one JSON object: SAM masks images/s at pps 16 for vit_b and vit_h (ours vs stock
-``SamAutomaticMaskGenerator``, with the masks compared as in bench/masks.py), one training
+``SamAutomaticMaskGenerator``, with the masks compared as in bench/masks.py), SAM 2.1 tiny and
+large through the sam2 package's ``SAM2AutomaticMaskGenerator`` (images/s, masks per image;
+skipped if sam2 is not installed), one training
 step's images/s of convnext_base_w at 256x256 in fp32 and in AMP (``runtime.precision: auto``),
 ``opensam predict`` images/s (superpixel masks and per pixel), and the peak GPU memory of each
 part. Without CUDA (and without --smoke) it prints ``{"skipped": "..."}`` and exits 0.
@@ -26,10 +28,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from masks import demo_images, match_masks, run_ours, run_stock  # noqa: E402
-from opensam.data.demo import render_scene  # noqa: E402
 
 from opensam.apps.predict import Photo, predict_photos  # noqa: E402
 from opensam.config import ClipParams  # noqa: E402
+from opensam.demo.scene import render_scene  # noqa: E402
 from opensam.masks.sam import SAM_BUILDERS, AmgOptions, tie_upscaling_kernels  # noqa: E402
 from opensam.masks.superpixels import SuperpixelGenerator  # noqa: E402
 from opensam.model.segmenter import build_model  # noqa: E402
@@ -81,6 +83,29 @@ def sam_masks(name: str, images: list[np.ndarray], device: torch.device, pps: in
         "speedup": round(stock_s / ours_s, 2),
         "same_masks": same,
         "worst_iou": round(worst, 4),
+        "peak_gib": peak_gib(),
+    }
+
+
+def sam2_masks(model: str, images: list[np.ndarray], device: torch.device, pps: int) -> dict:
+    """SAM 2.1 ``model`` (random weights) through the sam2 package: images/s, masks per image."""
+    from opensam.masks.sam2_masks import Sam2MaskGenerator, Sam2Options, build_sam2_model
+
+    torch.manual_seed(0)
+    net = build_sam2_model(model, str(device))
+    gen = Sam2MaskGenerator(net, Sam2Options(pps, 64, 0.0, 0.0, 0.9, 0))
+    gen.generate(images[0])  # warm-up
+    peak_reset()
+    sync()
+    start, counts = time.perf_counter(), []
+    for image in images:
+        counts.append(len(gen.generate(image)))
+    sync()
+    seconds = time.perf_counter() - start
+    del gen, net
+    return {
+        "images_per_s": round(len(images) / seconds, 3),
+        "masks_per_image": round(float(np.mean(counts)), 1),
         "peak_gib": peak_gib(),
     }
 
@@ -181,6 +206,15 @@ def main() -> int:
     }
     images = demo_images(n_img)
     report["sam_masks_pps16"] = {name: sam_masks(name, images, device, 16) for name in sams}
+    try:
+        import sam2  # noqa: F401  (requirements.txt)
+    except ImportError:
+        report["sam2_masks_pps16"] = {"skipped": "sam2 is not installed"}
+    else:
+        sam2s = ["sam2.1_hiera_tiny"] if smoke else ["sam2.1_hiera_tiny", "sam2.1_hiera_large"]
+        report["sam2_masks_pps16"] = {
+            name: sam2_masks(name, images, device, 4 if smoke else 16) for name in sam2s
+        }
     report["train_step_256"] = {
         "fp32": train_steps(clip, device, "fp32", batch, steps, 256),
         "amp": train_steps(clip, device, amp, batch, steps, 256),

@@ -1,4 +1,4 @@
-"""Stock ``SamAutomaticMaskGenerator`` vs opensam's ``SamMaskGenerator``, side by side.
+"""Stock ``SamAutomaticMaskGenerator`` vs opensam's ``SamMaskGenerator``, and SAM 2.1, side by side.
 
     python bench/masks.py            # tiny + vit_b (random weights), 2 demo images, pps 16: ~5 min
     python bench/masks.py --quick    # tiny only, 1 image: < 1 min
@@ -14,6 +14,12 @@ Each pipeline is warmed up once (pps <= 8) before timing. Then, on the first ima
 changes added one at a time, and one batch of prompts taken apart step by step. Last line:
 ``masks speedup: N.NNx`` = stock seconds / our seconds, summed over the images, vit_b (tiny
 with --quick).
+
+``--sam2 sam2.1_hiera_tiny`` (the default; ``none`` skips it) also runs the sam2 package's
+``SAM2AutomaticMaskGenerator`` (random weights, thresholds 0, the same pps, points_per_batch,
+box NMS and min area) on the same images, and a summary line gives the images/s of stock SAM 1,
+our SAM 1 path and SAM 2.1 side by side (SAM 1: the last model run, vit_b or tiny). SAM 2.1's
+masks differ from SAM 1's (another model), so only its count is shown.
 """
 
 from __future__ import annotations
@@ -157,6 +163,27 @@ def bench_model(
     return stock_s, ours_s
 
 
+def bench_sam2(model: str, images: list[np.ndarray], args: argparse.Namespace, row: Row) -> float:
+    """SAM 2.1 ``model`` (random weights) through the sam2 package's automatic generator on
+    ``images``: print one row per image; return its seconds over all images."""
+    from opensam.masks.sam2_masks import Sam2MaskGenerator, Sam2Options, build_sam2_model
+
+    torch.manual_seed(0)
+    net = build_sam2_model(model, "cpu")
+    opts = Sam2Options(args.pps, args.batch, 0.0, 0.0, args.nms, args.mra)
+    warm = dataclasses.replace(opts, points_per_side=min(args.pps, 8))
+    Sam2MaskGenerator(net, warm).generate(images[0])  # first calls: not timed
+    gen, total = Sam2MaskGenerator(net, opts), 0.0
+    enc: list[float] = []
+    timed(gen.amg.predictor, "set_image", enc)
+    for i, image in enumerate(images):
+        ms, s = seconds(lambda image=image: gen.generate(image))
+        row(f"image {i}: SAM2AutomaticMaskGenerator ({model})", enc[-1], s, len(ms), "")
+        total += s
+    print(f"{model}: {total:.2f} s ({len(images) / total:.3f} images/s)")
+    return total
+
+
 def ablate(
     sam: Sam, opts: AmgOptions, image: np.ndarray, first: tuple[float, ...], row: Row, batches: bool
 ) -> None:
@@ -238,6 +265,11 @@ def main() -> int:
     )
     parser.add_argument("--mra", type=int, default=0, help="min_mask_region_area")
     parser.add_argument("--no-ablation", action="store_true", help="only the side-by-side runs")
+    parser.add_argument(
+        "--sam2",
+        default="sam2.1_hiera_tiny",
+        help="SAM 2.1 model to run as well (random weights), or none",
+    )
     args = parser.parse_args()
     models, n_images = (["tiny"], 1) if args.quick else (["tiny", "vit_b"], args.images)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -260,6 +292,19 @@ def main() -> int:
             )
 
         result = bench_model(name, images, args, row)
+    sam2_s = None
+    if args.sam2 != "none":
+        try:
+            import sam2  # noqa: F401  (requirements.txt; an optional generator)
+        except ImportError:
+            print(f"\nsam2 is not installed: {args.sam2} skipped (pip install sam2==1.1.0)")
+        else:
+            print(f"\n{'sam2':6} {'pipeline':58} {'encoder s':>9} {'total s':>8} {'masks':>5}")
+
+            def row2(label: str, enc: float, total: float, n: Any, note: str) -> None:
+                print(f"{'sam2':6} {label:58} {enc:9.2f} {total:8.2f} {n:>5}  {note}")
+
+            sam2_s = bench_sam2(args.sam2, images, args, row2)
     if world > 1:  # the job's throughput: all images over the slowest rank's seconds
         parts: list[Any] = [None] * world
         torch.distributed.all_gather_object(parts, result)
@@ -270,6 +315,12 @@ def main() -> int:
                 f"images/s, ours {n_images / ours_s:.3f} images/s"
             )
         result = (sum(p[0] for p in parts), sum(p[1] for p in parts))
+    if sam2_s is not None and world == 1:
+        n = len(images)
+        print(
+            f"images/s side by side ({models[-1]} for SAM 1): stock SAM 1 {n / result[0]:.3f}, "
+            f"ours SAM 1 {n / result[1]:.3f}, {args.sam2} {n / sam2_s:.3f}"
+        )
     print(f"masks speedup: {result[0] / result[1]:.2f}x")
     return 0
 

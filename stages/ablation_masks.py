@@ -3,10 +3,10 @@
     python stages/ablation_masks.py --prepared data/prepared --pps 16 --min-region-area 0 \
         --out data/ablation/pps16_mra0.h5
 
-Reads params `ablation.images` (the first that many train images), `masks` and `sam`; `pps` and
-the minimum region area come from the command line (dvc.yaml's matrix over `ablation.pps` x
-`ablation.min_region_area`). Writes one mask store (format: `opensam.masks.store`), resumable
-like the `masks` stage.
+Reads params `ablation.images` (the first that many train images), `masks`, `sam` and `sam2`;
+`pps` and the minimum region area come from the command line (dvc.yaml's matrix over
+`ablation.pps` x `ablation.min_region_area`). Writes one mask store (format:
+`opensam.masks.store`), resumable like the `masks` stage.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         min_region_area=args.min_region_area,
         masks=params.masks,
         sam=params.sam,
+        sam2=params.sam2,
         where=f"{args.params} / --pps {args.pps} --min-region-area {args.min_region_area}",
     )
     return 0

@@ -2,9 +2,10 @@
 
     python stages/masks.py --prepared data/prepared --out data/masks.h5
 
-Reads params `pps`, `min_region_area`, `masks` (generator, max_ratio, compactness) and `sam`;
-the image size comes from `data/prepared/splits.json`. Masks cover all labelled images and the
-first `masks.max_ratio x len(train)` unlabelled ones, so any `ratio <= max_ratio` reuses them.
+Reads params `pps`, `min_region_area`, `masks` (generator, max_ratio, compactness), `sam` and
+`sam2`; the image size comes from `data/prepared/splits.json`. Masks cover all labelled images
+and the first `masks.max_ratio x len(train)` unlabelled ones, so any `ratio <= max_ratio` reuses
+them.
 Writes `data/masks.h5` (format: `opensam.masks.store`). An interrupted run leaves
 `data/.masks.h5.partial`; rerunning with the same settings resumes from it. `--quality` gets the
 store's mask quality on the val split (`opensam.eval.mask_quality`: ABO, region-majority
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         min_region_area=params.min_region_area,
         masks=params.masks,
         sam=params.sam,
+        sam2=params.sam2,
         where=str(args.params),
     )
     if args.quality is not None and current_runtime().is_main:

@@ -73,7 +73,7 @@ def predict_pool(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     model, meta = load_checkpoint(args.student, params.class_names, classes_from=str(args.params))
     size = int(meta["image_size"])
     choice = choose_masks(meta, params, checkpoint=str(args.student))
-    masks = build_mask_generator(choice, params.masks, params.sam, size)
+    masks = build_mask_generator(choice, params.masks, params.sam, size, params.sam2)
     colors = overlay_colors(params, meta)
     log.info("predicting %d unlabelled photos with %s", len(photos), args.student)
     with main_output(args.out) as tmp:  # under torchrun: rank 0 merges the ranks' shards

@@ -365,6 +365,8 @@ CASES: dict[str, Case] = {
     "checkpoint-missing": Case("cli", [*PREDICT[:4], "--checkpoint", "models/none.pt", "--masks", "none"], None, "models/none.pt", "checkpoint not found"),
     "checkpoint-other-classes": Case("cli", PREDICT, lambda r: set_params(r, classes=[{"name": n, "prompt": n} for n in ("cat", "dog", "bird", "sky")]), "models/student.pt", "differ from params.yaml"),
     "sam-checkpoint-missing": Case("masks", MASKS, lambda r: set_params(r, masks__generator="sam", sam__model="vit_b", sam__checkpoint="models/sam_vit_b_01ec64.pth"), "models/sam_vit_b_01ec64.pth", "download"),
+    "sam2-checkpoint-missing": Case("masks", MASKS, lambda r: set_params(r, masks__generator="sam2", sam2__model="sam2.1_hiera_small", sam2__checkpoint="models/sam2.1_hiera_small.pt"), "models/sam2.1_hiera_small.pt", "download https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_small.pt"),
+    "sam2-model-unknown": Case("masks", MASKS, lambda r: set_params(r, masks__generator="sam2", sam2__model="sam2_hiera_xl"), P, "sam2.model: must be one of sam2.1_hiera_tiny"),
 }  # fmt: skip
 
 

@@ -23,6 +23,13 @@ from opensam.errors import InputError
 
 T = TypeVar("T")
 MAX_IMAGE_SIZE = 2048  # prepared images are image_size² RGB, and so is every mask
+# sam2.model values (opensam.masks.sam2_masks.SAM2_MODELS maps each to its config and file)
+SAM2_MODEL_NAMES = (
+    "sam2.1_hiera_tiny",
+    "sam2.1_hiera_small",
+    "sam2.1_hiera_base_plus",
+    "sam2.1_hiera_large",
+)
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,7 @@ class RuntimeParams:
 
 @dataclass(frozen=True)
 class MasksParams:
-    generator: str = "demo_sam"  # demo_sam | sam | superpixels | regions
+    generator: str = "demo_sam"  # demo_sam | sam | sam2 | superpixels | regions
     checkpoint: str = "models/demo_sam.pt"  # demo_sam's weights (SAM's: sam.checkpoint)
     max_ratio: int = 8
     compactness: float = 10.0  # superpixels only
@@ -130,6 +137,19 @@ class SamParams:
     box_nms_thresh: float = 0.7
     crop_n_layers: int = 0
     input: str = "prepared"  # prepared | original
+    device: str = "auto"  # auto = runtime.device
+
+
+@dataclass(frozen=True)
+class Sam2Params:
+    """SAM 2.1 (``masks.generator: sam2``): the sam2 package's model and automatic generator."""
+
+    model: str = "sam2.1_hiera_tiny"  # sam2.1_hiera_tiny | _small | _base_plus | _large
+    checkpoint: str | None = "models/sam2.1_hiera_tiny.pt"  # None = random weights (tests)
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.8  # SAM2AutomaticMaskGenerator's defaults
+    stability_score_thresh: float = 0.95
+    box_nms_thresh: float = 0.7
     device: str = "auto"  # auto = runtime.device
 
 
@@ -214,6 +234,7 @@ class Params:
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
     masks: MasksParams = field(default_factory=MasksParams)
     sam: SamParams = field(default_factory=SamParams)
+    sam2: Sam2Params = field(default_factory=Sam2Params)
     clip: ClipParams = field(default_factory=ClipParams)
     ablation: AblationParams = field(default_factory=AblationParams)
     warmup: TrainParams = field(default_factory=TrainParams)
@@ -431,6 +452,14 @@ def check_params(p: Params, source: str = "params.yaml") -> None:
         r(f"sam.{name}", 0 <= getattr(s, name) <= 1, "in 0..1", getattr(s, name))
     r("sam.crop_n_layers", s.crop_n_layers >= 0, ">= 0", s.crop_n_layers)
     r("sam.input", s.input in ("prepared", "original"), "prepared or original", s.input)
+    s2 = p.sam2
+    r("sam2.model", s2.model in SAM2_MODEL_NAMES, f"one of {', '.join(SAM2_MODEL_NAMES)}", s2.model)
+    r("sam2.points_per_batch", s2.points_per_batch >= 1, ">= 1", s2.points_per_batch)
+    for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
+        r(f"sam2.{name}", 0 <= getattr(s2, name) <= 1, "in 0..1", getattr(s2, name))
+    kind, _, index = s2.device.partition(":")
+    ok = s2.device in ("auto", "cpu") or (kind == "cuda" and (not index or index.isdigit()))
+    r("sam2.device", ok, "auto, cpu, cuda or cuda:N", s2.device)
     a = p.ablation
     r("ablation.pps", all(1 <= v <= 128 for v in a.pps), "values in 1..128", list(a.pps))
     r(

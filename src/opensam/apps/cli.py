@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MASK_CHOICES = ("sam", "demo_sam", "regions", "superpixels", "none")
+MASK_CHOICES = ("sam", "sam2", "demo_sam", "regions", "superpixels", "none")
 RGB = tuple[int, int, int]
 
 
@@ -151,7 +151,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     size = int(meta["image_size"])
     ckpt = str(args.checkpoint)
     choice = choose_masks(meta, params, args.masks, args.pps, args.min_region_area, ckpt)
-    masks = build_mask_generator(choice, params.masks, params.sam, size)
+    masks = build_mask_generator(choice, params.masks, params.sam, size, params.sam2)
     colors = overlay_colors(params, meta)
     log.info("%d photos, %s (%d px), masks %s pps %d", len(listing.photos), args.checkpoint,
              size, choice.generator, choice.pps)  # fmt: skip

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from opensam.config import MasksParams, Params, SamParams
+from opensam.config import MasksParams, Params, Sam2Params, SamParams
 from opensam.masks.generators import MaskGenerator, build_generator
 from opensam.prepared import class_colors
 
@@ -56,13 +56,17 @@ def choose_masks(
 
 
 def build_mask_generator(
-    choice: MaskChoice, masks: MasksParams, sam: SamParams, image_size: int
+    choice: MaskChoice,
+    masks: MasksParams,
+    sam: SamParams,
+    image_size: int,
+    sam2: Sam2Params | None = None,
 ) -> MaskGenerator | None:
     """The generator of ``choice`` making masks at ``image_size``², or None for ``none``."""
     if choice.generator == "none":
         return None
     return build_generator(
-        choice.generator, choice.pps, choice.min_region_area, masks, sam, image_size
+        choice.generator, choice.pps, choice.min_region_area, masks, sam, image_size, sam2
     )
 
 

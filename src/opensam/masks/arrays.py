@@ -1,9 +1,10 @@
 """In-memory region masks: the :class:`MaskSet` container and the array helpers behind the store.
 
 Bit packing (:func:`pack_masks` / :func:`unpack_masks`), the per-pixel ``winner`` index
-(:func:`compute_winner`), the store's xywh bbox convention (:func:`boxes_xywh`), the shape
-check a MaskSet must pass before it is written (:func:`check_mask_set`) and its encoding for the
-store (:func:`encode_masks`); :class:`MaskGenerator`, the protocol of what produces a MaskSet.
+(:func:`compute_winner`), the store's xywh bbox convention (:func:`boxes_xywh`), a generator's
+masks sorted into a MaskSet (:func:`mask_set_from_arrays`), the shape check a MaskSet must pass
+before it is written (:func:`check_mask_set`) and its encoding for the store
+(:func:`encode_masks`); :class:`MaskGenerator`, the protocol of what produces a MaskSet.
 No file I/O here; the HDF5 format lives in :mod:`opensam.masks.store`.
 """
 
@@ -99,6 +100,26 @@ def boxes_xywh(masks: np.ndarray) -> np.ndarray:
         if r.size:
             boxes[i] = (c[0], r[0], c[-1] - c[0] + 1, r[-1] - r[0] + 1)
     return boxes
+
+
+def mask_set_from_arrays(
+    masks: np.ndarray, iou: np.ndarray, stab: np.ndarray, out_hw: tuple[int, int]
+) -> MaskSet:
+    """(n, H, W) bool masks with their scores (n,) -> MaskSet sorted by area, largest first
+    (stable), empty masks dropped, boxes in the store's convention (w, h = pixels spanned)."""
+    area = masks.sum(axis=(1, 2))
+    order = np.argsort(-area, kind="stable")
+    order = order[area[order] > 0]
+    if order.size == 0:
+        return MaskSet.empty(*out_hw)
+    masks = np.ascontiguousarray(masks[order])
+    return MaskSet(
+        masks,
+        area[order].astype(np.int32),
+        np.asarray(iou)[order].astype(np.float32),
+        np.asarray(stab)[order].astype(np.float32),
+        boxes_xywh(masks),
+    )
 
 
 def check_mask_set(ms: MaskSet, shape: tuple[int, int]) -> None:

@@ -1,8 +1,8 @@
 """Region-mask generators by name, and "compute the mask store of these prepared images".
 
 ``MASK_GENERATORS`` maps a name (``masks.generator`` in params) to a builder
-``(points_per_side, min_region_area, masks, sam, image_size) -> MaskGenerator``; ``sam`` is
-imported only when chosen (it pulls in torch and segment_anything).
+``(points_per_side, min_region_area, masks, sam, image_size, sam2) -> MaskGenerator``; ``sam``
+and ``sam2`` are imported only when chosen (they pull in torch and segment_anything / sam2).
 :func:`precompute_masks` is what the ``masks`` and ``ablation_masks`` stages run: it reuses an
 up-to-date store, resumes an interrupted one, and otherwise computes every image's masks.
 """
@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from opensam.config import MasksParams, SamParams
+from opensam.config import MasksParams, Sam2Params, SamParams
 from opensam.errors import InputError
 from opensam.masks.arrays import MaskGenerator
 from opensam.masks.shards import compute_sharded
@@ -41,17 +41,30 @@ _SAM_OUTPUT_FIELDS: tuple[str, ...] = (
 _SAM_OUTPUT_FIELDS += ("crop_n_layers", "input")
 
 
-GeneratorBuilder = Callable[[int, int, MasksParams, SamParams, int], MaskGenerator]
+_SAM2_OUTPUT_FIELDS = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")
+
+
+GeneratorBuilder = Callable[[int, int, MasksParams, SamParams, int, Sam2Params], MaskGenerator]
 
 
 def _build_superpixels(
-    pps: int, min_region_area: int, masks: MasksParams, sam: SamParams, image_size: int
+    pps: int,
+    min_region_area: int,
+    masks: MasksParams,
+    sam: SamParams,
+    image_size: int,
+    sam2: Sam2Params,
 ) -> MaskGenerator:
     return SuperpixelGenerator(pps, masks.compactness, min_region_area)
 
 
 def _build_sam(
-    pps: int, min_region_area: int, masks: MasksParams, sam: SamParams, image_size: int
+    pps: int,
+    min_region_area: int,
+    masks: MasksParams,
+    sam: SamParams,
+    image_size: int,
+    sam2: Sam2Params,
 ) -> MaskGenerator:
     # heavy: torch + segment_anything; the ignore covers a sam_masks without the builder yet
     from opensam.masks.sam import build_sam_generator  # type: ignore[attr-defined]
@@ -64,7 +77,12 @@ def _build_sam(
 
 
 def _build_regions(
-    pps: int, min_region_area: int, masks: MasksParams, sam: SamParams, image_size: int
+    pps: int,
+    min_region_area: int,
+    masks: MasksParams,
+    sam: SamParams,
+    image_size: int,
+    sam2: Sam2Params,
 ) -> MaskGenerator:
     from opensam.masks.regions import RegionGenerator
 
@@ -72,17 +90,39 @@ def _build_regions(
 
 
 def _build_demo_sam(
-    pps: int, min_region_area: int, masks: MasksParams, sam: SamParams, image_size: int
+    pps: int,
+    min_region_area: int,
+    masks: MasksParams,
+    sam: SamParams,
+    image_size: int,
+    sam2: Sam2Params,
 ) -> MaskGenerator:
     from opensam.masks.boundaries import DemoSamGenerator  # torch: only when chosen
 
     return DemoSamGenerator(masks.checkpoint, pps, min_region_area)
 
 
+def _build_sam2(
+    pps: int,
+    min_region_area: int,
+    masks: MasksParams,
+    sam: SamParams,
+    image_size: int,
+    sam2: Sam2Params,
+) -> MaskGenerator:
+    from opensam.masks.sam2_masks import build_sam2_generator  # heavy: torch + sam2 + hydra
+
+    if sam2.device == "auto":  # follow runtime.device (this rank's GPU under torchrun)
+        sam2 = dataclasses.replace(sam2, device=str(current_runtime().device))
+    generator: MaskGenerator = build_sam2_generator(sam2, pps, min_region_area)
+    return generator
+
+
 MASK_GENERATORS: dict[str, GeneratorBuilder] = {
     "demo_sam": _build_demo_sam,  # the demo's SAM stand-in, a learned boundary net (boundaries)
     "superpixels": _build_superpixels,
     "sam": _build_sam,
+    "sam2": _build_sam2,  # SAM 2.1 through the sam2 package (opensam.masks.sam2_masks)
     "regions": _build_regions,  # graph-based multi-scale object regions (opensam.masks.regions)
 }
 
@@ -112,10 +152,11 @@ def build_generator(
     masks: MasksParams,
     sam: SamParams,
     image_size: int = 256,
+    sam2: Sam2Params | None = None,
 ) -> MaskGenerator:
-    """The generator ``name`` (superpixels | sam | regions); masks come at ``image_size``²."""
+    """The generator ``name`` (a key of MASK_GENERATORS); masks come at ``image_size``²."""
     check_generator_name(name, "masks.generator")
-    return MASK_GENERATORS[name](pps, min_region_area, masks, sam, image_size)
+    return MASK_GENERATORS[name](pps, min_region_area, masks, sam, image_size, sam2 or Sam2Params())
 
 
 def file_sha256(path: Path) -> str:
@@ -160,10 +201,20 @@ def store_attrs(
     image_size: int,
     masks: MasksParams,
     sam: SamParams,
+    sam2: Sam2Params | None = None,
 ) -> dict[str, AttrValue]:
     """The mask store's file attrs (DESIGN.md) plus ``generator_config``, a JSON string of the
     generator settings that change its output, so that a resume never mixes settings."""
-    if generator == "sam":
+    if generator == "sam2":
+        from opensam.masks.sam2_masks import check_sam2_checkpoint, check_sam2_model
+
+        sam2 = sam2 or Sam2Params()
+        check_sam2_model(sam2.model)
+        sha = ""  # null checkpoint: random weights (tests only)
+        if sam2.checkpoint is not None:
+            sha = checkpoint_sha256(check_sam2_checkpoint(sam2.model, sam2.checkpoint))
+        model, config = sam2.model, {k: getattr(sam2, k) for k in _SAM2_OUTPUT_FIELDS}
+    elif generator == "sam":
         sha = checkpoint_sha256(sam.checkpoint) if sam.checkpoint else ""
         model, config = sam.model, {k: getattr(sam, k) for k in _SAM_OUTPUT_FIELDS}
     elif generator == "regions":
@@ -275,6 +326,7 @@ def precompute_masks(
     masks: MasksParams,
     sam: SamParams,
     where: str = "params.yaml",
+    sam2: Sam2Params | None = None,
 ) -> dict[str, float]:
     """Check the settings, build the store attrs and run :func:`compute_mask_store` with the
     ``masks.generator`` generator (built only if some image needs it).
@@ -289,11 +341,13 @@ def precompute_masks(
         raise InputError(f"{where}: masks.workers must be >= 1, got {masks.workers}")
     if not image_ids:
         raise InputError(f"{prepared.splits_path}: no images to compute masks for")
-    attrs = store_attrs(masks.generator, pps, min_region_area, image_size, masks, sam)
+    sam2 = sam2 or Sam2Params()
+    attrs = store_attrs(masks.generator, pps, min_region_area, image_size, masks, sam, sam2)
     originals = {k: Path(v) for k, v in prepared.sources.items()}
 
     def make() -> MaskGenerator:
-        return MASK_GENERATORS[masks.generator](pps, min_region_area, masks, sam, image_size)
+        build = MASK_GENERATORS[masks.generator]
+        return build(pps, min_region_area, masks, sam, image_size, sam2)
 
     return compute_mask_store(
         prepared.root, out_path, image_ids, make, attrs, originals, masks.workers

@@ -39,7 +39,7 @@ from torchvision.ops import nms
 
 from opensam.config import SamParams
 from opensam.errors import InputError
-from opensam.masks.arrays import MaskSet, boxes_xywh
+from opensam.masks.arrays import MaskSet, mask_set_from_arrays
 from opensam.masks.sam_kernels import ImageSide, decode_masks, encode_image, resize_matrix
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,8 @@ class SamMaskGenerator:
         if self.opts.crop_n_layers > 0:
             return self._generate_stock(image, out_hw)
         masks, iou, stab = self._predict(image, out_hw)
-        return _to_mask_set(masks.cpu().numpy(), iou.cpu().numpy(), stab.cpu().numpy(), out_hw)
+        masks_np, iou_np, stab_np = (t.cpu().numpy() for t in (masks, iou, stab))
+        return mask_set_from_arrays(masks_np, iou_np, stab_np, out_hw)
 
     def _embed(self, image: np.ndarray) -> Tensor:
         """Image encoder features (1, C, 64, 64) float32 of an (H, W, 3) uint8 image."""
@@ -331,7 +332,7 @@ class SamMaskGenerator:
         masks = torch.as_tensor(np.stack([r["segmentation"] for r in records]))[:, None].float()
         masks = F.interpolate(masks, size=out_hw, mode="nearest")[:, 0] > 0
         iou, stab = ([r[k] for r in records] for k in ("predicted_iou", "stability_score"))
-        return _to_mask_set(masks.numpy(), np.array(iou), np.array(stab), out_hw)
+        return mask_set_from_arrays(masks.numpy(), np.array(iou), np.array(stab), out_hw)
 
 
 def _remove_small_regions(
@@ -349,26 +350,6 @@ def _remove_small_regions(
     scores_t = torch.tensor(scores, device=masks.device)
     keep = nms(amg.batched_mask_to_box(out).float(), scores_t, max(box_nms_thresh, CROP_NMS_THRESH))
     return out[keep], keep
-
-
-def _to_mask_set(
-    masks: np.ndarray, iou: np.ndarray, stab: np.ndarray, out_hw: tuple[int, int]
-) -> MaskSet:
-    """(n, H, W) bool masks in NMS order -> MaskSet sorted by area, largest first (stable), empty
-    masks dropped, boxes in the store's convention (w, h = pixels spanned)."""
-    area = masks.sum(axis=(1, 2))
-    order = np.argsort(-area, kind="stable")
-    order = order[area[order] > 0]
-    if order.size == 0:
-        return MaskSet.empty(*out_hw)
-    masks = np.ascontiguousarray(masks[order])
-    return MaskSet(
-        masks,
-        area[order].astype(np.int32),
-        iou[order].astype(np.float32),
-        stab[order].astype(np.float32),
-        boxes_xywh(masks),
-    )
 
 
 def build_sam_generator(
