@@ -57,12 +57,15 @@ def results_table(metrics: Path) -> str:
         )
     pseudo_path = metrics / "pseudo.json"
     if pseudo_path.is_file():
-        hidden = json.loads(pseudo_path.read_text()).get("vs_hidden_gt")
+        pseudo = json.loads(pseudo_path.read_text())
+        hidden = pseudo.get("vs_hidden_gt")
         if hidden and hidden.get("miou") is not None:
+            kept = 100 * (1 - float(pseudo.get("ignored_fraction", 0.0)))
             lines += [
                 "",
-                f"Pseudo-labels: {hidden['miou']:.2f} mIoU against the hidden ground truth"
-                " of the unlabelled photos they label.",
+                f"Offline pseudo-labels: {hidden['miou']:.2f} mIoU against the hidden ground truth"
+                f" of the unlabelled photos, on the {kept:.1f} % of their pixels above the"
+                " confidence threshold.",
             ]
     return "\n".join(lines)
 
