@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 from opensam.config import load_params
+from opensam.errors import params_blamed
 from opensam.masks.settings import check_store_settings, open_mask_store, store_settings
 from opensam.model.segmenter import checkpoint_clip, load_checkpoint, save_checkpoint
 from opensam.parallel.context import init_runtime
@@ -54,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     weights = resolve_class_weights(cfg.class_weights, classes, args.data_metrics)
     ckpt, live = args.out.parent / ".control_ckpt", open_live(args.live) if rt.is_main else None
     # the seed of the student's (first) round
-    best_epoch, best_val = train_control(
-        model, cfg, weights, params.seed + 1, prepared, args.masks, ckpt, live
-    )
+    with params_blamed(args.params, "student"):
+        best_epoch, best_val = train_control(
+            model, cfg, weights, params.seed + 1, prepared, args.masks, ckpt, live
+        )
     if live is not None:
         live.end()
     report = evaluate_splits(

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from opensam.config import load_params
-from opensam.errors import InputError
+from opensam.errors import InputError, params_blamed
 from opensam.masks.settings import check_store_settings, open_mask_store, store_settings
 from opensam.model.segmenter import checkpoint_clip, read_checkpoint_meta, save_checkpoint
 from opensam.parallel.context import init_runtime
@@ -66,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     inputs = SelfTrainingInputs(prepared, args.masks, args.teacher, args.pseudo, pool_ids, classes)
     ckpt_root = args.out.parent / ".student_ckpt"
     live = open_live(args.live) if rt.is_main else None
-    if cfg.mode == "online":  # one weak-to-strong run; seed = the offline first round's
-        result = run_online_student(inputs, cfg, weights, params.seed + 1, ckpt_root, live)
-    else:
-        result = run_self_training(inputs, cfg, params.pseudo, base, ckpt_root, live)
+    with params_blamed(args.params, "student"):
+        if cfg.mode == "online":  # one weak-to-strong run; seed = the offline first round's
+            result = run_online_student(inputs, cfg, weights, params.seed + 1, ckpt_root, live)
+        else:
+            result = run_self_training(inputs, cfg, params.pseudo, base, ckpt_root, live)
     if live is not None:
         live.end()
     if not rt.is_main:

@@ -19,7 +19,7 @@ from pathlib import Path
 from opensam.config import load_params
 from opensam.data.augment import Augmenter
 from opensam.data.datasets import make_train_loaders
-from opensam.errors import InputError
+from opensam.errors import InputError, params_blamed
 from opensam.masks.settings import open_mask_store, store_settings
 from opensam.model.segmenter import build_model, save_checkpoint
 from opensam.parallel.context import init_runtime
@@ -69,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ckpt_dir = args.out.parent / ".warmup_ckpt"
     live = open_live(args.live) if rt.is_main else None
-    result = train_model(
-        model, train_loader, config, val_loader=val_loader, checkpoint_dir=ckpt_dir, live=live
-    )
+    with params_blamed(args.params, "warmup"):
+        result = train_model(
+            model, train_loader, config, val_loader=val_loader, checkpoint_dir=ckpt_dir, live=live
+        )
     if live is not None:
         live.end()
     report = evaluate_splits(

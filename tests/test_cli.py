@@ -98,7 +98,7 @@ def test_predict_low_conf_option(project: Path, tmp_path: Path) -> None:
         == 0
     )
     assert (
-        predict(project, tmp_path / "in", tmp_path / "hi", "--masks", "none", "--low-conf", "1.01")
+        predict(project, tmp_path / "in", tmp_path / "hi", "--masks", "none", "--low-conf", "1.0")
         == 0
     )
     for name, expected in (("lo", 0.0), ("hi", 100.0)):

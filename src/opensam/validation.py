@@ -8,13 +8,20 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from opensam.config import MAX_IMAGE_SIZE, ClassSpec, Params, SplitParams, TrainParams
-from opensam.errors import InputError
+from opensam.config import (
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    ClassSpec,
+    Params,
+    SplitParams,
+    TrainParams,
+)
+from opensam.errors import InputError, quote
 
 
 def _require(source: str, key: str, ok: bool, rule: str, value: Any) -> None:
     if not ok:
-        raise InputError(f"{source}: {key}: must be {rule}, got {value!r}")
+        raise InputError(f"{source}: {key}: must be {rule}, got {quote(value)}")
 
 
 def _check_split(split: SplitParams, source: str) -> None:
@@ -66,7 +73,7 @@ def _check_classes(classes: tuple[ClassSpec, ...], source: str) -> None:
         norm = c.name.strip().lower()
         if norm in seen:
             raise InputError(
-                f"{source}: {key}.name: {c.name!r} repeats classes[{seen[norm]}].name "
+                f"{source}: {key}.name: {quote(c.name)} repeats classes[{seen[norm]}].name "
                 "(names are matched case-insensitively)"
             )
         seen[norm] = i
@@ -79,8 +86,9 @@ def _check_classes(classes: tuple[ClassSpec, ...], source: str) -> None:
 def check_params(p: Params, source: str = "params.yaml") -> None:
     """Every range and cross-field rule of params; raises :class:`InputError` naming the key."""
     r = functools.partial(_require, source)
-    r("seed", p.seed >= 0, ">= 0", p.seed)
-    r("image_size", 16 <= p.image_size <= MAX_IMAGE_SIZE, f"in 16..{MAX_IMAGE_SIZE}", p.image_size)
+    r("seed", 0 <= p.seed < 2**32, ">= 0 and < 2**32", p.seed)
+    size_rule = f"in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}"
+    r("image_size", MIN_IMAGE_SIZE <= p.image_size <= MAX_IMAGE_SIZE, size_rule, p.image_size)
     r("pps", 1 <= p.pps <= 128, "in 1..128", p.pps)
     r("min_region_area", p.min_region_area >= 0, ">= 0", p.min_region_area)
     r("masks.max_ratio", p.masks.max_ratio >= 0, ">= 0", p.masks.max_ratio)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from opensam.errors import InputError
+from opensam.errors import InputError, quote
 from opensam.images import IMAGE_EXTENSIONS, is_image_name
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MASK_CHOICES = ("sam", "superpixels", "none")
+MAX_PPS = 128  # the params rule of ``pps``
 RGB = tuple[int, int, int]
 
 
@@ -101,21 +102,64 @@ def list_photos(source: Path) -> PhotoList:
         raise InputError(f"{source}: expected a folder of photos or a .txt list of photo paths")
     else:
         raise InputError(f"{source}: not found")
-    images = [p for p in files if is_image_name(p.name)]
+    refused = [(printable(p), why) for p in files if (why := _refusal(p)) is not None]
+    for path, why in refused:
+        if why != NOT_AN_IMAGE:
+            log.warning("%s: %s; skipped", path, why)
+    images = [p for p in files if _refusal(p) is None]
     if not images:
         raise InputError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    refused = [
-        (str(p), "not an image file (extension)") for p in files if not is_image_name(p.name)
-    ]
     return PhotoList(_assign_ids(images, root), refused)
 
 
-def check_output_dir(source: Path, out_dir: Path) -> None:
-    """Refuse an output folder inside (or equal to) the input folder: a rerun would read it."""
-    if Path(source).is_dir():
-        src, out = Path(source).resolve(), Path(out_dir).resolve()
-        if out == src or src in out.parents:
-            raise InputError(f"{out_dir}: output folder is inside the input folder {source}")
+NOT_AN_IMAGE = "not an image file (extension)"
+
+
+def printable(path: Path) -> str:
+    """``path`` as text that can be written anywhere: bytes that are not UTF-8 as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _refusal(path: Path) -> str | None:
+    """Why ``path`` is not predicted (never opened for reading), or None."""
+    if not is_image_name(path.name):
+        return NOT_AN_IMAGE
+    if printable(path) != str(path):
+        return "file name is not valid UTF-8; rename it"
+    if path.exists() and not path.is_file():
+        return "not a regular file (a FIFO, device or folder)"
+    return None
+
+
+def check_output_dir(source: Path, out_dir: Path, data_source: str | None = None) -> None:
+    """Refuse an output folder that equals, holds or sits inside the input (or, for a list
+    file, any folder of its photos) or ``data.source``: predict would overwrite them or a rerun
+    would read its own output. Symlinks are resolved."""
+    from opensam.apps.guards import check_apart
+
+    source = Path(source)
+    inputs: dict[str, Path | None] = {}
+    if source.is_file():
+        inputs["input list"] = source
+        for i, folder in enumerate(sorted({p.parent for p in _read_list_file(source)})):
+            inputs[f"folder #{i + 1} of listed photos"] = folder
+    else:
+        inputs["input folder"] = source
+    inputs["data.source"] = Path(data_source) if data_source else None
+    check_apart(out_dir, inputs)
+
+
+def check_predict_flags(args: argparse.Namespace) -> None:
+    """The flags that override params get the params' ranges (one line naming the flag)."""
+    rules = (
+        ("--batch-size", args.batch_size, lambda v: v >= 1, ">= 1"),
+        ("--pps", args.pps, lambda v: 1 <= v <= MAX_PPS, f"in 1..{MAX_PPS}"),
+        ("--min-region-area", args.min_region_area, lambda v: v >= 0, ">= 0"),
+        ("--low-conf", args.low_conf, lambda v: 0 <= v <= 1, "in 0..1 (a probability)"),
+    )
+    for flag, value, ok, rule in rules:
+        if value is not None and not ok(value):  # NaN fails every comparison
+            raise InputError(f"{flag}: must be {rule}, got {quote(value)}")
 
 
 def _cmd_preset(args: argparse.Namespace) -> int:
@@ -138,13 +182,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from opensam.parallel.context import init_runtime
     from opensam.runtime import seed_everything
 
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_predict_flags(args)
     params = load_params(args.params)
     seed_everything(params.seed)
     device = args.device or params.runtime.device  # torchrun: ranks share photos, rank 0 merges
     rt = init_runtime(dataclasses.replace(params.runtime, device=device))
-    check_output_dir(args.input, args.out)
+    check_output_dir(args.input, args.out, params.data.source)
     check_predict_out(args.out)
     listing = list_photos(args.input)
     model, meta = load_checkpoint(args.checkpoint, params.class_names, classes_from=args.params)
@@ -252,7 +295,9 @@ def export_least_confident(
 def _cmd_export_cvat(args: argparse.Namespace) -> int:
     from opensam.apps.guards import check_export_target
 
-    check_export_target(args.out, args.pred_dir, args.overwrite)
+    inputs = {"data.source": params_data_source(args.params), "photos folder": args.images,
+              "prepared data": args.prepared}  # fmt: skip
+    check_export_target(args.out, args.pred_dir, args.overwrite, inputs)
     names, colors, origin = export_colors(args.pred_dir, args.prepared)
     log.info("labelmap colours from %s", origin)
     images = None
@@ -261,6 +306,23 @@ def _cmd_export_cvat(args: argparse.Namespace) -> int:
     ids = export_least_confident(args.pred_dir, args.out, args.n, names, colors, images)
     log.info("wrote %s: the %d least confident predictions", args.out, len(ids))
     return 0
+
+
+def params_data_source(path: Path) -> Path | None:
+    """``data.source`` of the params file at ``path`` (None when there is none), read without
+    validating the rest: an output must never replace the labelled data."""
+    import yaml
+
+    from opensam.config import read_yaml
+
+    try:
+        raw = read_yaml(path.read_text(), str(path))
+    except FileNotFoundError:  # no params file: no labelled data to protect
+        return None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InputError(f"{path}: cannot read data.source ({type(exc).__name__})") from None
+    source = raw.get("data", {}).get("source") if isinstance(raw, dict) else None
+    return Path(source) if isinstance(source, str) and source else None
 
 
 def _add_predict(sub: Any) -> None:
@@ -338,6 +400,12 @@ def _add_export(sub: Any) -> None:
         type=Path,
         default=Path("data/prepared"),
         help="prepared data whose splits.json gives the labelmap colours",
+    )
+    p.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="params whose data.source (the labelled data) --out must never touch",
     )
     p.set_defaults(func=_cmd_export_cvat)
 

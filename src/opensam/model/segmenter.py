@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from opensam.config import MAX_IMAGE_SIZE, ClipParams
-from opensam.errors import InputError
+from opensam.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ClipParams
+from opensam.errors import InputError, quote
 from opensam.model.aggregation import aggregate_log_probs, class_ids, prepare_mask_inputs
 from opensam.model.clip import (
     DenseImageTower,
@@ -259,8 +259,10 @@ def _check_checkpoint_fields(path: Path, ckpt: dict[str, Any]) -> None:
     classes, size, text = ckpt["classes"], ckpt["image_size"], ckpt["text_embeddings"]
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise InputError(f"{path}: bad 'classes' entry (expected a list of class names)")
-    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= MAX_IMAGE_SIZE:
-        raise InputError(f"{path}: bad 'image_size' {size!r} (expected 16..{MAX_IMAGE_SIZE})")
+    ok = isinstance(size, int) and not isinstance(size, bool)
+    if not ok or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        expected = f"{MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}"
+        raise InputError(f"{path}: bad 'image_size' {quote(size)} (expected {expected})")
     if not isinstance(text, torch.Tensor) or text.ndim != 2 or not text.is_floating_point():
         raise InputError(f"{path}: bad 'text_embeddings' (expected a (classes, D) float tensor)")
     if text.shape[0] != len(classes) or not bool(torch.isfinite(text).all()):
@@ -298,7 +300,11 @@ def load_checkpoint(
         raise InputError(f"{path}: {exc}") from None
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: weights do not fit {clip.model} ({first[:200]})") from None
+    weights = model.state_dict().items()
+    bad = [k for k, v in weights if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise InputError(f"{path}: weights hold NaN or infinite values ({quote(bad[0])}, ...)")
     return model.to(current_runtime().device).eval(), ckpt

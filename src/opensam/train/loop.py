@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from opensam.config import TrainParams
 from opensam.data.datasets import Cycler
+from opensam.errors import TrainingDiverged
 from opensam.eval.evaluation import loader_confusions
 from opensam.eval.metrics import confusion_matrix, miou_from_confusion
 from opensam.model.aggregation import class_ids
@@ -211,6 +212,17 @@ def _train_epoch(
     }
 
 
+def stop_if_diverged(loss: float, epoch: int) -> None:
+    """Raise :class:`TrainingDiverged` when an epoch's loss is NaN or infinite on any rank
+    (every rank raises, so none waits for the others), before a checkpoint of it is written."""
+    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0])
+    if float(all_reduce_sum(bad)[0]) > 0:
+        raise TrainingDiverged(
+            f"epoch {epoch}: the training loss is not finite ({loss:g}); lower lr_max or check "
+            "the inputs"
+        )
+
+
 def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of ``model``'s state dict (a best-epoch snapshot)."""
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -326,6 +338,7 @@ def train_model(
         bar = tqdm(epochs, desc="train", unit="epoch", initial=loop.epoch, total=config.epochs)
         for _ in bar:
             entry = _train_epoch(loop, train_loader, pseudo_loader if use_pseudo else None)
+            stop_if_diverged(entry["train/loss"], entry["epoch"])
             if val_loader is not None:
                 entry["val/miou"] = evaluate_miou(model, val_loader, config.use_masks)
             _end_epoch(loop, entry)

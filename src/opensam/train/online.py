@@ -48,7 +48,13 @@ from opensam.model.segmenter import OpenSamModel, forward_batch
 from opensam.parallel.context import Runtime, all_reduce_sum, current_runtime
 from opensam.runtime import save_torch
 from opensam.train.distributed import batch_loss, distribute_loader, sync_gradients
-from opensam.train.loop import TrainConfig, cpu_state, deterministic_algorithms, evaluate_miou
+from opensam.train.loop import (
+    TrainConfig,
+    cpu_state,
+    deterministic_algorithms,
+    evaluate_miou,
+    stop_if_diverged,
+)
 from opensam.train.losses import cosine_lr
 from opensam.train.reporting import log_history
 from opensam.train.resume import plain, read_resume_state, rng_state, set_rng_state
@@ -312,6 +318,7 @@ def train_online(
     with deterministic_algorithms():
         for _ in range(st.epoch, config.train.epochs):
             entry = _epoch(st, labelled, unl)
+            stop_if_diverged(entry["train/loss"], entry["epoch"])
             if val_loader is not None:
                 entry["val/miou"] = evaluate_miou(st.teacher, val_loader, config.train.use_masks)
             _finish_epoch(st, entry)
