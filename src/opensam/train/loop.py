@@ -61,17 +61,22 @@ class TrainConfig:
     t1: float = 0.2
     t2: float = 0.8
     seed: int = 0
+    run_key: str = ""  # resume.run_key: the stage's params and input hashes (the fingerprint)
 
     @classmethod
     def from_params(
-        cls, params: TrainParams, class_weights: Sequence[float] | None, seed: int
+        cls,
+        params: TrainParams,
+        class_weights: Sequence[float] | None,
+        seed: int,
+        run_key: str = "",
     ) -> TrainConfig:
         """Build from ``warmup`` (TrainParams) or ``student`` (StudentParams, with the ramp)."""
-        names = {f.name for f in fields(cls)} - {"class_weights", "seed", "betas"}
+        names = {f.name for f in fields(cls)} - {"class_weights", "seed", "betas", "run_key"}
         kwargs = {k: getattr(params, k) for k in names if hasattr(params, k)}
         weights = tuple(float(w) for w in class_weights) if class_weights is not None else None
         betas = (float(params.betas[0]), float(params.betas[1]))
-        cfg = cls(**kwargs, betas=betas, class_weights=weights, seed=seed)
+        cfg = cls(**kwargs, betas=betas, class_weights=weights, seed=seed, run_key=run_key)
         cfg.validate()
         return cfg
 
