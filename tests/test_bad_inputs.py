@@ -575,7 +575,7 @@ def test_photo_names_that_are_not_utf8_are_skipped(project: Path, monkeypatch: p
 
 
 def test_special_files_are_never_opened(project: Path) -> None:
-    from opensam.apps.cli import list_photos
+    from opensam.apps.photos import list_photos
 
     os.mkfifo(project / "photos" / "pipe.png")
     (project / "list.txt").write_text("photos/pipe.png\nphotos/p0.png\n")

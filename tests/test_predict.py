@@ -19,8 +19,8 @@ import yaml
 from conftest import CLASSES, PROMPTS, SIZE, load_stage, repo_params
 from PIL import Image
 
-from opensam.apps.cli import list_photos
 from opensam.apps.cli import main as cli_main
+from opensam.apps.photos import list_photos
 from opensam.apps.predict import (
     CSV_NAME,
     FAILED_NAME,
