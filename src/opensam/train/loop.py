@@ -35,7 +35,13 @@ from opensam.runtime import save_torch
 from opensam.train.distributed import batch_loss, distribute_loader, wrap_ddp
 from opensam.train.losses import alpha_ramp, cosine_lr
 from opensam.train.reporting import log_history
-from opensam.train.resume import plain, read_resume_state, rng_state, set_rng_state
+from opensam.train.resume import (
+    check_resume_state,
+    plain,
+    read_resume_state,
+    rng_state,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +261,12 @@ def _try_resume(loop: _Loop, path: Path) -> bool:
                    "steps_per_epoch": loop.steps_per_epoch}  # fmt: skip
     state = read_resume_state(path, fingerprint)
     if state is None:
+        return False
+    like = loop.model.state_dict()
+    weights = {"model": like, **({"best.state": like} if state.get("epoch") else {})}
+    problem = check_resume_state(state, weights, loop.optimizer, loop.config.epochs)
+    if problem is not None:
+        log.warning("%s: unusable checkpoint (%s), starting over", path, problem)
         return False
     loop.model.load_state_dict(state["model"])
     loop.optimizer.load_state_dict(state["optimizer"])

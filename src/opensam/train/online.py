@@ -57,7 +57,13 @@ from opensam.train.loop import (
 )
 from opensam.train.losses import cosine_lr
 from opensam.train.reporting import log_history
-from opensam.train.resume import plain, read_resume_state, rng_state, set_rng_state
+from opensam.train.resume import (
+    check_resume_state,
+    plain,
+    read_resume_state,
+    rng_state,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +261,14 @@ def _resume(st: _State, path: Path) -> bool:
                    "steps_per_epoch": st.steps_per_epoch}  # fmt: skip
     state = read_resume_state(path, fingerprint)
     if state is None:
+        return False
+    like = st.student.state_dict()
+    weights = {"student": like, "teacher": st.teacher.state_dict()}
+    if state.get("epoch"):
+        weights["best.state"] = st.teacher.state_dict()
+    problem = check_resume_state(state, weights, st.optimizer, st.config.train.epochs)
+    if problem is not None:
+        log.warning("%s: unusable checkpoint (%s), starting over", path, problem)
         return False
     st.student.load_state_dict(state["student"])
     st.teacher.load_state_dict(state["teacher"])

@@ -134,6 +134,81 @@ def _differences(state: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> li
     return out
 
 
+def _tensor_problem(name: str, value: Any, like: torch.Tensor) -> str | None:
+    if not isinstance(value, torch.Tensor):
+        return f"{name} is not a tensor"
+    if value.shape != like.shape or value.dtype != like.dtype:
+        return f"{name} has shape {tuple(value.shape)} {value.dtype}, not {tuple(like.shape)}"
+    if value.is_floating_point() and not bool(value.isfinite().all()):
+        return f"{name} holds NaN or infinite values"
+    return None
+
+
+def _weights_problem(name: str, state: Any, like: Mapping[str, torch.Tensor]) -> str | None:
+    if not isinstance(state, Mapping) or set(state) != set(like):
+        return f"{name}: other weight names"
+    problems = (_tensor_problem(f"{name}.{k}", state[k], v) for k, v in like.items())
+    return next((p for p in problems if p is not None), None)
+
+
+def _optimizer_problem(saved: Any, optimizer: torch.optim.Optimizer) -> str | None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("state"), Mapping):
+        return "optimizer: not an optimizer state"
+    for index, entry in saved["state"].items():
+        if (
+            not isinstance(index, int)
+            or not 0 <= index < len(params)
+            or not isinstance(entry, dict)
+        ):
+            return "optimizer: state of an unknown parameter"
+        for key, value in entry.items():
+            if key != "step" and (problem := _tensor_problem(key, value, params[index])):
+                return f"optimizer: {problem}"
+    return None
+
+
+def _rng_problem(rng: Any) -> str | None:
+    try:
+        ok = (
+            isinstance(rng["torch"], torch.Tensor)
+            and rng["torch"].dtype == torch.uint8
+            and tuple(rng["numpy"]["keys"].shape) == (624,)
+            and len(rng["python"]["internal"]) == 625
+        )
+    except (KeyError, TypeError, AttributeError):
+        ok = False
+    return None if ok else "bad random-number states"
+
+
+def check_resume_state(
+    state: Mapping[str, Any],
+    weights: Mapping[str, Mapping[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer | None = None,
+    epochs: int | None = None,
+) -> str | None:
+    """Why a resume checkpoint cannot continue this run, or None: each of ``weights`` (entry
+    name, dotted for nested entries -> the model's own state dict) with the same names, shapes,
+    dtypes and finite values; the optimizer's moments shaped like its parameters; the epoch an
+    int in 0..``epochs`` with one history entry per epoch; valid RNG states. Checked before
+    anything is loaded, so a bad checkpoint never half-restores a run."""
+    for name, like in weights.items():
+        value: Any = state
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if (problem := _weights_problem(name, value, like)) is not None:
+            return problem
+    if optimizer is not None and (problem := _optimizer_problem(state.get("optimizer"), optimizer)):
+        return problem
+    epoch, history = state.get("epoch"), state.get("history")
+    ok = isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0
+    if not ok or (epochs is not None and epoch > epochs):
+        return "bad epoch"
+    if not isinstance(history, list) or len(history) != epoch:
+        return "bad history"
+    return _rng_problem(state.get("rng"))
+
+
 def read_resume_state(path: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
     """The checkpoint at ``path`` (loaded with ``weights_only=True``) when it is one of the
     same run: every key of ``fingerprint`` (format, config, steps per epoch) equal, and RNG
