@@ -12,6 +12,7 @@ preset layout).
 
 from __future__ import annotations
 
+import csv
 import difflib
 import errno
 import hashlib
@@ -112,6 +113,8 @@ def tree(root: Path) -> dict[str, str]:
             rel = path.relative_to(root).as_posix()
             if path.is_symlink():
                 out[rel] = f"-> {os.readlink(path)}"
+            elif not path.is_file():
+                out[rel] = "special file"  # a FIFO: never opened
             else:
                 out[rel] = hashlib.sha1(path.read_bytes()).hexdigest()
     return out
@@ -309,6 +312,23 @@ def export_dir(root: Path) -> None:
     (root / "k" / "sub" / "a.txt").write_text("x")
 
 
+def edit_csv(field: str, value: str) -> Callable[[Path], None]:
+    """Hand-edit the first row of ``preds/predictions.csv``: ``field`` becomes ``value``."""
+
+    def do(root: Path) -> None:
+        path = root / "preds" / "predictions.csv"
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            rows, fields = list(reader), reader.fieldnames
+        rows[0][field] = value
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields or [])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return do
+
+
 def fixture(name: str) -> bytes:
     return (ROOT / "tests" / "fixtures" / name).read_bytes()
 
@@ -394,6 +414,7 @@ CASES: dict[str, Case] = {
     "zip-unsafe-member": Case("prepare", PREPARE, lambda r: zip_export(r, {"../evil.txt": b"x"}), "raw.zip", "unsafe member path '../evil.txt'"),
     "symlink-labelmap-outside": Case("prepare", PREPARE, symlink("raw/labelmap.txt", "/etc/passwd"), "raw/labelmap.txt", "symlink points outside the export"),
     "symlinked-images-folder": Case("prepare", PREPARE, symlink("raw/JPEGImages", "imgs", move_to="raw/imgs"), "raw/JPEGImages", "symlinked folder"),
+    "fifo-in-export": Case("prepare", PREPARE, lambda r: ((r / "raw" / "labelmap.txt").unlink(), os.mkfifo(r / "raw" / "labelmap.txt")), "raw/labelmap.txt", "not a regular file"),
     "labelmap-foreign-content": Case("prepare", PREPARE, lambda r: edit_labelmap(r, "root:x:0:0:root:/root:/bin/bash\n"), "raw/labelmap.txt", "line 1: expected 'name:r,g,b::'"),
     "labelmap-missing": Case("prepare", PREPARE, lambda r: (r / "raw" / "labelmap.txt").unlink(), "raw/labelmap.txt", "labelmap not found"),
     "labelmap-duplicate-name": Case("prepare", PREPARE, lambda r: edit_labelmap(r, "lizard:1,2,3::\nLizard:4,5,6::\n"), "raw/labelmap.txt", "line 2: empty or duplicate label name"),
@@ -415,6 +436,8 @@ CASES: dict[str, Case] = {
     "predict-out-inside-data-source": Case("cli", [*PREDICT[:2], "--out", "raw/preds", *PREDICT[4:]], None, "raw/preds", "is inside the data.source"),
     "export-overwrite-data-source-zip": Case("cli", [*EXPORT, "--out", "raw.zip", "--overwrite"], lambda r: zip_export(r, {}), "raw.zip", "is the data.source"),
     "export-overwrite-foreign-zip": Case("cli", [*EXPORT, "--out", "review.zip", "--overwrite"], write("review.zip", EMPTY_ZIP), "review.zip", "not a zip written by opensam export-cvat"),
+    "predictions-csv-odd-id": Case("cli", [*EXPORT, "--out", "r.zip"], edit_csv("id", "../../p0"), "preds/predictions.csv", "line 2: id '../../p0' is not a plain file name"),
+    "predictions-csv-nan": Case("cli", [*EXPORT, "--out", "r.zip"], edit_csv("mean_confidence", "nan"), "preds/predictions.csv", "line 2: mean_confidence must be in 0..1"),
     # --- params: YAML, numbers and sizes (issue 22) ---------------------------------------------
     "params-alias-bomb": Case("prepare", PREPARE, write(P, fixture("params_alias_bomb.yaml")), P, "expands to over 100000 values"),
     "params-duplicate-key": Case("prepare", PREPARE, append(P, "seed: 1\n"), P, "duplicate key 'seed'"),

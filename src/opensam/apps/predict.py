@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from opensam.errors import InputError
+from opensam.errors import InputError, quote
 from opensam.images import load_rgb_and_size, read_image_size, resize_image, resize_label, save_png
 from opensam.masks.generators import MaskGenerator
 from opensam.masks.superpixels import SuperpixelGenerator
@@ -221,11 +222,35 @@ def read_rows(pred_dir: Path, class_names: Sequence[str] | None = None) -> dict[
     path = Path(pred_dir) / CSV_NAME
     if not path.is_file():
         return {}
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if class_names is not None and reader.fieldnames != csv_columns(class_names):
-            raise InputError(f"{path}: written for other classes; use --overwrite or a new folder")
-        return {row["id"]: row for row in reader if row.get("id")}
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if class_names is not None and reader.fieldnames != csv_columns(class_names):
+                raise InputError(
+                    f"{path}: written for other classes; use --overwrite or a new folder"
+                )
+            rows = {}
+            for row in reader:
+                if row.get("id"):
+                    _check_row(path, reader.line_num, row)
+                    rows[row["id"]] = row
+            return rows
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: not a predictions CSV ({type(exc).__name__})") from None
+
+
+def _check_row(path: Path, line: int, row: Mapping[str, Any]) -> None:
+    """A row read back (maybe hand-edited): a plain file-name id and a confidence in 0..1."""
+    image_id = row["id"]
+    if "/" in image_id or "\\" in image_id or image_id.startswith(".") or "\0" in image_id:
+        raise InputError(f"{path}: line {line}: id {quote(image_id)} is not a plain file name")
+    try:
+        conf = float(row.get("mean_confidence") or "nan")
+    except ValueError:
+        conf = math.nan
+    if not 0.0 <= conf <= 1.0:
+        got = quote(row.get("mean_confidence"))
+        raise InputError(f"{path}: line {line}: mean_confidence must be in 0..1, got {got}")
 
 
 def write_rows(
