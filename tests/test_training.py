@@ -292,3 +292,22 @@ def test_live_curves_layout_and_resume_replay(project: dict[str, Any], tmp_path:
         rows = (live_dir / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
         assert rows[0].split("\t") == ["step", name.split("/")[1]]
         assert [r.split("\t")[0] for r in rows[1:]] == ["0", "1", "2", "3"]
+
+
+def test_run_key_covers_params_and_input_contents(tmp_path: Path) -> None:
+    from opensam.train.resume import run_key
+
+    (tmp_path / "prepared" / "images").mkdir(parents=True)
+    (tmp_path / "prepared" / "images" / "a.png").write_bytes(b"a")
+    (tmp_path / "w.pt").write_bytes(b"weights")
+    inputs = {"prepared": tmp_path / "prepared", "weights": tmp_path / "w.pt", "none": None}
+    key = run_key({"warmup": CFG, "seed": 0}, inputs)
+    assert run_key({"warmup": CFG, "seed": 0}, inputs) == key  # stable
+    (tmp_path / "prepared" / ".cache").write_bytes(b"hidden files do not count")
+    assert run_key({"warmup": CFG, "seed": 0}, inputs) == key
+    assert run_key({"warmup": CFG, "seed": 1}, inputs) != key
+    (tmp_path / "w.pt").write_bytes(b"other weights")
+    assert run_key({"warmup": CFG, "seed": 0}, inputs) != key
+    (tmp_path / "w.pt").write_bytes(b"weights")
+    (tmp_path / "prepared" / "images" / "a.png").write_bytes(b"b")
+    assert run_key({"warmup": CFG, "seed": 0}, inputs) != key
