@@ -349,6 +349,14 @@ def move_photos(rel: str) -> Callable[[Path], None]:
     return do
 
 
+def clip_weights_file(obj: object) -> Callable[[Path], None]:
+    def do(root: Path) -> None:
+        torch.save(obj, root / "models" / "clip.pt")
+        set_params(root, clip__pretrained="models/clip.pt")
+
+    return do
+
+
 def nan_weights(root: Path) -> None:
     ckpt = torch.load(root / "models" / "student.pt", weights_only=True)
     key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
@@ -429,6 +437,8 @@ CASES: dict[str, Case] = {
     "checkpoint-malicious-pickle": Case("cli", PREDICT, write("models/student.pt", pickle.dumps(Evil())), "models/student.pt", "not a readable checkpoint"),
     "checkpoint-missing": Case("cli", [*PREDICT[:4], "--checkpoint", "models/none.pt", "--masks", "none"], None, "models/none.pt", "checkpoint not found"),
     "checkpoint-other-classes": Case("cli", PREDICT, lambda r: set_params(r, classes=[{"name": n, "prompt": n} for n in ("cat", "dog", "bird", "sky")]), "models/student.pt", "differ from params.yaml"),
+    "checkpoint-masks-entry-a-list": Case("cli", PREDICT[:-2], lambda r: bad_checkpoint(r, masks=[1, 2]), "models/student.pt", "bad 'masks' entry [1, 2]"),
+    "clip-pretrained-holds-a-list": Case("warmup", WARMUP, clip_weights_file([1, 2]), "models/clip.pt", "cannot load as opensam-tiny weights"),
     "checkpoint-nan-weights": Case("cli", PREDICT, nan_weights, "models/student.pt", "weights hold NaN or infinite values"),
     # --- a second hostile pass (issue 22): outputs never touch inputs -------------------------
     "predict-input-inside-out": Case("cli", ["predict", "shoot/labels", "--out", "shoot", *PREDICT[4:]], move_photos("shoot/labels"), "shoot", "holds the input folder"),

@@ -271,6 +271,31 @@ def _check_checkpoint_fields(path: Path, ckpt: dict[str, Any]) -> None:
         )
     if not isinstance(ckpt["clip"], dict):
         raise InputError(f"{path}: bad 'clip' entry (expected a mapping)")
+    _check_optional_fields(path, ckpt, len(classes))
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_optional_fields(path: Path, ckpt: Mapping[str, Any], n_classes: int) -> None:
+    """The metadata predict reads besides the weights: the training masks and colours."""
+    masks = ckpt.get("masks")
+    if masks is not None:
+        ok = isinstance(masks, dict) and isinstance(masks.get("generator", ""), str)
+        ok = ok and _is_int(masks.get("pps", 1), 1, 128)
+        ok = ok and _is_int(masks.get("min_region_area", 0), 0, 2**31)
+        if not ok:
+            raise InputError(f"{path}: bad 'masks' entry {quote(masks)}")
+    colors = ckpt.get("labelmap_colors")
+    if colors:  # None or [] = not recorded
+        ok = isinstance(colors, list) and len(colors) >= n_classes
+        ok = ok and all(
+            isinstance(c, list | tuple) and len(c) == 3 and all(_is_int(v, 0, 255) for v in c)
+            for c in colors
+        )
+        if not ok:
+            raise InputError(f"{path}: bad 'labelmap_colors' entry {quote(colors)}")
 
 
 def load_checkpoint(
