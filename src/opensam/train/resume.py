@@ -201,8 +201,9 @@ def check_resume_state(
     if optimizer is not None and (problem := _optimizer_problem(state.get("optimizer"), optimizer)):
         return problem
     epoch, history = state.get("epoch"), state.get("history")
-    ok = isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0
-    if not ok or (epochs is not None and epoch > epochs):
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        return "bad epoch"
+    if epochs is not None and epoch > epochs:
         return "bad epoch"
     if not isinstance(history, list) or len(history) != epoch:
         return "bad history"
