@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -68,7 +69,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     seed_everything(params.seed)
     device = args.device or params.runtime.device  # torchrun: ranks share photos, rank 0 merges
     rt = init_runtime(dataclasses.replace(params.runtime, device=device))
-    check_output_dir(args.input, args.out, params.data.source)
+    check_output_dir(args.input, args.out, data_source_paths(params.data.source, args.params))
     check_predict_out(args.out)
     listing = list_photos(args.input)
     model, meta = load_checkpoint(args.checkpoint, params.class_names, classes_from=args.params)
@@ -147,7 +148,8 @@ def export_least_confident(
     as a CVAT Segmentation Mask 1.1 export (``out``: a .zip or a folder) with the photos, from
     ``images`` (id -> path) when given, else from the CSV paths. Returns the exported ids.
     """
-    from opensam.apps.predict import CSV_NAME, LABELS_DIR, read_rows
+    from opensam.apps.predict import LABELS_DIR
+    from opensam.apps.predictions_csv import CSV_NAME, read_rows
     from opensam.data.cvat import write_cvat_export
     from opensam.images import read_label_png
 
@@ -176,8 +178,8 @@ def export_least_confident(
 def _cmd_export_cvat(args: argparse.Namespace) -> int:
     from opensam.apps.guards import check_export_target
 
-    inputs = {"data.source": params_data_source(args.params), "photos folder": args.images,
-              "prepared data": args.prepared}  # fmt: skip
+    inputs = {"photos folder": args.images, "prepared data": args.prepared,
+              **data_source_paths(params_data_source(args.params), args.params)}  # fmt: skip
     check_export_target(args.out, args.pred_dir, args.overwrite, inputs)
     names, colors, origin = export_colors(args.pred_dir, args.prepared)
     log.info("labelmap colours from %s", origin)
@@ -189,7 +191,19 @@ def _cmd_export_cvat(args: argparse.Namespace) -> int:
     return 0
 
 
-def params_data_source(path: Path) -> Path | None:
+def data_source_paths(source: str | None, params: Path) -> dict[str, Path | None]:
+    """``data.source`` as the stages read it (relative to the current folder, the DVC root)
+    and, when the params file lies elsewhere, relative to the params file's folder."""
+    if not source:
+        return {}
+    paths: dict[str, Path | None] = {"data.source": Path(source)}
+    beside = Path(params).parent / source
+    if os.path.realpath(beside) != os.path.realpath(source):
+        paths[f"data.source of {params}"] = beside
+    return paths
+
+
+def params_data_source(path: Path) -> str | None:
     """``data.source`` of the params file at ``path`` (None when there is none), read without
     validating the rest: an output must never replace the labelled data."""
     import yaml
@@ -202,8 +216,9 @@ def params_data_source(path: Path) -> Path | None:
         return None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise InputError(f"{path}: cannot read data.source ({type(exc).__name__})") from None
-    source = raw.get("data", {}).get("source") if isinstance(raw, dict) else None
-    return Path(source) if isinstance(source, str) and source else None
+    data = raw.get("data") if isinstance(raw, dict) else None
+    source = data.get("source") if isinstance(data, dict) else None
+    return source if isinstance(source, str) and source else None
 
 
 def _add_predict(sub: Any) -> None:

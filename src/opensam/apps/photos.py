@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,10 +118,12 @@ def _refusal(path: Path) -> str | None:
     return None
 
 
-def check_output_dir(source: Path, out_dir: Path, data_source: str | None = None) -> None:
+def check_output_dir(
+    source: Path, out_dir: Path, protected: Mapping[str, Path | None] | None = None
+) -> None:
     """Refuse an output folder that equals, holds or sits inside the input (or, for a list
-    file, any folder of its photos) or ``data.source``: predict would overwrite them or a rerun
-    would read its own output. Symlinks are resolved."""
+    file, any folder of its photos) or a ``protected`` path (``data.source``): predict would
+    overwrite them or a rerun would read its own output. Symlinks are resolved."""
     from opensam.apps.guards import check_apart
 
     source = Path(source)
@@ -132,5 +134,5 @@ def check_output_dir(source: Path, out_dir: Path, data_source: str | None = None
             inputs[f"folder #{i + 1} of listed photos"] = folder
     else:
         inputs["input folder"] = source
-    inputs["data.source"] = Path(data_source) if data_source else None
+    inputs.update(protected or {})
     check_apart(out_dir, inputs)
