@@ -450,6 +450,7 @@ CASES: dict[str, Case] = {
     "predictions-csv-nan": Case("cli", [*EXPORT, "--out", "r.zip"], edit_csv("mean_confidence", "nan"), "preds/predictions.csv", "line 2: mean_confidence must be in 0..1"),
     # --- params: YAML, numbers and sizes (issue 22) ---------------------------------------------
     "params-alias-bomb": Case("prepare", PREPARE, write(P, fixture("params_alias_bomb.yaml")), P, "expands to over 100000 values"),
+    "params-nested-too-deeply": Case("prepare", PREPARE, write(P, "seed: " + "[" * 5000 + "]" * 5000), P, "nested too deeply"),
     "params-duplicate-key": Case("prepare", PREPARE, append(P, "seed: 1\n"), P, "duplicate key 'seed'"),
     "params-not-utf8": Case("prepare", PREPARE, write(P, b"seed: \xff\n"), P, "not UTF-8 text"),
     "params-huge-string-quoted-short": Case("prepare", PREPARE, lambda r: set_params(r, seed="9" * 10**6), P, "seed: expected an integer, got '999"),

@@ -332,6 +332,8 @@ def read_yaml(text: str, source: str) -> Any:
             return None
         _check_yaml_graph(node, source)
         return loader.construct_document(node)
+    except RecursionError:
+        raise InputError(f"{source}: nested too deeply") from None
     finally:
         loader.dispose()
 
