@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 from opensam.config import load_params
+from opensam.errors import params_blamed
 from opensam.masks.settings import check_store_settings, open_mask_store, store_settings
 from opensam.model.segmenter import checkpoint_clip, load_checkpoint, save_checkpoint
 from opensam.parallel.context import init_runtime
@@ -28,6 +29,7 @@ from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
 from opensam.train.losses import resolve_class_weights
 from opensam.train.online_setup import train_control
 from opensam.train.reporting import evaluate_splits, open_live
+from opensam.train.resume import run_key
 
 log = logging.getLogger("stages.control")
 
@@ -54,9 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     weights = resolve_class_weights(cfg.class_weights, classes, args.data_metrics)
     ckpt, live = args.out.parent / ".control_ckpt", open_live(args.live) if rt.is_main else None
     # the seed of the student's (first) round
-    best_epoch, best_val = train_control(
-        model, cfg, weights, params.seed + 1, prepared, args.masks, ckpt, live
-    )
+    key = run_key(  # what the control reads: a checkpoint of other values is not resumed
+        {"seed": params.seed, "student": cfg, "precision": params.runtime.precision,
+         "nproc": params.runtime.nproc},
+        {"teacher": args.teacher, "prepared": args.prepared, "masks": args.masks},
+    )  # fmt: skip
+    with params_blamed(args.params, "student"):
+        best_epoch, best_val = train_control(
+            model, cfg, weights, params.seed + 1, prepared, args.masks, ckpt, live, key
+        )
     if live is not None:
         live.end()
     report = evaluate_splits(

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from opensam.config import load_params
-from opensam.errors import InputError
+from opensam.errors import InputError, params_blamed
 from opensam.masks.settings import check_store_settings, open_mask_store, store_settings
 from opensam.model.segmenter import checkpoint_clip, read_checkpoint_meta, save_checkpoint
 from opensam.parallel.context import init_runtime
@@ -30,6 +30,7 @@ from opensam.train.losses import resolve_class_weights
 from opensam.train.online_setup import run_online_student
 from opensam.train.pseudo_format import load_pseudo_ids
 from opensam.train.reporting import open_live
+from opensam.train.resume import run_key
 from opensam.train.self_training import SelfTrainingInputs, run_self_training
 
 log = logging.getLogger("stages.student")
@@ -59,17 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     if not set(pool_ids) <= set(load_pseudo_ids(args.pseudo)):
         raise InputError(f"{args.pseudo}: no pseudo-labels for ratio {params.ratio}'s pool")
     weights = resolve_class_weights(cfg.class_weights, list(classes), args.data_metrics)
+    key = run_key(  # what the rounds read: a checkpoint of other values is not resumed
+        {"seed": params.seed, "ratio": params.ratio, "student": cfg, "pseudo": params.pseudo,
+         "precision": params.runtime.precision, "nproc": params.runtime.nproc},
+        {"teacher": args.teacher, "prepared": args.prepared, "pseudo": args.pseudo,
+         "masks": args.masks},
+    )  # fmt: skip
     try:
-        base = TrainConfig.from_params(cfg, weights, params.seed)
+        base = TrainConfig.from_params(cfg, weights, params.seed, key)
     except ValueError as exc:
         raise InputError(f"{args.params}: student: {exc}") from None
     inputs = SelfTrainingInputs(prepared, args.masks, args.teacher, args.pseudo, pool_ids, classes)
     ckpt_root = args.out.parent / ".student_ckpt"
     live = open_live(args.live) if rt.is_main else None
-    if cfg.mode == "online":  # one weak-to-strong run; seed = the offline first round's
-        result = run_online_student(inputs, cfg, weights, params.seed + 1, ckpt_root, live)
-    else:
-        result = run_self_training(inputs, cfg, params.pseudo, base, ckpt_root, live)
+    with params_blamed(args.params, "student"):
+        if cfg.mode == "online":  # one weak-to-strong run; seed = the offline first round's
+            seed = params.seed + 1
+            result = run_online_student(inputs, cfg, weights, seed, ckpt_root, live, key)
+        else:
+            result = run_self_training(inputs, cfg, params.pseudo, base, ckpt_root, live)
     if live is not None:
         live.end()
     if not rt.is_main:

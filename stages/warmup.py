@@ -19,7 +19,7 @@ from pathlib import Path
 from opensam.config import load_params
 from opensam.data.augment import Augmenter
 from opensam.data.datasets import make_train_loaders
-from opensam.errors import InputError
+from opensam.errors import InputError, params_blamed
 from opensam.masks.settings import open_mask_store, store_settings
 from opensam.model.segmenter import build_model, save_checkpoint
 from opensam.parallel.context import init_runtime
@@ -28,6 +28,7 @@ from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
 from opensam.train.loop import TrainConfig, train_model
 from opensam.train.losses import resolve_class_weights
 from opensam.train.reporting import evaluate_splits, open_live
+from opensam.train.resume import local_file, run_key
 
 log = logging.getLogger("stages.warmup")
 
@@ -55,8 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     if not prepared.train:
         raise InputError(f"{prepared.splits_path}: the train split is empty")
     weights = resolve_class_weights(cfg.class_weights, params.class_names, args.data_metrics)
+    key = run_key(  # what the loop reads: a checkpoint of other values is not resumed
+        {"seed": params.seed, "classes": params.classes, "clip": params.clip, "warmup": cfg,
+         "precision": params.runtime.precision, "nproc": params.runtime.nproc},
+        {"clip.pretrained": local_file(params.clip.pretrained), "prepared": args.prepared,
+         "masks": args.masks if cfg.use_masks else None},
+    )  # fmt: skip
     try:
-        config = TrainConfig.from_params(cfg, weights, params.seed)
+        config = TrainConfig.from_params(cfg, weights, params.seed, key)
     except ValueError as exc:
         raise InputError(f"{args.params}: warmup: {exc}") from None
     log.info("class weights %s", [round(w, 4) for w in weights])
@@ -69,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ckpt_dir = args.out.parent / ".warmup_ckpt"
     live = open_live(args.live) if rt.is_main else None
-    result = train_model(
-        model, train_loader, config, val_loader=val_loader, checkpoint_dir=ckpt_dir, live=live
-    )
+    with params_blamed(args.params, "warmup"):
+        result = train_model(
+            model, train_loader, config, val_loader=val_loader, checkpoint_dir=ckpt_dir, live=live
+        )
     if live is not None:
         live.end()
     report = evaluate_splits(

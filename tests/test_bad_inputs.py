@@ -12,6 +12,7 @@ preset layout).
 
 from __future__ import annotations
 
+import csv
 import difflib
 import errno
 import hashlib
@@ -34,6 +35,7 @@ import torch
 import yaml
 from PIL import Image
 
+from opensam.apps import launch
 from opensam.apps.cli import main as cli_main
 from opensam.config import ClipParams
 from opensam.data.cvat import write_cvat_export
@@ -88,9 +90,14 @@ def scene(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def invoke(entry: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    """Run ``opensam <argv>`` or ``python stages/<entry>.py <argv>`` in process."""
+    """Run ``opensam <argv>``, ``python -m opensam.apps.launch <argv>`` or ``python
+    stages/<entry>.py <argv>`` in process."""
     if entry == "cli":
         return cli_main(argv)
+    if entry == "launch":
+        with pytest.raises(SystemExit) as done:
+            run_main(lambda _: launch.main(argv))
+        return int(done.value.code or 0)
     monkeypatch.setattr(sys, "argv", [f"stages/{entry}.py", *argv])
     with pytest.raises(SystemExit) as done:
         run_main(STAGES[entry].main)
@@ -106,6 +113,8 @@ def tree(root: Path) -> dict[str, str]:
             rel = path.relative_to(root).as_posix()
             if path.is_symlink():
                 out[rel] = f"-> {os.readlink(path)}"
+            elif not path.is_file():
+                out[rel] = "special file"  # a FIFO: never opened
             else:
                 out[rel] = hashlib.sha1(path.read_bytes()).hexdigest()
     return out
@@ -303,12 +312,75 @@ def export_dir(root: Path) -> None:
     (root / "k" / "sub" / "a.txt").write_text("x")
 
 
+def edit_csv(field: str, value: str) -> Callable[[Path], None]:
+    """Hand-edit the first row of ``preds/predictions.csv``: ``field`` becomes ``value``."""
+
+    def do(root: Path) -> None:
+        path = root / "preds" / "predictions.csv"
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            rows, fields = list(reader), reader.fieldnames
+        rows[0][field] = value
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields or [])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return do
+
+
+def fixture(name: str) -> bytes:
+    return (ROOT / "tests" / "fixtures" / name).read_bytes()
+
+
+def append(rel: str, text: str) -> Callable[[Path], None]:
+    def do(root: Path) -> None:
+        with (root / rel).open("a") as f:
+            f.write(text)
+
+    return do
+
+
+def move_photos(rel: str) -> Callable[[Path], None]:
+    def do(root: Path) -> None:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(root / "photos", root / rel)
+
+    return do
+
+
+def clip_weights_file(obj: object) -> Callable[[Path], None]:
+    def do(root: Path) -> None:
+        torch.save(obj, root / "models" / "clip.pt")
+        set_params(root, clip__pretrained="models/clip.pt")
+
+    return do
+
+
+def nan_weights(root: Path) -> None:
+    ckpt = torch.load(root / "models" / "student.pt", weights_only=True)
+    key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][key] = torch.full_like(ckpt["state_dict"][key], float("nan"))
+    torch.save(ckpt, root / "models" / "student.pt")
+
+
+def no_exec(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun is never started: the launcher must refuse before it would exec it."""
+
+    def execv(path: str, args: list[str]) -> None:
+        raise SystemExit(1)
+
+    monkeypatch.setattr(os, "execv", execv)
+
+
+EMPTY_ZIP = b"PK\x05\x06" + bytes(18)
+STAGE_WARMUP = str(ROOT / "stages" / "warmup.py")
 P = "params.yaml"
 CASES: dict[str, Case] = {
     # --- params, validated once at load (issue 13 item 7, issue 9 item 5) --------------------
     "seed-negative": Case("prepare", PREPARE, lambda r: set_params(r, seed=-5), P, "seed: must be >= 0"),
     "unknown-colour-max-negative": Case("prepare", PREPARE, lambda r: set_params(r, data__unknown_colour_max_pixels=-1), P, "data.unknown_colour_max_pixels: must be >= 0"),
-    "image-size-huge": Case("prepare", PREPARE, lambda r: set_params(r, image_size=100000), P, "image_size: must be in 16..2048"),
+    "image-size-huge": Case("prepare", PREPARE, lambda r: set_params(r, image_size=100000), P, "image_size: must be in 32..2048"),
     "colour-out-of-range": Case("prepare", PREPARE, lambda r: set_params(r, classes=[{"name": "lizard", "prompt": "a", "color": [300, -1, 0]}, *PARAMS["classes"][1:]]), P, "classes[0].color: must be three values in 0..255"),  # type: ignore[misc]
     "predict-batch-size-0": Case("cli", PREDICT, lambda r: set_params(r, predict__batch_size=0), P, "predict.batch_size: must be >= 1"),
     "split-train-1.0": Case("prepare", PREPARE, lambda r: set_params(r, data__split={"train": 1.0, "val": 2, "test": 2}), P, "data.split.train: must be a count"),
@@ -333,7 +405,7 @@ CASES: dict[str, Case] = {
     # --- export-cvat never deletes what it did not write (item 1) ------------------------------
     "export-into-non-empty-folder": Case("cli", [*EXPORT, "--out", "k"], export_dir, "k", "exists and is not empty"),
     "export-overwrite-foreign-folder": Case("cli", [*EXPORT, "--out", "k", "--overwrite"], export_dir, "k", "not a folder written by opensam export-cvat"),
-    "export-into-labelled-data": Case("cli", [*EXPORT, "--out", "raw", "--overwrite"], None, "raw", "not a folder written by opensam export-cvat"),
+    "export-into-labelled-data": Case("cli", [*EXPORT, "--out", "raw", "--overwrite"], None, "raw", "is the data.source"),
     "export-over-existing-zip": Case("cli", [*EXPORT, "--out", "review.zip"], write("review.zip", b"PK\x05\x06" + bytes(18)), "review.zip", "exists; pass --overwrite"),
     "export-out-parent": Case("cli", [*EXPORT, "--out", ".."], None, "..", "holds the predictions folder or the current folder"),
     "export-out-is-predictions": Case("cli", [*EXPORT, "--out", "preds"], None, "preds", "holds the predictions folder"),
@@ -350,6 +422,7 @@ CASES: dict[str, Case] = {
     "zip-unsafe-member": Case("prepare", PREPARE, lambda r: zip_export(r, {"../evil.txt": b"x"}), "raw.zip", "unsafe member path '../evil.txt'"),
     "symlink-labelmap-outside": Case("prepare", PREPARE, symlink("raw/labelmap.txt", "/etc/passwd"), "raw/labelmap.txt", "symlink points outside the export"),
     "symlinked-images-folder": Case("prepare", PREPARE, symlink("raw/JPEGImages", "imgs", move_to="raw/imgs"), "raw/JPEGImages", "symlinked folder"),
+    "fifo-in-export": Case("prepare", PREPARE, lambda r: ((r / "raw" / "labelmap.txt").unlink(), os.mkfifo(r / "raw" / "labelmap.txt")), "raw/labelmap.txt", "not a regular file"),
     "labelmap-foreign-content": Case("prepare", PREPARE, lambda r: edit_labelmap(r, "root:x:0:0:root:/root:/bin/bash\n"), "raw/labelmap.txt", "line 1: expected 'name:r,g,b::'"),
     "labelmap-missing": Case("prepare", PREPARE, lambda r: (r / "raw" / "labelmap.txt").unlink(), "raw/labelmap.txt", "labelmap not found"),
     "labelmap-duplicate-name": Case("prepare", PREPARE, lambda r: edit_labelmap(r, "lizard:1,2,3::\nLizard:4,5,6::\n"), "raw/labelmap.txt", "line 2: empty or duplicate label name"),
@@ -364,6 +437,33 @@ CASES: dict[str, Case] = {
     "checkpoint-malicious-pickle": Case("cli", PREDICT, write("models/student.pt", pickle.dumps(Evil())), "models/student.pt", "not a readable checkpoint"),
     "checkpoint-missing": Case("cli", [*PREDICT[:4], "--checkpoint", "models/none.pt", "--masks", "none"], None, "models/none.pt", "checkpoint not found"),
     "checkpoint-other-classes": Case("cli", PREDICT, lambda r: set_params(r, classes=[{"name": n, "prompt": n} for n in ("cat", "dog", "bird", "sky")]), "models/student.pt", "differ from params.yaml"),
+    "checkpoint-masks-entry-a-list": Case("cli", PREDICT[:-2], lambda r: bad_checkpoint(r, masks=[1, 2]), "models/student.pt", "bad 'masks' entry [1, 2]"),
+    "clip-pretrained-holds-a-list": Case("warmup", WARMUP, clip_weights_file([1, 2]), "models/clip.pt", "cannot load as opensam-tiny weights"),
+    "checkpoint-nan-weights": Case("cli", PREDICT, nan_weights, "models/student.pt", "weights hold NaN or infinite values"),
+    # --- a second hostile pass (issue 22): outputs never touch inputs -------------------------
+    "predict-input-inside-out": Case("cli", ["predict", "shoot/labels", "--out", "shoot", *PREDICT[4:]], move_photos("shoot/labels"), "shoot", "holds the input folder"),
+    "predict-out-is-data-source-link": Case("cli", [*PREDICT[:2], "--out", "link", *PREDICT[4:]], symlink("link", "raw"), "link", "is the data.source"),
+    "predict-out-inside-data-source": Case("cli", [*PREDICT[:2], "--out", "raw/preds", *PREDICT[4:]], None, "raw/preds", "is inside the data.source"),
+    "export-overwrite-data-source-zip": Case("cli", [*EXPORT, "--out", "raw.zip", "--overwrite"], lambda r: zip_export(r, {}), "raw.zip", "is the data.source"),
+    "export-overwrite-foreign-zip": Case("cli", [*EXPORT, "--out", "review.zip", "--overwrite"], write("review.zip", EMPTY_ZIP), "review.zip", "not a zip written by opensam export-cvat"),
+    "predictions-csv-odd-id": Case("cli", [*EXPORT, "--out", "r.zip"], edit_csv("id", "../../p0"), "preds/predictions.csv", "line 2: id '../../p0' is not a plain file name"),
+    "predictions-csv-nan": Case("cli", [*EXPORT, "--out", "r.zip"], edit_csv("mean_confidence", "nan"), "preds/predictions.csv", "line 2: mean_confidence must be in 0..1"),
+    # --- params: YAML, numbers and sizes (issue 22) ---------------------------------------------
+    "params-alias-bomb": Case("prepare", PREPARE, write(P, fixture("params_alias_bomb.yaml")), P, "expands to over 100000 values"),
+    "params-nested-too-deeply": Case("prepare", PREPARE, write(P, "seed: " + "[" * 5000 + "]" * 5000), P, "nested too deeply"),
+    "params-duplicate-key": Case("prepare", PREPARE, append(P, "seed: 1\n"), P, "duplicate key 'seed'"),
+    "params-not-utf8": Case("prepare", PREPARE, write(P, b"seed: \xff\n"), P, "not UTF-8 text"),
+    "params-huge-string-quoted-short": Case("prepare", PREPARE, lambda r: set_params(r, seed="9" * 10**6), P, "seed: expected an integer, got '999"),
+    "seed-huge": Case("prepare", PREPARE, lambda r: set_params(r, seed=2**70), P, "seed: must be >= 0 and < 2**32"),
+    "lr-max-inf": Case("warmup", WARMUP, lambda r: set_params(r, warmup__lr_max=float("inf")), P, "warmup.lr_max: must be a finite number"),
+    "warmup-loss-diverges": Case("warmup", WARMUP, lambda r: set_params(r, warmup__lr_max=1e30), P, "warmup: epoch 1: the training loss is not finite"),
+    "image-size-31": Case("prepare", PREPARE, lambda r: set_params(r, image_size=31), P, "image_size: must be in 32..2048"),
+    "launch-nproc-2-bad-param": Case("launch", ["--nproc", "2", STAGE_WARMUP, *WARMUP], lambda r: set_params(r, warmup__batch_size=0), P, "warmup.batch_size: must be >= 1", no_exec),
+    "launch-missing-script": Case("launch", ["--nproc", "2", "stages/none.py"], None, "stages/none.py", "script not found", no_exec),
+    # --- predict flags get the ranges of the params they override (issue 22) --------------------
+    "predict-flag-pps-0": Case("cli", [*PREDICT, "--pps", "0"], None, "--pps", "must be in 1..128"),
+    "predict-flag-min-region-area": Case("cli", [*PREDICT, "--min-region-area", "-100"], None, "--min-region-area", "must be >= 0"),
+    "predict-flag-low-conf-nan": Case("cli", [*PREDICT, "--low-conf", "nan"], None, "--low-conf", "must be in 0..1"),
     "sam-checkpoint-missing": Case("masks", MASKS, lambda r: set_params(r, masks__generator="sam", sam__model="vit_b", sam__checkpoint="models/sam_vit_b_01ec64.pth"), "models/sam_vit_b_01ec64.pth", "download"),
     "sam2-checkpoint-missing": Case("masks", MASKS, lambda r: set_params(r, masks__generator="sam2", sam2__model="sam2.1_hiera_small", sam2__checkpoint="models/sam2.1_hiera_small.pt"), "models/sam2.1_hiera_small.pt", "download https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_small.pt"),
     "sam2-model-unknown": Case("masks", MASKS, lambda r: set_params(r, masks__generator="sam2", sam2__model="sam2_hiera_xl"), P, "sam2.model: must be one of sam2.1_hiera_tiny"),
@@ -390,6 +490,7 @@ def test_bad_input_is_one_line_and_leaves_outputs_intact(
     where, _, problem = errors[0].removeprefix("error: ").partition(": ")
     assert where.endswith(case.file) and not problem.startswith(":"), errors[0]
     assert case.problem in problem, errors[0]
+    assert len(errors[0]) < 400, "a message quotes a value in full"
     assert tree(project) == before, "outputs changed or temporaries left behind"
     assert not (project / "pwned").exists()
 
@@ -459,6 +560,70 @@ def test_stale_lock_is_taken_over(project: Path, monkeypatch: pytest.MonkeyPatch
     (project / "preds" / ".opensam.lock").write_text(json.dumps(lock))
     assert invoke("cli", [*PREDICT, "--overwrite"], monkeypatch) == 0
     assert not (project / "preds" / ".opensam.lock").exists()
+
+
+LOCK_WORKER = """
+import os, sys, time
+from pathlib import Path
+from opensam.apps.guards import output_lock
+from opensam.errors import InputError
+folder, start = Path(sys.argv[1]), float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+try:
+    with output_lock(folder):
+        try:  # a second holder at the same time finds this file
+            fd = os.open(folder / "inside", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            sys.exit(3)
+        time.sleep(0.3)
+        os.close(fd)
+        os.unlink(folder / "inside")
+except InputError:
+    sys.exit(2)
+"""
+
+
+def test_stale_lock_taken_over_by_several_processes_at_once(tmp_path: Path) -> None:
+    """Four processes take over a dead run's lock at the same moment: never two hold it."""
+    import socket
+    import time
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for trial in range(3):
+        folder = tmp_path / f"out{trial}"
+        folder.mkdir()
+        lock = {"pid": dead.pid, "host": socket.gethostname(), "started": 0}
+        (folder / ".opensam.lock").write_text(json.dumps(lock))
+        start = str(time.time() + 4.0)  # after every worker's imports
+        cmd = [sys.executable, "-c", LOCK_WORKER, str(folder), start]
+        workers = [subprocess.Popen(cmd, env=env) for _ in range(4)]
+        codes = sorted(w.wait(120) for w in workers)
+        assert 3 not in codes and codes[0] == 0 and set(codes) <= {0, 2}, codes
+        assert not (folder / ".opensam.lock").exists()
+
+
+def test_photo_names_that_are_not_utf8_are_skipped(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Skipped with a warning and listed in failed.txt with the bad byte escaped (\\xff)."""
+    shutil.copy(
+        project / "photos" / "p0.png", os.fsdecode(bytes(project / "photos") + b"/q\xff.png")
+    )
+    assert invoke("cli", [*PREDICT, "--overwrite"], monkeypatch) == 0
+    assert csv_ids(project / "preds") == ["p0", "p1"]
+    failed = (project / "preds" / "failed.txt").read_text()
+    assert "q\\xff.png\tfile name is not valid UTF-8" in failed
+
+
+def test_special_files_are_never_opened(project: Path) -> None:
+    from opensam.apps.photos import list_photos
+
+    os.mkfifo(project / "photos" / "pipe.png")
+    (project / "list.txt").write_text("photos/pipe.png\nphotos/p0.png\n")
+    for source in (project / "photos", project / "list.txt"):
+        assert "pipe.png" not in [p.path.name for p in list_photos(source).photos]
+    refused = list_photos(project / "list.txt").refused
+    assert refused == [(str(project / "photos" / "pipe.png"), "not a regular file (a FIFO, device or folder)")]  # fmt: skip
 
 
 def test_two_concurrent_predict_runs(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,8 @@ from conftest import repo_params
 from PIL import Image
 
 from opensam.apps.cli import main
-from opensam.apps.predict import CSV_NAME, LABELS_DIR, OVERLAYS_DIR, SUMMARY_NAME
+from opensam.apps.predict import LABELS_DIR, OVERLAYS_DIR, SUMMARY_NAME
+from opensam.apps.predictions_csv import CSV_NAME
 from opensam.config import ClassSpec, ClipParams, load_params
 from opensam.data.importers import open_export
 from opensam.model.segmenter import build_model, save_checkpoint
@@ -100,7 +101,7 @@ def test_predict_low_conf_option(project: Path, tmp_path: Path) -> None:
         == 0
     )
     assert (
-        predict(project, tmp_path / "in", tmp_path / "hi", "--masks", "none", "--low-conf", "1.01")
+        predict(project, tmp_path / "in", tmp_path / "hi", "--masks", "none", "--low-conf", "1.0")
         == 0
     )
     for name, expected in (("lo", 0.0), ("hi", 100.0)):

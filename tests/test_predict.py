@@ -19,10 +19,9 @@ import yaml
 from conftest import CLASSES, PROMPTS, SIZE, assert_miou_is_the_mean_iou, load_stage, repo_params
 from PIL import Image
 
-from opensam.apps.cli import list_photos
 from opensam.apps.cli import main as cli_main
+from opensam.apps.photos import list_photos
 from opensam.apps.predict import (
-    CSV_NAME,
     FAILED_NAME,
     LABELS_DIR,
     MAX_OVERLAY_SIDE,
@@ -31,11 +30,11 @@ from opensam.apps.predict import (
     blend_overlay,
     build_summary,
     class_percentages,
-    csv_columns,
     infer_batch,
     predict_photos,
 )
 from opensam.apps.predict_setup import MaskChoice, choose_masks, overlay_colors
+from opensam.apps.predictions_csv import CSV_NAME, csv_columns
 from opensam.config import ClipParams, parse_params
 from opensam.errors import InputError
 from opensam.images import resize_label

@@ -24,7 +24,7 @@ from opensam.errors import InputError
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["lizard", "hand", "color board", "background"]
 COLOURS = [(250, 220, 40), (40, 200, 60), (40, 90, 230), (0, 0, 0)]
-H, W = 30, 40  # photos are 40 wide, 30 high; prepared at 16 x 16
+H, W = 30, 40  # photos are 40 wide, 30 high; prepared at 32 x 32
 
 
 stage = load_stage("prepare")
@@ -58,7 +58,7 @@ def make_project(root: Path, n_labelled: int = 12, n_unlabelled: int = 6, **data
         )
     params = {
         "seed": 5,  # the training seed: the splits ignore it (data.seed orders them)
-        "image_size": 16,
+        "image_size": 32,
         "classes": [{"name": n, "prompt": f"a {n}"} for n in NAMES],
         "data": {
             "source": "raw",
@@ -141,7 +141,7 @@ def test_prepare_main_writes_the_documented_format(tmp_path: Path, monkeypatch) 
     metrics = run_stage(root, monkeypatch)
     out = root / "data/prepared"
     index = json.loads((out / "splits.json").read_text())
-    assert index["image_size"] == 16 and index["classes"] == NAMES
+    assert index["image_size"] == 32 and index["classes"] == NAMES
     assert index["colors"] == [list(c) for c in COLOURS]
     assert [len(index[s]) for s in ("train", "val", "test", "unlabelled")] == [6, 2, 2, 6]
     assert index["unlabelled_gt"] is True
@@ -152,11 +152,11 @@ def test_prepare_main_writes_the_documented_format(tmp_path: Path, monkeypatch) 
     assert len(list((out / "images").iterdir())) == 16
     for i in labelled + index["unlabelled"]:
         img = Image.open(out / "images" / f"{i}.png")
-        assert img.mode == "RGB" and img.size == (16, 16)
+        assert img.mode == "RGB" and img.size == (32, 32)
     hist = np.zeros(4, np.int64)
     for i in index["train"]:
         label = Image.open(out / "labels" / f"{i}.png")
-        assert label.mode == "L" and label.size == (16, 16)
+        assert label.mode == "L" and label.size == (32, 32)
         arr = np.asarray(label)
         assert set(np.unique(arr)) <= {0, 1, 2, 3, 255}
         hist += np.bincount(arr[arr != 255], minlength=4)
@@ -212,7 +212,7 @@ def test_prepare_converts_odd_photos(tmp_path: Path, monkeypatch) -> None:
     run_stage(root, monkeypatch)  # the GT (40 x 30) must match every oriented photo
     for i in range(5):
         img = Image.open(root / f"data/prepared/images/u{i:02d}.png")
-        assert img.mode == "RGB" and img.size == (16, 16)
+        assert img.mode == "RGB" and img.size == (32, 32)
 
 
 def _bad_raw(root: Path, case: str) -> str:
@@ -323,15 +323,15 @@ def test_dvc_repro_prepare_caches_and_reruns_on_param_change(tmp_path: Path) -> 
     _dvc(proj, "init", "-q")
     _dvc(proj, "repro", "prepare")
     index = json.loads((proj / "data/prepared/splits.json").read_text())
-    assert index["image_size"] == 16 and len(index["train"]) == 6
+    assert index["image_size"] == 32 and len(index["train"]) == 6
     assert json.loads((proj / "metrics/data.json").read_text())["train"]["images"] == 6
     assert "didn't change" in _dvc(proj, "repro", "prepare")
     params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["image_size"] = 24
+    params["image_size"] = 48
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     status = _dvc(proj, "status", "prepare")
     assert "prepare" in status and "modified" in status and "image_size" in status
     out = _dvc(proj, "repro", "prepare")
     assert "Running stage 'prepare'" in out
-    assert json.loads((proj / "data/prepared/splits.json").read_text())["image_size"] == 24
-    assert Image.open(proj / f"data/prepared/images/{index['train'][0]}.png").size == (24, 24)
+    assert json.loads((proj / "data/prepared/splits.json").read_text())["image_size"] == 48
+    assert Image.open(proj / f"data/prepared/images/{index['train'][0]}.png").size == (48, 48)

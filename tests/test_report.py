@@ -56,6 +56,22 @@ def test_format_report_rows() -> None:
     assert "no finished experiments" in format_report([])
 
 
+def test_report_quotes_huge_values_short_and_skips_nan_metrics(tmp_path: Path) -> None:
+    runs = [Run("a", {"seed": 0, "x": "y" * 10**6}, _eval(60, 64)),
+            Run("b", {"seed": 0, "x": "z" * 10**6}, _eval(float("nan"), 64))]  # fmt: skip
+    table = format_report(runs)
+    assert max(len(line) for line in table.splitlines()) < 300
+    assert "nan" not in table
+    _init_repo(tmp_path)  # an experiment whose params.yaml is an alias bomb is skipped
+    bomb = Path(__file__).parent / "fixtures" / "params_alias_bomb.yaml"
+    (tmp_path / "params.yaml").write_bytes(bomb.read_bytes())
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps(_eval(60, 64)))
+    (tmp_path / "metrics" / "pseudo.json").write_text("{}")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "bomb")
+    assert read_experiments(tmp_path) == []
+
+
 def _git(repo: Path, *args: str) -> str:
     out = subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)
     return out.stdout.strip()

@@ -233,6 +233,40 @@ def test_checkpoint_of_another_config_is_ignored(project: dict[str, Any], tmp_pa
     assert_same_states(fresh.last_state, restarted.last_state)
 
 
+def _damage(state: dict[str, Any], how: str) -> None:
+    key = next(k for k, v in state["model"].items() if v.is_floating_point())
+    if how == "nan-weight":
+        state["model"][key] = torch.full_like(state["model"][key], float("nan"))
+    elif how == "wrong-shape":
+        state["model"][key] = torch.zeros(3, 1, 2)
+    elif how == "optimizer-shape":
+        state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(5)
+    elif how == "bad-rng":
+        state["rng"]["numpy"]["keys"] = torch.zeros(3, dtype=torch.int64)
+    else:
+        state["epoch"] = 99
+
+
+@pytest.mark.parametrize(
+    "how", ["nan-weight", "wrong-shape", "optimizer-shape", "bad-rng", "epoch"]
+)
+def test_a_damaged_resume_checkpoint_starts_over(
+    how: str, project: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint of the same run whose weights, optimizer moments, RNG states or epoch are
+    bad is never (half-)loaded: the run starts over, with one warning."""
+    cfg = TrainConfig(**{**CFG.__dict__, "epochs": 2})
+    with pytest.raises(Killed):
+        run(project, cfg, checkpoint_dir=tmp_path, on_epoch_end=kill_after(1))
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    _damage(state, how)
+    torch.save(state, tmp_path / "last.pt")
+    with caplog.at_level("WARNING"):
+        restarted = run(project, cfg, checkpoint_dir=tmp_path)
+    assert "unusable checkpoint" in caplog.text
+    assert_same_states(run(project, cfg).last_state, restarted.last_state)
+
+
 def test_ties_keep_the_earlier_epoch(project: dict[str, Any]) -> None:
     frozen = TrainConfig(**{**CFG.__dict__, "lr_max": 1e-30, "lr_min": 0.0, "epochs": 3})
     result = run(project, frozen, pseudo=False)
@@ -258,3 +292,22 @@ def test_live_curves_layout_and_resume_replay(project: dict[str, Any], tmp_path:
         rows = (live_dir / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
         assert rows[0].split("\t") == ["step", name.split("/")[1]]
         assert [r.split("\t")[0] for r in rows[1:]] == ["0", "1", "2", "3"]
+
+
+def test_run_key_covers_params_and_input_contents(tmp_path: Path) -> None:
+    from opensam.train.resume import run_key
+
+    (tmp_path / "prepared" / "images").mkdir(parents=True)
+    (tmp_path / "prepared" / "images" / "a.png").write_bytes(b"a")
+    (tmp_path / "w.pt").write_bytes(b"weights")
+    inputs = {"prepared": tmp_path / "prepared", "weights": tmp_path / "w.pt", "none": None}
+    key = run_key({"warmup": CFG, "seed": 0}, inputs)
+    assert run_key({"warmup": CFG, "seed": 0}, inputs) == key  # stable
+    (tmp_path / "prepared" / ".cache").write_bytes(b"hidden files do not count")
+    assert run_key({"warmup": CFG, "seed": 0}, inputs) == key
+    assert run_key({"warmup": CFG, "seed": 1}, inputs) != key
+    (tmp_path / "w.pt").write_bytes(b"other weights")
+    assert run_key({"warmup": CFG, "seed": 0}, inputs) != key
+    (tmp_path / "w.pt").write_bytes(b"weights")
+    (tmp_path / "prepared" / "images" / "a.png").write_bytes(b"b")
+    assert run_key({"warmup": CFG, "seed": 0}, inputs) != key

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from conftest import (
     CLASSES,
     SCENE_COLOURS,
@@ -95,6 +96,50 @@ def test_warmup_resumes_after_a_kill(
     assert resumed == json.loads((first_run / "metrics" / "warmup.json").read_text())
     rows = (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
     assert rows == (first_run / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
+
+
+@pytest.mark.parametrize("change", ["nothing", "pretrained-content", "augment", "drop_path"])
+def test_a_checkpoint_of_other_settings_or_inputs_starts_over(
+    change: str, project: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Killed after epoch 1, rerun with one thing changed: the rerun starts at epoch 1 again
+    (one warning line), except when nothing changed (it resumes at epoch 2)."""
+    from opensam.model.clip import create_clip
+
+    def write_weights(seed: int) -> None:
+        torch.manual_seed(seed)
+        torch.save(create_clip("opensam-tiny", None).state_dict(), tmp_path / "clip.pt")
+
+    write_weights(0)
+    params = yaml.safe_load(project["params"].read_text())
+    params["clip"]["pretrained"] = str(tmp_path / "clip.pt")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    args = warmup_args({**project, "params": tmp_path / "params.yaml"}, tmp_path)
+    stage, ran = load_stage("warmup"), []
+    real = stage.train_model
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch: int, entry: dict[str, Any]) -> None:
+        ran.append(epoch)
+        raise Killed
+
+    monkeypatch.setattr(stage, "train_model", lambda *a, **k: real(*a, **k, on_epoch_end=kill))
+    with pytest.raises(Killed):
+        stage.main(args)
+    if change == "pretrained-content":
+        write_weights(1)  # the same file name and params, other weights
+    elif change != "nothing":
+        params["warmup"][change] = {"augment": not params["warmup"].get("augment", True),
+                                    "drop_path": 0.1}[change]  # fmt: skip
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with caplog.at_level("WARNING"), pytest.raises(Killed):
+        stage.main(args)
+    assert ran == ([1, 2] if change == "nothing" else [1, 1])
+    starts_over = [r for r in caplog.records if "starting over" in r.getMessage()]
+    assert len(starts_over) == (0 if change == "nothing" else 1)
 
 
 def test_warmup_missing_masks_is_a_one_line_error(project: dict[str, Path], tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ from typing import Any, TypeVar
 
 import yaml
 
-from opensam.errors import InputError
+from opensam.errors import InputError, quote
 
 T = TypeVar("T")
+MIN_IMAGE_SIZE = 32  # the CLIP towers have stride 32: a smaller image has no embedding cell
 MAX_IMAGE_SIZE = 2048  # prepared images are image_size² RGB, and so is every mask
+MAX_YAML_NODES = 100_000  # a params file expanding (through aliases) past this is refused
 # sam2.model values (opensam.masks.sam2_masks.SAM2_MODELS maps each to its config and file)
 SAM2_MODEL_NAMES = (
     "sam2.1_hiera_tiny",
@@ -257,7 +260,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, dict):
-            raise InputError(f"{where}: expected a mapping, got {value!r}")
+            raise InputError(f"{where}: expected a mapping, got {quote(value)}")
         return _build(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -271,10 +274,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 return _convert(arg, value, where)
             except InputError as exc:
                 errors.append(str(exc))
-        raise InputError(errors[-1] if errors else f"{where}: bad value {value!r}")
+        raise InputError(errors[-1] if errors else f"{where}: bad value {quote(value)}")
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise InputError(f"{where}: expected a list, got {value!r}")
+            raise InputError(f"{where}: expected a list, got {quote(value)}")
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
@@ -284,22 +287,25 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in pairs)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise InputError(f"{where}: expected a number, got {value!r}")
+            raise InputError(f"{where}: expected a number, got {quote(value)}")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            raise InputError(f"{where}: expected a number, got {value!r}") from None
+            raise InputError(f"{where}: expected a number, got {quote(value)}") from None
+        if not math.isfinite(number):
+            raise InputError(f"{where}: must be a finite number, got {quote(value)}")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{where}: expected an integer, got {value!r}")
+            raise InputError(f"{where}: expected an integer, got {quote(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise InputError(f"{where}: expected true or false, got {value!r}")
+            raise InputError(f"{where}: expected true or false, got {quote(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise InputError(f"{where}: expected a string, got {value!r}")
+            raise InputError(f"{where}: expected a string, got {quote(value)}")
         return value
     return value
 
@@ -329,13 +335,63 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     return params
 
 
+def _check_yaml_graph(node: yaml.Node, source: str) -> None:
+    """Refuse duplicate mapping keys (YAML says they are an error; PyYAML keeps the last one,
+    DVC calls the file corrupted) and a document whose aliases expand past MAX_YAML_NODES (an
+    alias bomb: 1 KB of YAML that expands to 10^9 values)."""
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            if sizes[id(n)] < 0:
+                raise InputError(f"{source}: line {n.start_mark.line + 1}: recursive alias")
+            return sizes[id(n)]
+        sizes[id(n)] = -1
+        total = 1
+        if isinstance(n, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, value in n.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in seen:
+                        line = key.start_mark.line + 1
+                        raise InputError(f"{source}: line {line}: duplicate key {quote(key.value)}")
+                    seen.add(key.value)
+                total += size(key) + size(value)
+        elif isinstance(n, yaml.SequenceNode):
+            total += sum(size(item) for item in n.value)
+        if total > MAX_YAML_NODES:
+            raise InputError(f"{source}: expands to over {MAX_YAML_NODES} values (YAML aliases)")
+        sizes[id(n)] = total
+        return total
+
+    size(node)
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, refusing duplicate keys and alias bombs (one-line
+    :class:`InputError` naming ``source``) before any value is built."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_graph(node, source)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise InputError(f"{source}: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def load_params(path: str | Path) -> Params:
     """Read a params YAML file given by the caller (a stage passes DVC's ``params.yaml``)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text(), str(path))
     except FileNotFoundError:
         raise InputError(f"{path}: params file not found") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(raw, dict):
@@ -345,7 +401,7 @@ def load_params(path: str | Path) -> Params:
 
 def _require(source: str, key: str, ok: bool, rule: str, value: Any) -> None:
     if not ok:
-        raise InputError(f"{source}: {key}: must be {rule}, got {value!r}")
+        raise InputError(f"{source}: {key}: must be {rule}, got {quote(value)}")
 
 
 def _check_split(split: SplitParams, source: str) -> None:
@@ -397,7 +453,7 @@ def _check_classes(classes: tuple[ClassSpec, ...], source: str) -> None:
         norm = c.name.strip().lower()
         if norm in seen:
             raise InputError(
-                f"{source}: {key}.name: {c.name!r} repeats classes[{seen[norm]}].name "
+                f"{source}: {key}.name: {quote(c.name)} repeats classes[{seen[norm]}].name "
                 "(names are matched case-insensitively)"
             )
         seen[norm] = i
@@ -410,8 +466,9 @@ def _check_classes(classes: tuple[ClassSpec, ...], source: str) -> None:
 def check_params(p: Params, source: str = "params.yaml") -> None:
     """Every range and cross-field rule of params; raises :class:`InputError` naming the key."""
     r = functools.partial(_require, source)
-    r("seed", p.seed >= 0, ">= 0", p.seed)
-    r("image_size", 16 <= p.image_size <= MAX_IMAGE_SIZE, f"in 16..{MAX_IMAGE_SIZE}", p.image_size)
+    r("seed", 0 <= p.seed < 2**32, ">= 0 and < 2**32", p.seed)
+    size_rule = f"in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}"
+    r("image_size", MIN_IMAGE_SIZE <= p.image_size <= MAX_IMAGE_SIZE, size_rule, p.image_size)
     r("pps", 1 <= p.pps <= 128, "in 1..128", p.pps)
     r("min_region_area", p.min_region_area >= 0, ">= 0", p.min_region_area)
     r("masks.max_ratio", p.masks.max_ratio >= 0, ">= 0", p.masks.max_ratio)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from opensam.errors import InputError
+from opensam.errors import InputError, quote
 from opensam.runtime import read_json
 
 SPLITS_NAME = "splits.json"
@@ -115,7 +115,7 @@ def check_classes(expected: Sequence[str], found: Sequence[str], where: str, sou
 def _id_list(data: Mapping[str, Any], key: str, path: Path) -> tuple[str, ...]:
     value = data.get(key, [])
     if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
-        raise InputError(f"{path}: {key!r} must be a list of image ids")
+        raise InputError(f"{path}: {quote(key)} must be a list of image ids")
     return tuple(value)
 
 
@@ -140,7 +140,7 @@ def read_prepared(root: Path) -> Prepared:
         raise InputError(f"{path}: expected a JSON object")
     size = data.get("image_size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise InputError(f"{path}: 'image_size' must be a positive integer, got {size!r}")
+        raise InputError(f"{path}: 'image_size' must be a positive integer, got {quote(size)}")
     classes = data.get("classes", [])
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise InputError(f"{path}: 'classes' must be a list of names")

@@ -17,105 +17,31 @@ import dataclasses
 import logging
 import os
 import sys
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from opensam.errors import InputError
-from opensam.images import IMAGE_EXTENSIONS, is_image_name
-
-if TYPE_CHECKING:
-    from opensam.apps.predict import Photo
+from opensam.apps.photos import check_output_dir, list_photos
+from opensam.errors import InputError, quote
 
 log = logging.getLogger(__name__)
 
 MASK_CHOICES = ("sam", "sam2", "demo_sam", "regions", "superpixels", "none")
+MAX_PPS = 128  # the params rule of ``pps``
 RGB = tuple[int, int, int]
 
 
-@dataclass
-class PhotoList:
-    """Photos to predict, and files refused without loading them: ``(path, reason)``."""
-
-    photos: list[Photo]
-    refused: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _assign_ids(paths: Sequence[Path], root: Path) -> list[Photo]:
-    """Ids: paths relative to ``root`` without extension, ``/`` -> ``__``; a clash (a.jpg and
-    a.png) appends the extension (``a_jpg``, ``a_png``). Ids are unique ignoring case (output
-    files must not clash on a case-insensitive disk either): what still clashes (a.jpg and
-    a.JPG, sub/inner.jpg and sub__inner.jpg) gets ``_2``, ``_3``, ... in path order."""
-    from opensam.apps.predict import Photo
-
-    ids = [p.relative_to(root).with_suffix("").as_posix().replace("/", "__") for p in paths]
-    clash = {i for i, n in Counter(i.casefold() for i in ids).items() if n > 1}
-    ids = [
-        f"{i}_{p.suffix[1:].lower()}" if i.casefold() in clash else i
-        for i, p in zip(ids, paths, strict=True)
-    ]
-    taken: set[str] = set()
-    unique = []
-    for image_id in ids:
-        candidate, n = image_id, 1
-        while candidate.casefold() in taken:
-            n += 1
-            candidate = f"{image_id}_{n}"
-        taken.add(candidate.casefold())
-        unique.append(candidate)
-    return [Photo(i, p) for i, p in zip(unique, paths, strict=True)]
-
-
-def _read_list_file(source: Path) -> list[Path]:
-    try:
-        lines = source.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{source}: cannot read list file ({exc.__class__.__name__})") from None
-    entries = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    paths = [Path(e).expanduser() for e in entries]
-    return list(
-        dict.fromkeys(Path(os.path.normpath((source.parent / p).absolute())) for p in paths)
+def check_predict_flags(args: argparse.Namespace) -> None:
+    """The flags that override params get the params' ranges (one line naming the flag)."""
+    rules = (
+        ("--batch-size", args.batch_size, lambda v: v >= 1, ">= 1"),
+        ("--pps", args.pps, lambda v: 1 <= v <= MAX_PPS, f"in 1..{MAX_PPS}"),
+        ("--min-region-area", args.min_region_area, lambda v: v >= 0, ">= 0"),
+        ("--low-conf", args.low_conf, lambda v: 0 <= v <= 1, "in 0..1 (a probability)"),
     )
-
-
-def _walk_folder(source: Path) -> Iterator[Path]:
-    for path in source.rglob("*"):
-        if path.is_file() and not any(s.startswith(".") for s in path.relative_to(source).parts):
-            yield path
-
-
-def list_photos(source: Path) -> PhotoList:
-    """The photos of ``source``: a folder (recursive, hidden entries skipped, sorted) or a
-    ``.txt`` list of paths. Files without an image extension are refused (reported as failed,
-    never loaded). Raises :class:`InputError` when ``source`` is missing or has no image file.
-    """
-    source = Path(source)
-    if source.is_dir():
-        files, root = sorted(_walk_folder(source)), source
-    elif source.is_file() and source.suffix.lower() == ".txt":
-        files = _read_list_file(source)
-        root = Path(os.path.commonpath([p.parent for p in files])) if files else source
-    elif source.exists():
-        raise InputError(f"{source}: expected a folder of photos or a .txt list of photo paths")
-    else:
-        raise InputError(f"{source}: not found")
-    images = [p for p in files if is_image_name(p.name)]
-    if not images:
-        raise InputError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    refused = [
-        (str(p), "not an image file (extension)") for p in files if not is_image_name(p.name)
-    ]
-    return PhotoList(_assign_ids(images, root), refused)
-
-
-def check_output_dir(source: Path, out_dir: Path) -> None:
-    """Refuse an output folder inside (or equal to) the input folder: a rerun would read it."""
-    if Path(source).is_dir():
-        src, out = Path(source).resolve(), Path(out_dir).resolve()
-        if out == src or src in out.parents:
-            raise InputError(f"{out_dir}: output folder is inside the input folder {source}")
+    for flag, value, ok, rule in rules:
+        if value is not None and not ok(value):  # NaN fails every comparison
+            raise InputError(f"{flag}: must be {rule}, got {quote(value)}")
 
 
 def _cmd_preset(args: argparse.Namespace) -> int:
@@ -138,13 +64,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from opensam.parallel.context import init_runtime
     from opensam.runtime import seed_everything
 
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_predict_flags(args)
     params = load_params(args.params)
     seed_everything(params.seed)
     device = args.device or params.runtime.device  # torchrun: ranks share photos, rank 0 merges
     rt = init_runtime(dataclasses.replace(params.runtime, device=device))
-    check_output_dir(args.input, args.out)
+    check_output_dir(args.input, args.out, data_source_paths(params.data.source, args.params))
     check_predict_out(args.out)
     listing = list_photos(args.input)
     model, meta = load_checkpoint(args.checkpoint, params.class_names, classes_from=args.params)
@@ -223,7 +148,8 @@ def export_least_confident(
     as a CVAT Segmentation Mask 1.1 export (``out``: a .zip or a folder) with the photos, from
     ``images`` (id -> path) when given, else from the CSV paths. Returns the exported ids.
     """
-    from opensam.apps.predict import CSV_NAME, LABELS_DIR, read_rows
+    from opensam.apps.predict import LABELS_DIR
+    from opensam.apps.predictions_csv import CSV_NAME, read_rows
     from opensam.data.cvat import write_cvat_export
     from opensam.images import read_label_png
 
@@ -252,7 +178,9 @@ def export_least_confident(
 def _cmd_export_cvat(args: argparse.Namespace) -> int:
     from opensam.apps.guards import check_export_target
 
-    check_export_target(args.out, args.pred_dir, args.overwrite)
+    inputs = {"photos folder": args.images, "prepared data": args.prepared,
+              **data_source_paths(params_data_source(args.params), args.params)}  # fmt: skip
+    check_export_target(args.out, args.pred_dir, args.overwrite, inputs)
     names, colors, origin = export_colors(args.pred_dir, args.prepared)
     log.info("labelmap colours from %s", origin)
     images = None
@@ -261,6 +189,36 @@ def _cmd_export_cvat(args: argparse.Namespace) -> int:
     ids = export_least_confident(args.pred_dir, args.out, args.n, names, colors, images)
     log.info("wrote %s: the %d least confident predictions", args.out, len(ids))
     return 0
+
+
+def data_source_paths(source: str | None, params: Path) -> dict[str, Path | None]:
+    """``data.source`` as the stages read it (relative to the current folder, the DVC root)
+    and, when the params file lies elsewhere, relative to the params file's folder."""
+    if not source:
+        return {}
+    paths: dict[str, Path | None] = {"data.source": Path(source)}
+    beside = Path(params).parent / source
+    if os.path.realpath(beside) != os.path.realpath(source):
+        paths[f"data.source of {params}"] = beside
+    return paths
+
+
+def params_data_source(path: Path) -> str | None:
+    """``data.source`` of the params file at ``path`` (None when there is none), read without
+    validating the rest: an output must never replace the labelled data."""
+    import yaml
+
+    from opensam.config import read_yaml
+
+    try:
+        raw = read_yaml(path.read_text(), str(path))
+    except FileNotFoundError:  # no params file: no labelled data to protect
+        return None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InputError(f"{path}: cannot read data.source ({type(exc).__name__})") from None
+    data = raw.get("data") if isinstance(raw, dict) else None
+    source = data.get("source") if isinstance(data, dict) else None
+    return source if isinstance(source, str) and source else None
 
 
 def _add_predict(sub: Any) -> None:
@@ -338,6 +296,12 @@ def _add_export(sub: Any) -> None:
         type=Path,
         default=Path("data/prepared"),
         help="prepared data whose splits.json gives the labelmap colours",
+    )
+    p.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="params whose data.source (the labelled data) --out must never touch",
     )
     p.set_defaults(func=_cmd_export_cvat)
 

@@ -20,6 +20,7 @@ from opensam.errors import InputError
 from opensam.runtime import run_main
 
 MULTI_NODE_ENV = "OPENSAM_TORCHRUN_ARGS"
+DEFAULT_PARAMS = "params.yaml"  # what a stage reads without --params
 
 
 def torchrun_command(nproc: int, script: str, args: list[str], extra: str = "") -> list[str]:
@@ -37,6 +38,22 @@ def torchrun_command(nproc: int, script: str, args: list[str], extra: str = "") 
     ]
 
 
+def check_params_before_spawning(args: list[str]) -> None:
+    """Validate the stage's params file (its ``--params`` argument, else ``params.yaml`` when
+    present) once, here: N ranks would each print the same error, and torchrun would add its own
+    ChildFailedError traceback and exit 1."""
+    from opensam.config import load_params
+
+    path = DEFAULT_PARAMS
+    for i, arg in enumerate(args):
+        if arg == "--params" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--params="):
+            path = arg.split("=", 1)[1]
+    if path != DEFAULT_PARAMS or os.path.exists(path):
+        load_params(path)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m opensam.apps.launch", description=__doc__)
     parser.add_argument("--nproc", type=int, default=1, help="processes on this node")
@@ -51,6 +68,8 @@ def main(argv: list[str]) -> int:
     if ns.nproc < 1:
         raise InputError(f"--nproc: must be >= 1, got {ns.nproc}")
     extra = os.environ.get(MULTI_NODE_ENV, "")
+    if not os.path.isfile(ns.script):
+        raise InputError(f"{ns.script}: script not found")
     if ns.nproc == 1 and not extra.strip():
         sys.argv = [ns.script, *ns.args]
         try:
@@ -58,6 +77,7 @@ def main(argv: list[str]) -> int:
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         return 0
+    check_params_before_spawning(list(ns.args))
     cmd = torchrun_command(ns.nproc, ns.script, list(ns.args), extra)
     sys.stdout.flush()
     os.execv(cmd[0], cmd)

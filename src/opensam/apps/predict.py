@@ -17,7 +17,6 @@ input folder (a list file: to its entries' common folder) without extension, ``/
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -33,6 +32,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from opensam.apps.predictions_csv import read_rows, write_rows
 from opensam.errors import InputError
 from opensam.images import load_rgb_and_size, read_image_size, resize_image, resize_label, save_png
 from opensam.masks.generators import MaskGenerator
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 Mapper = Callable[..., Iterable[Any]]  # ``map`` or ``ThreadPoolExecutor.map``
 
 LABELS_DIR, OVERLAYS_DIR = "labels", "overlays"
-CSV_NAME, FAILED_NAME, SUMMARY_NAME = "predictions.csv", "failed.txt", "summary.json"
+FAILED_NAME, SUMMARY_NAME = "failed.txt", "summary.json"
 OVERLAY_ALPHA = 0.5  # share of the class colour in an overlay pixel
 MAX_OVERLAY_SIDE = 2048  # overlays of larger photos are downscaled (class maps never are)
 CSV_FLUSH_SECONDS = 30.0  # during a run the CSV is rewritten at most this often (and at the end)
@@ -206,35 +206,6 @@ def _write_photo(item: _Loaded, labels: np.ndarray, conf: np.ndarray, run: _Run)
     row["mean_confidence"] = round(float(conf.mean()), 6)
     row["low_conf_pct"] = round(100.0 * float((conf < run.low_conf).mean()), 4)
     return row
-
-
-def csv_columns(class_names: Sequence[str]) -> list[str]:
-    """The columns of ``predictions.csv``."""
-    pct = [f"pct_{name}" for name in class_names]
-    return ["id", "path", "width", "height", *pct, "mean_confidence", "low_conf_pct"]
-
-
-def read_rows(pred_dir: Path, class_names: Sequence[str] | None = None) -> dict[str, dict]:
-    """Rows of ``pred_dir/predictions.csv`` by id ({} if absent). With ``class_names``, a CSV
-    whose columns differ raises :class:`InputError`."""
-    path = Path(pred_dir) / CSV_NAME
-    if not path.is_file():
-        return {}
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if class_names is not None and reader.fieldnames != csv_columns(class_names):
-            raise InputError(f"{path}: written for other classes; use --overwrite or a new folder")
-        return {row["id"]: row for row in reader if row.get("id")}
-
-
-def write_rows(
-    out_dir: Path, rows: Iterable[Mapping[str, Any]], class_names: Sequence[str]
-) -> None:
-    """Rewrite ``out_dir/predictions.csv`` atomically, rows sorted by id."""
-    with atomic_path(Path(out_dir) / CSV_NAME) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=csv_columns(class_names), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: str(r["id"])))
 
 
 def is_done(out_dir: Path, photo: Photo, rows: Mapping[str, Any]) -> bool:

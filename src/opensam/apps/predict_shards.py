@@ -26,9 +26,8 @@ from opensam.apps.predict import (
     StageTimes,
     is_done,
     predict_photos,
-    read_rows,
-    write_rows,
 )
+from opensam.apps.predictions_csv import read_rows, write_rows
 from opensam.masks.generators import MaskGenerator
 from opensam.parallel.context import (
     Runtime,

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from opensam.config import parse_params
-from opensam.errors import InputError
+from opensam.errors import InputError, quote
 from opensam.runtime import atomic_path
 
 THESIS: dict[str, Any] = {
@@ -86,7 +86,7 @@ def merge_params(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any
 def apply_preset(raw: dict[str, Any], name: str) -> dict[str, Any]:
     """Return ``raw`` with preset ``name`` applied; the result is validated like params.yaml."""
     if name not in PRESETS:
-        raise InputError(f"preset {name!r}: unknown (known: {', '.join(sorted(PRESETS))})")
+        raise InputError(f"preset {quote(name)}: unknown (known: {', '.join(sorted(PRESETS))})")
     merged = merge_params(raw, PRESETS[name])
     parse_params(merged, f"preset {name}")
     return merged
@@ -152,7 +152,7 @@ def apply_preset_to_file(path: Path, name: str) -> list[str]:
     """Apply preset ``name`` to the params file ``path`` in place, keeping its comments and
     layout; the result is validated first. Returns the changes (``key: old -> new``)."""
     if name not in PRESETS:
-        raise InputError(f"preset {name!r}: unknown (known: {', '.join(sorted(PRESETS))})")
+        raise InputError(f"preset {quote(name)}: unknown (known: {', '.join(sorted(PRESETS))})")
     try:
         text = Path(path).read_text()
         raw = yaml.safe_load(text)

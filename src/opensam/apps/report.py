@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import statistics
 import subprocess
@@ -26,10 +27,12 @@ from typing import Any
 
 import yaml
 
-from opensam.errors import InputError
+from opensam.config import read_yaml
+from opensam.errors import InputError, quote
 
 log = logging.getLogger(__name__)
 
+MAX_CELL = 40  # characters of a param value shown in the table
 COLUMNS = (
     ("control", ("control", "with_masks", "test", "miou")),
     ("teacher", ("teacher", "with_masks", "test", "miou")),
@@ -67,7 +70,8 @@ def _get(tree: Mapping[str, Any], path: Sequence[str]) -> float | None:
         if not isinstance(node, Mapping) or key not in node:
             return None
         node = node[key]
-    return float(node) if isinstance(node, int | float) else None
+    value = float(node) if isinstance(node, int | float) and not isinstance(node, bool) else None
+    return value if value is not None and math.isfinite(value) else None  # NaN: not a result
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -91,6 +95,11 @@ def group_runs(runs: Iterable[Run]) -> dict[tuple[tuple[str, Any], ...], list[Ru
     return groups
 
 
+def short(value: Any) -> str:
+    """A param value for a table cell: at most a short prefix of it (never 80 MB of YAML)."""
+    return value if isinstance(value, str) and len(value) <= MAX_CELL else quote(value, MAX_CELL)
+
+
 def format_report(runs: Sequence[Run]) -> str:
     """A markdown table, one row per group of seeds."""
     if not runs:
@@ -99,7 +108,7 @@ def format_report(runs: Sequence[Run]) -> str:
     heads = ["params", "seeds", *(name for name, _ in COLUMNS)]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for key, members in sorted(groups.items()):
-        label = ", ".join(f"{k}={json.loads(v)}" for k, v in key) or "(all equal)"
+        label = ", ".join(f"{k}={short(json.loads(v))}" for k, v in key) or "(all equal)"
         seeds = ",".join(sorted(str(r.params.get("seed")) for r in members))
         cells = []
         for _, path in COLUMNS:
@@ -120,10 +129,13 @@ def _git(repo: Path, *args: str, check: bool = True) -> str:
 def _read_run(repo: Path, name: str, sha: str, eval_path: str) -> Run | None:
     """The run committed at ``sha``, or None (logged) when it lacks params or metrics."""
     try:
-        params = yaml.safe_load(_git(repo, "show", f"{sha}:params.yaml"))
+        params = read_yaml(_git(repo, "show", f"{sha}:params.yaml"), f"{name}: params.yaml")
         metrics = json.loads(_git(repo, "show", f"{sha}:{eval_path}"))
         pseudo = json.loads(_git(repo, "show", f"{sha}:metrics/pseudo.json"))
-    except (InputError, ValueError, yaml.YAMLError):
+    except InputError as exc:  # also an alias bomb or duplicate keys in its params.yaml
+        log.warning("%s; skipped", str(exc)[:200])
+        return None
+    except (ValueError, yaml.YAMLError):
         log.warning("%s: no params.yaml or %s; skipped", name, eval_path)
         return None
     if not isinstance(params, Mapping) or not isinstance(metrics, dict):

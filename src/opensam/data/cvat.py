@@ -28,6 +28,7 @@ RGB = tuple[int, int, int]
 ExportItem = tuple[str, np.ndarray | str | Path, np.ndarray]
 SETS_DIR, LABELS_DIR, IMAGES_DIR = "ImageSets/Segmentation/", "SegmentationClass/", "JPEGImages/"
 EXPORT_MARKER = ".opensam-export"  # in a directory export: `export-cvat --overwrite` may replace it
+EXPORT_ZIP_COMMENT = b"written by opensam export-cvat"  # the same mark for a .zip export
 
 
 def parse_labelmap(text: str, name: str) -> dict[str, RGB]:
@@ -98,6 +99,7 @@ def write_cvat_export(
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
                 ids = _write_items(archive.writestr, items, palette, len(class_names))
                 _write_lists(archive.writestr, class_names, colours, void, ids)
+                archive.comment = EXPORT_ZIP_COMMENT
         else:
             put = functools.partial(_put_file, tmp)
             ids = _write_items(put, items, palette, len(class_names))

@@ -10,8 +10,10 @@ A hostile or careless export must not reach outside itself or exhaust memory:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import stat
 import zipfile
 from pathlib import Path
 
@@ -42,7 +44,8 @@ def check_zip_members(archive: Path, infos: list[zipfile.ZipInfo]) -> None:
 
 def list_export_dir(source: Path) -> list[str]:
     """Files of the directory export ``source``, relative, ``/``-separated. A symlink that
-    leaves the export, or a symlinked folder, raises :class:`InputError` naming it."""
+    leaves the export, a symlinked folder or a special file (FIFO, device, socket) raises
+    :class:`InputError` naming it."""
     root = source.resolve()
     names = []
     for dirpath, dirs, files in os.walk(source):
@@ -55,5 +58,10 @@ def list_export_dir(source: Path) -> list[str]:
                 raise InputError(f"{path}: symlink points outside the export ({source})")
             if target.is_dir():
                 raise InputError(f"{path}: symlinked folder (not followed); copy it into place")
-        names += [Path(dirpath, f).relative_to(source).as_posix() for f in files]
+        for name in files:
+            path = Path(dirpath, name)
+            with contextlib.suppress(FileNotFoundError):  # a dangling symlink: reported later
+                if not stat.S_ISREG(path.stat().st_mode):  # never opened: a FIFO would hang
+                    raise InputError(f"{path}: not a regular file (a FIFO or device); remove it")
+            names.append(path.relative_to(source).as_posix())
     return names

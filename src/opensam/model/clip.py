@@ -122,6 +122,13 @@ def resolve_pretrained(model_name: str, pretrained: str, allow_download: bool) -
     )
 
 
+# what open_clip raises for a file that is not weights of the model (also one holding {} or a list)
+WEIGHTS_FILE_ERRORS = (
+    RuntimeError, OSError, ValueError, KeyError, EOFError, UnpicklingError, TypeError,
+    AttributeError, StopIteration,
+)  # fmt: skip
+
+
 def create_clip(
     model_name: str,
     pretrained: str | None,
@@ -139,7 +146,7 @@ def create_clip(
     path = resolve_pretrained(model_name, pretrained, allow_download) if pretrained else None
     try:
         model = open_clip.create_model(model_name, pretrained=path, vision_cfg=cfg["vision_cfg"])
-    except (RuntimeError, OSError, ValueError, KeyError, EOFError, UnpicklingError) as exc:
+    except WEIGHTS_FILE_ERRORS as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: cannot load as {model_name} weights ({first[:200]})") from None
     log.info("CLIP %s, weights: %s", model_name, path or "random init")

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from opensam.config import MAX_IMAGE_SIZE, ClipParams
-from opensam.errors import InputError
+from opensam.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ClipParams
+from opensam.errors import InputError, quote
 from opensam.model.aggregation import aggregate_log_probs, class_ids, prepare_mask_inputs
 from opensam.model.clip import (
     DenseImageTower,
@@ -259,8 +259,10 @@ def _check_checkpoint_fields(path: Path, ckpt: dict[str, Any]) -> None:
     classes, size, text = ckpt["classes"], ckpt["image_size"], ckpt["text_embeddings"]
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise InputError(f"{path}: bad 'classes' entry (expected a list of class names)")
-    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= MAX_IMAGE_SIZE:
-        raise InputError(f"{path}: bad 'image_size' {size!r} (expected 16..{MAX_IMAGE_SIZE})")
+    ok = isinstance(size, int) and not isinstance(size, bool)
+    if not ok or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        expected = f"{MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}"
+        raise InputError(f"{path}: bad 'image_size' {quote(size)} (expected {expected})")
     if not isinstance(text, torch.Tensor) or text.ndim != 2 or not text.is_floating_point():
         raise InputError(f"{path}: bad 'text_embeddings' (expected a (classes, D) float tensor)")
     if text.shape[0] != len(classes) or not bool(torch.isfinite(text).all()):
@@ -269,6 +271,31 @@ def _check_checkpoint_fields(path: Path, ckpt: dict[str, Any]) -> None:
         )
     if not isinstance(ckpt["clip"], dict):
         raise InputError(f"{path}: bad 'clip' entry (expected a mapping)")
+    _check_optional_fields(path, ckpt, len(classes))
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_optional_fields(path: Path, ckpt: Mapping[str, Any], n_classes: int) -> None:
+    """The metadata predict reads besides the weights: the training masks and colours."""
+    masks = ckpt.get("masks")
+    if masks is not None:
+        ok = isinstance(masks, dict) and isinstance(masks.get("generator", ""), str)
+        ok = ok and _is_int(masks.get("pps", 1), 1, 128)
+        ok = ok and _is_int(masks.get("min_region_area", 0), 0, 2**31)
+        if not ok:
+            raise InputError(f"{path}: bad 'masks' entry {quote(masks)}")
+    colors = ckpt.get("labelmap_colors")
+    if colors:  # None or [] = not recorded
+        ok = isinstance(colors, list) and len(colors) >= n_classes
+        ok = ok and all(
+            isinstance(c, list | tuple) and len(c) == 3 and all(_is_int(v, 0, 255) for v in c)
+            for c in colors
+        )
+        if not ok:
+            raise InputError(f"{path}: bad 'labelmap_colors' entry {quote(colors)}")
 
 
 def load_checkpoint(
@@ -298,7 +325,11 @@ def load_checkpoint(
         raise InputError(f"{path}: {exc}") from None
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: weights do not fit {clip.model} ({first[:200]})") from None
+    weights = model.state_dict().items()
+    bad = [k for k, v in weights if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise InputError(f"{path}: weights hold NaN or infinite values ({quote(bad[0])}, ...)")
     return model.to(current_runtime().device).eval(), ckpt

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from opensam.config import RuntimeParams
-from opensam.errors import InputError
+from opensam.errors import InputError, quote
 from opensam.runtime import atomic_path
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def resolve_device(name: str, local_rank: int = 0, where: str = "runtime.device"
         return torch.device("cpu")
     kind, _, index = name.partition(":")
     if kind != "cuda" or (index and not index.isdigit()):
-        raise InputError(f"{where}: expected auto, cpu, cuda or cuda:N, got {name!r}")
+        raise InputError(f"{where}: expected auto, cpu, cuda or cuda:N, got {quote(name)}")
     if not torch.cuda.is_available():
         raise InputError(f"{where}: {name} requested but CUDA is not available")
     device = torch.device("cuda", int(index) if index else local_rank)
@@ -117,7 +117,7 @@ def resolve_precision(name: str, device: torch.device, where: str = "runtime.pre
     """fp32 | bf16 | fp16 for ``name`` on ``device``: always fp32 on the CPU; ``auto`` on CUDA
     is bf16 where supported, else fp16."""
     if name not in PRECISIONS:
-        raise InputError(f"{where}: expected one of {', '.join(PRECISIONS)}, got {name!r}")
+        raise InputError(f"{where}: expected one of {', '.join(PRECISIONS)}, got {quote(name)}")
     if device.type != "cuda":
         if name in AMP_DTYPES:
             log.info("%s: %s asked for, but the CPU runs in fp32", where, name)

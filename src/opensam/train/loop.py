@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from opensam.config import TrainParams
 from opensam.data.datasets import Cycler
+from opensam.errors import TrainingDiverged
 from opensam.eval.evaluation import loader_confusions
 from opensam.eval.metrics import confusion_matrix, miou_from_confusion
 from opensam.model.aggregation import class_ids
@@ -34,7 +35,13 @@ from opensam.runtime import save_torch
 from opensam.train.distributed import batch_loss, distribute_loader, wrap_ddp
 from opensam.train.losses import alpha_ramp, cosine_lr
 from opensam.train.reporting import log_history
-from opensam.train.resume import plain, read_resume_state, rng_state, set_rng_state
+from opensam.train.resume import (
+    check_resume_state,
+    plain,
+    read_resume_state,
+    rng_state,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +67,22 @@ class TrainConfig:
     t1: float = 0.2
     t2: float = 0.8
     seed: int = 0
+    run_key: str = ""  # resume.run_key: the stage's params and input hashes (the fingerprint)
 
     @classmethod
     def from_params(
-        cls, params: TrainParams, class_weights: Sequence[float] | None, seed: int
+        cls,
+        params: TrainParams,
+        class_weights: Sequence[float] | None,
+        seed: int,
+        run_key: str = "",
     ) -> TrainConfig:
         """Build from ``warmup`` (TrainParams) or ``student`` (StudentParams, with the ramp)."""
-        names = {f.name for f in fields(cls)} - {"class_weights", "seed", "betas"}
+        names = {f.name for f in fields(cls)} - {"class_weights", "seed", "betas", "run_key"}
         kwargs = {k: getattr(params, k) for k in names if hasattr(params, k)}
         weights = tuple(float(w) for w in class_weights) if class_weights is not None else None
         betas = (float(params.betas[0]), float(params.betas[1]))
-        cfg = cls(**kwargs, betas=betas, class_weights=weights, seed=seed)
+        cfg = cls(**kwargs, betas=betas, class_weights=weights, seed=seed, run_key=run_key)
         cfg.validate()
         return cfg
 
@@ -211,6 +223,17 @@ def _train_epoch(
     }
 
 
+def stop_if_diverged(loss: float, epoch: int) -> None:
+    """Raise :class:`TrainingDiverged` when an epoch's loss is NaN or infinite on any rank
+    (every rank raises, so none waits for the others), before a checkpoint of it is written."""
+    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0])
+    if float(all_reduce_sum(bad)[0]) > 0:
+        raise TrainingDiverged(
+            f"epoch {epoch}: the training loss is not finite ({loss:g}); lower lr_max or check "
+            "the inputs"
+        )
+
+
 def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of ``model``'s state dict (a best-epoch snapshot)."""
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -238,6 +261,12 @@ def _try_resume(loop: _Loop, path: Path) -> bool:
                    "steps_per_epoch": loop.steps_per_epoch}  # fmt: skip
     state = read_resume_state(path, fingerprint)
     if state is None:
+        return False
+    like = loop.model.state_dict()
+    weights = {"model": like, **({"best.state": like} if state.get("epoch") else {})}
+    problem = check_resume_state(state, weights, loop.optimizer, loop.config.epochs)
+    if problem is not None:
+        log.warning("%s: unusable checkpoint (%s), starting over", path, problem)
         return False
     loop.model.load_state_dict(state["model"])
     loop.optimizer.load_state_dict(state["optimizer"])
@@ -326,6 +355,7 @@ def train_model(
         bar = tqdm(epochs, desc="train", unit="epoch", initial=loop.epoch, total=config.epochs)
         for _ in bar:
             entry = _train_epoch(loop, train_loader, pseudo_loader if use_pseudo else None)
+            stop_if_diverged(entry["train/loss"], entry["epoch"])
             if val_loader is not None:
                 entry["val/miou"] = evaluate_miou(model, val_loader, config.use_masks)
             _end_epoch(loop, entry)

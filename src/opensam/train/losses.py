@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from opensam.constants import IGNORE_INDEX
-from opensam.errors import InputError
+from opensam.errors import InputError, quote
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def resolve_class_weights(
             raise InputError(f"class_weights: {len(spec)} values for {len(class_names)} classes")
         return [float(w) for w in spec]
     if spec != "auto":
-        raise InputError(f"class_weights: expected 'auto' or a list, got {spec!r}")
+        raise InputError(f"class_weights: expected 'auto' or a list, got {quote(spec)}")
     try:
         data = json.loads(Path(data_metrics).read_text())
         fractions = data["train"]["class_fractions"]

@@ -48,10 +48,22 @@ from opensam.model.segmenter import OpenSamModel, forward_batch
 from opensam.parallel.context import Runtime, all_reduce_sum, current_runtime
 from opensam.runtime import save_torch
 from opensam.train.distributed import batch_loss, distribute_loader, sync_gradients
-from opensam.train.loop import TrainConfig, cpu_state, deterministic_algorithms, evaluate_miou
+from opensam.train.loop import (
+    TrainConfig,
+    cpu_state,
+    deterministic_algorithms,
+    evaluate_miou,
+    stop_if_diverged,
+)
 from opensam.train.losses import cosine_lr
 from opensam.train.reporting import log_history
-from opensam.train.resume import plain, read_resume_state, rng_state, set_rng_state
+from opensam.train.resume import (
+    check_resume_state,
+    plain,
+    read_resume_state,
+    rng_state,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +262,14 @@ def _resume(st: _State, path: Path) -> bool:
     state = read_resume_state(path, fingerprint)
     if state is None:
         return False
+    like = st.student.state_dict()
+    weights = {"student": like, "teacher": st.teacher.state_dict()}
+    if state.get("epoch"):
+        weights["best.state"] = st.teacher.state_dict()
+    problem = check_resume_state(state, weights, st.optimizer, st.config.train.epochs)
+    if problem is not None:
+        log.warning("%s: unusable checkpoint (%s), starting over", path, problem)
+        return False
     st.student.load_state_dict(state["student"])
     st.teacher.load_state_dict(state["teacher"])
     st.optimizer.load_state_dict(state["optimizer"])
@@ -312,6 +332,7 @@ def train_online(
     with deterministic_algorithms():
         for _ in range(st.epoch, config.train.epochs):
             entry = _epoch(st, labelled, unl)
+            stop_if_diverged(entry["train/loss"], entry["epoch"])
             if val_loader is not None:
                 entry["val/miou"] = evaluate_miou(st.teacher, val_loader, config.train.use_masks)
             _finish_epoch(st, entry)

@@ -29,10 +29,15 @@ WEAK = AugmentConfig(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, blur
 
 
 def online_config(
-    params: StudentParams, class_weights: Sequence[float] | None, seed: int, control: bool
+    params: StudentParams,
+    class_weights: Sequence[float] | None,
+    seed: int,
+    control: bool,
+    run_key: str = "",
 ) -> OnlineConfig:
-    """The run's config; ``control`` sets λ = 0 (labelled only, the same schedule)."""
-    train = TrainConfig.from_params(params, class_weights, seed)
+    """The run's config; ``control`` sets λ = 0 (labelled only, the same schedule);
+    ``run_key`` is the resume fingerprint of the stage's params and inputs."""
+    train = TrainConfig.from_params(params, class_weights, seed, run_key)
     return OnlineConfig(
         train=train,
         lam=0.0 if control else params.unsup_weight,
@@ -81,18 +86,18 @@ def run_online(
 
 def train_control(
     model: OpenSamModel, params: StudentParams, weights: Sequence[float] | None, seed: int,
-    prepared: Prepared, masks: Path, checkpoint_dir: Path | None, live: Any,
+    prepared: Prepared, masks: Path, checkpoint_dir: Path | None, live: Any, run_key: str = "",
 ) -> tuple[int, float | None]:  # fmt: skip
     """Train the labelled-only control in place (``model`` is the warm teacher loaded with the
     student's drop path); returns (best epoch, its val mIoU). Online: the online loop with
-    λ = 0, so the control is an EMA model too; offline: one round with α = 0."""
+    λ = 0, so the control is an EMA model too; offline: one round with α = 0. ``run_key``: the
+    resume fingerprint of the stage's params and inputs."""
     if params.mode == "online":
-        res = run_online(
-            model, params, online_config(params, weights, seed, control=True), prepared, masks,
-            [], checkpoint_dir, live,
-        )  # fmt: skip
+        config = online_config(params, weights, seed, control=True, run_key=run_key)
+        res = run_online(model, params, config, prepared, masks, [], checkpoint_dir, live)
         return res.best_epoch, res.best_miou
-    base = dataclasses.replace(TrainConfig.from_params(params, weights, seed), alpha_f=0.0)
+    base = TrainConfig.from_params(params, weights, seed, run_key)
+    base = dataclasses.replace(base, alpha_f=0.0)
     train, _, val = make_train_loaders(
         prepared.root, prepared.train, prepared.val, masks if params.use_masks else None,
         model.grid_hw(prepared.image_size), params.batch_size, seed,
@@ -105,13 +110,14 @@ def train_control(
 
 def run_online_student(
     inputs: SelfTrainingInputs, params: StudentParams, weights: Sequence[float] | None,
-    seed: int, checkpoint_dir: Path | None, live: Any,
+    seed: int, checkpoint_dir: Path | None, live: Any, run_key: str = "",
 ) -> SelfTrainingResult:  # fmt: skip
     """``student.mode: online``: one run from the warm teacher; the result holds the best EMA
     teacher and a report (its epoch and val mIoU, the warm teacher's pseudo-label quality, and
-    ``best``: val and test mIoU, as the offline rounds report)."""
+    ``best``: val and test mIoU, as the offline rounds report). ``run_key``: the resume
+    fingerprint of the stage's params and inputs."""
     model, _ = load_checkpoint(inputs.teacher, drop_path=params.drop_path)
-    config = online_config(params, weights, seed, control=False)
+    config = online_config(params, weights, seed, control=False, run_key=run_key)
     result = run_online(
         model, params, config, inputs.prepared, inputs.masks, inputs.pool_ids, checkpoint_dir,
         live,
