@@ -380,7 +380,7 @@ CASES: dict[str, Case] = {
     # --- params, validated once at load (issue 13 item 7, issue 9 item 5) --------------------
     "seed-negative": Case("prepare", PREPARE, lambda r: set_params(r, seed=-5), P, "seed: must be >= 0"),
     "unknown-colour-max-negative": Case("prepare", PREPARE, lambda r: set_params(r, data__unknown_colour_max_pixels=-1), P, "data.unknown_colour_max_pixels: must be >= 0"),
-    "image-size-huge": Case("prepare", PREPARE, lambda r: set_params(r, image_size=100000), P, "image_size: must be in 32..2048"),
+    "image-size-huge": Case("prepare", PREPARE, lambda r: set_params(r, image_size=100000), P, "image_size: must be in 32..2048, got 100000"),
     "colour-out-of-range": Case("prepare", PREPARE, lambda r: set_params(r, classes=[{"name": "lizard", "prompt": "a", "color": [300, -1, 0]}, *PARAMS["classes"][1:]]), P, "classes[0].color: must be three values in 0..255"),  # type: ignore[misc]
     "predict-batch-size-0": Case("cli", PREDICT, lambda r: set_params(r, predict__batch_size=0), P, "predict.batch_size: must be >= 1"),
     "split-train-1.0": Case("prepare", PREPARE, lambda r: set_params(r, data__split={"train": 1.0, "val": 2, "test": 2}), P, "data.split.train: must be a count"),
@@ -457,7 +457,7 @@ CASES: dict[str, Case] = {
     "seed-huge": Case("prepare", PREPARE, lambda r: set_params(r, seed=2**70), P, "seed: must be >= 0 and < 2**32"),
     "lr-max-inf": Case("warmup", WARMUP, lambda r: set_params(r, warmup__lr_max=float("inf")), P, "warmup.lr_max: must be a finite number"),
     "warmup-loss-diverges": Case("warmup", WARMUP, lambda r: set_params(r, warmup__lr_max=1e30), P, "warmup: epoch 1: the training loss is not finite"),
-    "image-size-31": Case("prepare", PREPARE, lambda r: set_params(r, image_size=31), P, "image_size: must be in 32..2048"),
+    "image-size-31": Case("prepare", PREPARE, lambda r: set_params(r, image_size=31), P, "image_size: must be in 32..2048, got 31"),
     "launch-nproc-2-bad-param": Case("launch", ["--nproc", "2", STAGE_WARMUP, *WARMUP], lambda r: set_params(r, warmup__batch_size=0), P, "warmup.batch_size: must be >= 1", no_exec),
     "launch-missing-script": Case("launch", ["--nproc", "2", "stages/none.py"], None, "stages/none.py", "script not found", no_exec),
     # --- predict flags get the ranges of the params they override (issue 22) --------------------
