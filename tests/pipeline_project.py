@@ -30,11 +30,13 @@ TINY = {
     # a 1 x 2 grid (NU, and NU and PM with MMRA), not the demo's 4 x 2: each store is one more
     # stage run in the project's build, which the end-to-end tests wait for
     "ablation": {"images": 3, "pps": [8], "min_region_area": [0, 100]},
-    # the tiny project's own warm-up lr, not the demo default's: one epoch at 64² must leave a
-    # teacher confident somewhere, or the student ignores every unlabelled pixel and a ratio
-    # experiment changes no student metric (test_queued_ratio_sweep_compares)
     "warmup": {"epochs": 1, "batch_size": 4, "lr_max": 0.002},
-    "student": {"iterations": 2, "epochs": 2, "batch_size": 2},
+    # every unlabelled pixel counts (threshold 0): a teacher after one epoch at 64² may be
+    # confident (0.9) nowhere, and then the student ignores the pool, its bytes do not depend on
+    # the ratio, and a ratio experiment changes no student metric (CI, 2026-12: the ratio-3
+    # student was the ratio-1 student). The threshold itself: tests/test_online.py and
+    # tests/test_pseudo_labels.py
+    "student": {"iterations": 2, "epochs": 2, "batch_size": 2, "conf_threshold": 0.0},
     "eval": {"batch_size": 8, "overlays": 2},
     "demo_clip": {
         "scenes": 4,
