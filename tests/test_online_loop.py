@@ -19,7 +19,7 @@ from opensam.eval.evaluation import build_loader, predict_loader
 from opensam.images import read_label_png
 from opensam.model.segmenter import OpenSamModel, build_model, save_checkpoint
 from opensam.prepared import read_prepared
-from opensam.train import online
+from opensam.train import engine
 from opensam.train.online_setup import online_config, run_online
 from opensam.train.pseudo_labels import generate_pseudo_labels
 
@@ -112,7 +112,7 @@ def test_online_run_resumes_after_a_kill(
     project: dict[str, Any], reference: OpenSamModel, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    real, calls = online._epoch, []
+    real, calls = engine.train_epoch, []
 
     class Killed(Exception):
         pass
@@ -123,12 +123,12 @@ def test_online_run_resumes_after_a_kill(
             raise Killed
         return real(*args)
 
-    monkeypatch.setattr(online, "_epoch", epoch)
+    monkeypatch.setattr(engine, "train_epoch", epoch)
     with pytest.raises(Killed):
         _run(project, tmp_path)
     assert (tmp_path / "last.pt").is_file()
-    monkeypatch.setattr(online, "_epoch", real)
-    with caplog.at_level("INFO", logger="opensam.train.online"):
+    monkeypatch.setattr(engine, "train_epoch", real)
+    with caplog.at_level("INFO", logger="opensam.train.engine"):
         assert _same(_run(project, tmp_path), reference)
     assert "resumed from" in caplog.text  # really resumed (weights_only load), not started over
 

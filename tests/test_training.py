@@ -18,7 +18,7 @@ from opensam.constants import IGNORE_INDEX
 from opensam.data.augment import Augmenter
 from opensam.data.datasets import make_train_loaders
 from opensam.errors import InputError
-from opensam.train.loop import TrainConfig, TrainResult, train_model
+from opensam.train.engine import TrainConfig, TrainResult
 from opensam.train.losses import (
     alpha_ramp,
     class_weights_from_fractions,
@@ -27,6 +27,7 @@ from opensam.train.losses import (
     segmentation_loss,
 )
 from opensam.train.reporting import open_live
+from opensam.train.supervised import train_model
 
 GRID = (2, 2)
 
