@@ -36,7 +36,8 @@ from opensam.masks.sam import SAM_BUILDERS, AmgOptions, tie_upscaling_kernels  #
 from opensam.masks.superpixels import SuperpixelGenerator  # noqa: E402
 from opensam.model.segmenter import build_model  # noqa: E402
 from opensam.parallel.context import Runtime, resolve_precision, set_runtime  # noqa: E402
-from opensam.train.loop import TrainConfig, _build_loop, _train_step  # noqa: E402
+from opensam.train.engine import TrainConfig, build_run, train_step  # noqa: E402
+from opensam.train.supervised import Supervised  # noqa: E402
 
 PROMPTS = ["a lizard", "a human hand", "a color board", "a background"]
 
@@ -119,8 +120,7 @@ def train_steps(
     model = build_model(ClipParams(model=clip, pretrained=None), PROMPTS).to(device).train()
     h, w = model.grid_hw(size)
     cfg = TrainConfig(epochs=1, lr_max=1e-4, lr_min=1e-6, weight_decay=1e-8, batch_size=batch)
-    loop = _build_loop(model, cfg, steps + 2)
-    loop.net, loop.scaler = model, Runtime(device, precision).grad_scaler()
+    run = build_run(model, Supervised(cfg, pseudo=False), cfg, steps + 2)
     gen = torch.Generator().manual_seed(0)
     m = 64  # masks per image, disjoint stripes (the winner map) with their pooling weights
     winner = (torch.arange(size * size).reshape(size, size) * m // (size * size)).long()
@@ -133,12 +133,12 @@ def train_steps(
     }
     batch_dev = {k: v.to(device) for k, v in data.items()}
     for _ in range(2):  # warm-up (cudnn.benchmark autotuning)
-        _train_step(loop, batch_dev, None, 0.0)
+        train_step(run, batch_dev, None, 0)
     sync()
     peak_reset()
     start = time.perf_counter()
-    for _ in range(steps):
-        _train_step(loop, batch_dev, None, 0.0)
+    for step in range(steps):
+        train_step(run, batch_dev, None, step)
     sync()
     seconds = time.perf_counter() - start
     return {

@@ -25,7 +25,7 @@ from opensam.model.segmenter import checkpoint_clip, read_checkpoint_meta, save_
 from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
-from opensam.train.loop import TrainConfig
+from opensam.train.engine import TrainConfig
 from opensam.train.losses import resolve_class_weights
 from opensam.train.online_setup import run_online_student
 from opensam.train.pseudo_format import load_pseudo_ids
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
-    rt = init_runtime(params.runtime)  # under torchrun: DDP, rank 0 writes
+    rt = init_runtime(params.runtime)  # under torchrun: data-parallel, rank 0 writes
     cfg, prepared = params.student, read_prepared(args.prepared)
     store = open_mask_store(args.masks)
     meta = read_checkpoint_meta(args.teacher)

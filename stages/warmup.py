@@ -25,10 +25,11 @@ from opensam.model.segmenter import build_model, save_checkpoint
 from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
-from opensam.train.loop import TrainConfig, train_model
+from opensam.train.engine import TrainConfig
 from opensam.train.losses import resolve_class_weights
 from opensam.train.reporting import evaluate_splits, open_live
 from opensam.train.resume import local_file, run_key
+from opensam.train.supervised import train_model
 
 log = logging.getLogger("stages.warmup")
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
-    rt = init_runtime(params.runtime)  # under torchrun: DDP, rank 0 writes
+    rt = init_runtime(params.runtime)  # under torchrun: data-parallel, rank 0 writes
     cfg, prepared = params.warmup, read_prepared(args.prepared)
     prepared.check_classes(params.class_names, f"{args.params} classes")
     store = open_mask_store(args.masks)

@@ -25,7 +25,7 @@ from opensam.model.segmenter import build_model
 from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
 from opensam.runtime import setup_logging
-from opensam.train import online
+from opensam.train import engine
 from opensam.train.online_setup import online_config, run_online
 
 CFG = StudentParams(epochs=2, batch_size=4, lr_max=1e-3, conf_threshold=0.0, drop_path=0.0)
@@ -43,15 +43,15 @@ def train(
     model = build_model(p.clip, p.prompts)
     data = read_prepared(prepared)
     if kill_after is not None:
-        real = online._save
+        real = engine.save_checkpoint
 
-        def save_then_die(st: Any, path: Path) -> None:
-            real(st, path)
-            if st.epoch == kill_after:
+        def save_then_die(run: Any, path: Path) -> None:
+            real(run, path)
+            if run.epoch == kill_after:
                 sys.stdout.flush()
                 os._exit(1)  # noqa: SLF001 - a kill, not a clean exit
 
-        online._save = save_then_die  # type: ignore[assignment]
+        engine.save_checkpoint = save_then_die  # type: ignore[assignment]
     result = run_online(model, CFG, online_config(CFG, None, 3, control), data, masks,
                         data.unlabelled[:6], out.parent / "ckpt", None)  # fmt: skip
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}

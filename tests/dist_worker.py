@@ -27,7 +27,8 @@ from opensam.data.datasets import make_train_loaders
 from opensam.eval.evaluation import evaluate_model_modes
 from opensam.parallel.context import init_runtime
 from opensam.runtime import setup_logging
-from opensam.train.loop import TrainConfig, train_model
+from opensam.train.engine import TrainConfig
+from opensam.train.supervised import train_model
 
 GRID = (2, 2)
 CFG = TrainConfig(

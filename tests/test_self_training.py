@@ -15,7 +15,7 @@ from torch import nn
 import opensam.train.self_training as st
 from opensam.config import load_params
 from opensam.prepared import read_prepared
-from opensam.train.loop import TrainConfig
+from opensam.train.engine import TrainConfig
 from opensam.train.losses import resolve_class_weights
 from opensam.train.pseudo_format import load_pseudo_ids
 

@@ -18,7 +18,7 @@ from opensam.constants import IGNORE_INDEX
 from opensam.data.augment import Augmenter
 from opensam.data.datasets import make_train_loaders
 from opensam.errors import InputError
-from opensam.train.loop import TrainConfig, TrainResult, train_model
+from opensam.train.engine import TrainConfig, TrainResult
 from opensam.train.losses import (
     alpha_ramp,
     class_weights_from_fractions,
@@ -27,6 +27,7 @@ from opensam.train.losses import (
     segmentation_loss,
 )
 from opensam.train.reporting import open_live
+from opensam.train.supervised import train_model
 
 GRID = (2, 2)
 
@@ -234,11 +235,12 @@ def test_checkpoint_of_another_config_is_ignored(project: dict[str, Any], tmp_pa
 
 
 def _damage(state: dict[str, Any], how: str) -> None:
-    key = next(k for k, v in state["model"].items() if v.is_floating_point())
+    weights = state["models"]["model"]
+    key = next(k for k, v in weights.items() if v.is_floating_point())
     if how == "nan-weight":
-        state["model"][key] = torch.full_like(state["model"][key], float("nan"))
+        weights[key] = torch.full_like(weights[key], float("nan"))
     elif how == "wrong-shape":
-        state["model"][key] = torch.zeros(3, 1, 2)
+        weights[key] = torch.zeros(3, 1, 2)
     elif how == "optimizer-shape":
         state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(5)
     elif how == "bad-rng":
@@ -264,6 +266,24 @@ def test_a_damaged_resume_checkpoint_starts_over(
     with caplog.at_level("WARNING"):
         restarted = run(project, cfg, checkpoint_dir=tmp_path)
     assert "unusable checkpoint" in caplog.text
+    assert_same_states(run(project, cfg).last_state, restarted.last_state)
+
+
+def test_a_checkpoint_of_the_old_format_starts_over(
+    project: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``last.pt`` of format 1 (the separate offline and online loops) is never resumed: the
+    run starts over with one warning that names the format."""
+    cfg = TrainConfig(**{**CFG.__dict__, "epochs": 2})
+    with pytest.raises(Killed):
+        run(project, cfg, checkpoint_dir=tmp_path, on_epoch_end=kill_after(1))
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    old = {k: v for k, v in state.items() if k not in ("models", "method")}
+    old |= {"format": 1, "model": state["models"]["model"]}  # the old offline layout
+    torch.save(old, tmp_path / "last.pt")
+    with caplog.at_level("WARNING"):
+        restarted = run(project, cfg, checkpoint_dir=tmp_path)
+    assert "checkpoint format 1" in caplog.text and "resumed from" not in caplog.text
     assert_same_states(run(project, cfg).last_state, restarted.last_state)
 
 

@@ -28,13 +28,20 @@ def setup_logging(level: int = logging.INFO) -> None:
     )
 
 
-def seed_everything(seed: int, threads: int | None = None) -> None:
-    """Seed python, numpy and torch, and fix torch's thread count for CPU determinism."""
+def seed_rngs(seed: int) -> None:
+    """Seed python's, numpy's and torch's global random-number generators (a run's start)."""
     import torch  # lazy: demo/prepare worker processes never need torch
 
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def seed_everything(seed: int, threads: int | None = None) -> None:
+    """:func:`seed_rngs`, and fix torch's thread count for CPU determinism."""
+    import torch  # lazy: demo/prepare worker processes never need torch
+
+    seed_rngs(seed)
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun ranks share cores
     n = (
         threads

@@ -105,12 +105,19 @@ class OpenSamModel(nn.Module):
         """Grid (h, w) of :meth:`embed` for a square ``image_size`` input (pool weights' grid)."""
         return self.decoder.out_grid(self.tower.grid_hw((image_size, image_size)))
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) float in [0, 1] → (B, D, h, w) float, L2-normalised per location."""
+    def embed(self, images: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
+        """images (B, 3, H, W) float in [0, 1] → (B, D, h, w) float, L2-normalised per location.
+
+        ``feature_dropout`` > 0 zeroes whole channels of the embedding with that rate before
+        the normalisation, in training and eval mode alike (the online student's
+        feature-perturbed view, UniMatch's feature perturbation)."""
         x = (images.to(self.mean.device, non_blocking=True) - self.mean) / self.std
         with current_runtime().autocast():  # bf16 / fp16 on CUDA only (runtime.precision)
             emb = self.decoder(self.tower(x))
-        return nn.functional.normalize(emb.float(), dim=1)  # the aggregation runs in fp32
+        emb = emb.float()  # the dropout and the aggregation run in fp32
+        if feature_dropout > 0:
+            emb = nn.functional.dropout2d(emb, feature_dropout, training=True)
+        return nn.functional.normalize(emb, dim=1)
 
     def log_probs(
         self,
@@ -156,12 +163,13 @@ class OpenSamModel(nn.Module):
         images: torch.Tensor,
         pool_weights: torch.Tensor | None = None,
         winner: torch.Tensor | None = None,
+        feature_dropout: float = 0.0,
     ) -> torch.Tensor:
         """images (B, 3, H, W) float in [0, 1]; pool_weights (B, M, h, w) float32 and winner
         (B, H, W) int64 (see :func:`opensam.model.aggregation.prepare_mask_inputs`) or None →
-        (B, C, H, W) log-probabilities."""
+        (B, C, H, W) log-probabilities; ``feature_dropout`` as in :meth:`embed`."""
         out_hw = (images.shape[-2], images.shape[-1])
-        return self.log_probs(self.embed(images), out_hw, pool_weights, winner)
+        return self.log_probs(self.embed(images, feature_dropout), out_hw, pool_weights, winner)
 
 
 def _assemble(
@@ -190,16 +198,20 @@ def build_model(clip: ClipParams, prompts: list[str], drop_path: float = 0.0) ->
     return model.to(current_runtime().device).eval()  # runtime.device (the CPU by default)
 
 
-def forward_batch(model: nn.Module, batch: Mapping[str, Any], use_masks: bool) -> torch.Tensor:
+def forward_batch(
+    model: nn.Module, batch: Mapping[str, Any], use_masks: bool, feature_dropout: float = 0.0
+) -> torch.Tensor:
     """The one forward pass of a loader batch: (B, C, H, W) log-probabilities on the model's
     device (autograd as the caller sets it); SAM aggregation when ``use_masks``, else the
-    per-pixel prediction (``pool_weights=None``)."""
+    per-pixel prediction (``pool_weights=None``); ``feature_dropout`` > 0 is passed on to the
+    model (:meth:`OpenSamModel.embed`)."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     images = batch["image"].to(device)
     pool = batch["pool_weights"].to(device) if use_masks else None
     winner = batch["winner"].to(device) if use_masks else None
-    return cast(torch.Tensor, model(images, pool_weights=pool, winner=winner))
+    extra = {"feature_dropout": feature_dropout} if feature_dropout > 0 else {}
+    return cast(torch.Tensor, model(images, pool_weights=pool, winner=winner, **extra))
 
 
 def save_checkpoint(

@@ -4,20 +4,23 @@ Each global batch is the one a single process would draw (the loader's own seede
 ``BatchSampler``, so the order stays a function of seed and epoch); rank r trains on its share
 ``batch[r::w]``. A rank whose share is empty (a last batch smaller than w) gets one image with
 every label ignored. The loss is the global batch's weighted mean: each rank's NLL sum divided
-by the all-reduced weight sum (times w, since DDP averages gradients), so the gradient equals the
-one-process gradient up to float summation order. The model is wrapped in DDP (gloo on the
-CPU, NCCL on CUDA); rank 0 alone writes checkpoints and metrics (the caller's guard).
+by the all-reduced weight sum (times w, since the gradients are averaged over the ranks), so
+the gradient equals the one-process gradient up to float summation order. The engine
+(:mod:`opensam.train.engine`, which says why this is its one mechanism) starts every rank from
+rank 0's weights (:func:`broadcast_weights`) and averages the gradients after each backward
+(:func:`sync_gradients`); gloo on the CPU, NCCL on CUDA. Rank 0 alone writes checkpoints and
+metrics (the caller's guard).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from opensam.constants import IGNORE_INDEX
@@ -77,12 +80,13 @@ def distribute_loader(loader: DataLoader, runtime: Runtime) -> DataLoader:
     )
 
 
-def wrap_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
-    """``model`` in DistributedDataParallel (itself in one process)."""
+def broadcast_weights(models: Mapping[str, nn.Module], runtime: Runtime) -> None:
+    """Copy rank 0's parameters and buffers of each model to every rank (in place)."""
     if not runtime.distributed:
-        return model
-    ids = [runtime.device.index] if runtime.cuda else None
-    return DistributedDataParallel(model, device_ids=ids)
+        return
+    for model in models.values():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
 
 
 def global_mean_loss(
@@ -93,7 +97,7 @@ def global_mean_loss(
 ) -> tuple[torch.Tensor, float]:
     """(loss to backpropagate on this rank, the global batch's weighted-mean NLL), in fp32.
 
-    Backpropagating every rank's loss through DDP (which averages gradients) gives the
+    Backpropagating every rank's loss and averaging the gradients gives the
     gradient of the global batch's weighted mean, as :func:`segmentation_loss` in one process.
     """
     log_probs = log_probs.float()
@@ -110,10 +114,8 @@ def global_mean_loss(
 
 def sync_gradients(model: nn.Module, runtime: Runtime) -> None:
     """Average the gradients of ``model``'s trainable parameters over the ranks (one flat
-    all-reduce), as DDP's reducer does. For loops that run several forward passes per backward
-    through different entry points (the online loop: labelled, strong and feature-perturbed
-    views), which DDP's one-forward-per-backward reducer does not allow. A parameter without a
-    gradient on this rank counts as zero, so every rank reduces the same tensor."""
+    all-reduce, after the backward pass), whatever forward passes the step ran. A parameter
+    without a gradient on this rank counts as zero, so every rank reduces the same tensor."""
     if not runtime.distributed:
         return
     params = [p for p in model.parameters() if p.requires_grad]

@@ -16,10 +16,11 @@ from opensam.data.cutmix import StrongConfig
 from opensam.data.datasets import SegDataset, make_loader, make_train_loaders
 from opensam.model.segmenter import OpenSamModel, load_checkpoint
 from opensam.prepared import Prepared
-from opensam.train.loop import TrainConfig, train_model
-from opensam.train.online import OnlineConfig, OnlineResult, train_online
+from opensam.train.engine import TrainConfig, TrainResult
+from opensam.train.online import OnlineConfig, train_online
 from opensam.train.pseudo_labels import measure_pseudo_quality
 from opensam.train.self_training import SelfTrainingInputs, SelfTrainingResult, score_splits
+from opensam.train.supervised import train_model
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def run_online(
     pool_ids: Sequence[str],
     checkpoint_dir: Path | None,
     live: Any,
-) -> OnlineResult:
+) -> TrainResult:
     """Train ``model`` (the warm teacher, loaded with the student's drop path) online.
 
     The labelled loader is the warm-up's

@@ -1,13 +1,14 @@
 """Resume data in plain types and tensors, so a checkpoint loads with ``weights_only=True``,
 and the fingerprint that says whether a checkpoint belongs to this run.
 
-A planted ``last.pt`` must never run code when a stage resumes: the training loop stores the
+A planted ``last.pt`` must never run code when a stage resumes: the training engine stores the
 random-number states as tensors and ints and its history as plain floats, and loads with
 ``torch.load(weights_only=True)``, which refuses anything else.
 
-A checkpoint is resumed only when its fingerprint equals the run's: the loop's config (which
+A checkpoint is resumed only when its fingerprint equals the run's: the method's config (which
 holds :func:`run_key`: every param the stage reads and the sha256 of every input file: initial
-weights, mask store, prepared data, pseudo-labels), the format and the steps per epoch. Anything
+weights, mask store, prepared data, pseudo-labels), the method, the format and the steps per
+epoch. Anything
 else starts over with one warning line, so a changed setting never continues an old run.
 """
 
@@ -112,8 +113,8 @@ def local_file(name: str | None) -> Path | None:
 
 def run_key(params: Mapping[str, Any], inputs: Mapping[str, Path | None]) -> str:
     """The fingerprint of a training run, a sha256 hex digest of ``params`` (every param the
-    loop reads, as plain values) and of the content of each input (``name -> path``: initial
-    weights, mask store, prepared data, ...; see :func:`input_sha256`). Stored in the loop's
+    run reads, as plain values) and of the content of each input (``name -> path``: initial
+    weights, mask store, prepared data, ...; see :func:`input_sha256`). Stored in the method's
     config, so a checkpoint of other settings or other inputs is never resumed."""
     hashes = {name: input_sha256(path) for name, path in inputs.items()}
     log.debug("run key inputs: %s", hashes)
@@ -212,9 +213,10 @@ def check_resume_state(
 
 def read_resume_state(path: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
     """The checkpoint at ``path`` (loaded with ``weights_only=True``) when it is one of the
-    same run: every key of ``fingerprint`` (format, config, steps per epoch) equal, and RNG
-    states present. None (logged) when it is missing, unreadable or of another run: the loop
-    then starts over, since a corrupt or foreign checkpoint must not stop a stage."""
+    same run: every key of ``fingerprint`` (format, method, config, steps per epoch) equal, and
+    RNG states present. None (logged) when it is missing, unreadable, of another format (one an
+    older version wrote) or of another run: the engine then starts over, since a corrupt or
+    foreign checkpoint must not stop a stage."""
     if not path.is_file():
         return None
     try:
@@ -224,6 +226,12 @@ def read_resume_state(path: Path, fingerprint: Mapping[str, Any]) -> dict[str, A
         return None
     if not isinstance(state, dict) or not isinstance(state.get("rng"), dict):
         log.warning("%s: not a resume checkpoint, starting over", path)
+        return None
+    if "format" in fingerprint and state.get("format") != fingerprint["format"]:
+        log.warning(
+            "%s: checkpoint format %s, this version resumes format %s only; starting over",
+            path, state.get("format"), fingerprint["format"],
+        )  # fmt: skip
         return None
     if differ := _differences(state, fingerprint):
         what = ", ".join(differ[:4]) + (", ..." if len(differ) > 4 else "")

@@ -24,9 +24,10 @@ from opensam.data.datasets import make_train_loaders
 from opensam.model.segmenter import OpenSamModel, load_checkpoint
 from opensam.parallel.context import barrier, main_output
 from opensam.prepared import Prepared
-from opensam.train.loop import TrainConfig, train_model
+from opensam.train.engine import TrainConfig
 from opensam.train.pseudo_labels import generate_pseudo_labels, measure_pseudo_quality
 from opensam.train.reporting import evaluate_splits
+from opensam.train.supervised import train_model
 
 log = logging.getLogger(__name__)
 
