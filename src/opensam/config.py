@@ -123,11 +123,11 @@ class DemoDinoParams:
     scenes: int = 400  # generated scenes; multi-crop views are drawn from them at random
     heldout_scenes: int = 30  # further scenes: held-out nearest-prototype crop accuracy
     render_width: int = 512  # scenes are drawn at this width (demo aspect), then squashed
-    steps: int = 300
-    batch_size: int = 32
+    steps: int = 150
+    batch_size: int = 24
     global_crop: int = 64  # side of the two global views (pixels)
     local_crop: int = 32  # side of the local views
-    local_views: int = 4
+    local_views: int = 2
     out_dim: int = 1024  # DINO head prototypes
     lr: float = 0.001
     weight_decay: float = 0.04

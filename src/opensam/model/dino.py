@@ -39,6 +39,7 @@ DINO_TINY_CONFIG: dict[str, Any] = {
     "mlp_ratio": 3.0,
     "num_classes": 0,
     "global_pool": "avg",
+    "fc_norm": False,  # the final norm on every token: the dense map is what is pooled
     "dynamic_img_size": True,
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2/v3 and the stand-in normalise images this way
