@@ -4,8 +4,10 @@
         --data-metrics metrics/data.json --out models/teacher.pt \
         --metrics metrics/warmup.json --live metrics/live/warmup
 
-Params: ``seed``, ``classes``, ``clip``, ``model`` (backbone, head), ``dino``, ``warmup.*``. The best epoch by val mIoU (ties → the
-earlier) is saved; ``metrics/warmup.json`` holds its mIoU with masks on train, val and test.
+Params: ``seed``, ``classes``, ``clip``, ``model`` (backbone, head), ``dino``, ``warmup.*``.
+The best epoch by val mIoU (ties → the earlier) is saved; ``metrics/warmup.json`` holds its
+mIoU with masks on train, val and test. With ``model.head_init`` prototypes, the head starts
+from the mean labelled embedding per class of the train split.
 A killed run resumes from ``<out dir>/.warmup_ckpt/`` (removed after success).
 """
 

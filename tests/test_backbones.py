@@ -86,8 +86,13 @@ def test_dino_towers_give_patch_maps(name: str, dim: int, stride: int) -> None:
 
 def test_concat_map_is_two_unit_parts_on_the_dino_grid() -> None:
     norm = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    tower = build_tower("clip+dino", create_visual("opensam-tiny"), create_dino(DINO_TINY, None),
-                        norm, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))  # fmt: skip
+    tower = build_tower(
+        "clip+dino",
+        create_visual("opensam-tiny"),
+        create_dino(DINO_TINY, None),
+        norm,
+        ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    )
     assert isinstance(tower, ConcatTower) and tower.stride == 8 and tower.embed_dim == 256
     with torch.no_grad():
         out = tower(torch.randn(2, 3, 64, 64))
@@ -96,8 +101,10 @@ def test_concat_map_is_two_unit_parts_on_the_dino_grid() -> None:
         torch.testing.assert_close(part.norm(dim=1), torch.ones(2, 8, 8))
     x = torch.rand(1, 3, 64, 64)  # the DINO half sees the image in DINO's normalisation
     with torch.no_grad():
-        direct = tower.dino((x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-                            / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))  # fmt: skip
+        direct = tower.dino(
+            (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+            / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        )
         torch.testing.assert_close(tower((x - 0.5) / 0.25)[:, 128:], F.normalize(direct, dim=1))
 
 
@@ -143,8 +150,9 @@ def test_head_aggregation_matches_the_text_path_for_a_text_linear_head() -> None
     torch.testing.assert_close(
         aggregate_head_log_probs(emb, head, pool, winner, (32, 32)),
         aggregate_log_probs(emb, text, 7.0, pool, winner, (32, 32)),
-        atol=1e-5, rtol=1e-5,
-    )  # fmt: skip
+        atol=1e-5,
+        rtol=1e-5,
+    )
     assert isinstance(MlpHead(8, 3, 4), LinearHead)
 
 
@@ -176,7 +184,9 @@ def test_checkpoint_records_and_rebuilds_the_backbone(spec: ModelParams, tmp_pat
     save_checkpoint(path, model, ["lizard", "hand", "background"], CLIP, 64)
     loaded, meta = load_checkpoint(path)
     assert ModelParams(**meta["model"]) == spec and meta["dino"]["model"] == DINO_TINY
-    assert type(loaded.tower) is type(model.tower) and loaded.freeze_backbone == spec.freeze_backbone
+    assert (
+        type(loaded.tower) is type(model.tower) and loaded.freeze_backbone == spec.freeze_backbone
+    )
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))

@@ -527,7 +527,12 @@ def _check_classes(classes: tuple[ClassSpec, ...], source: str) -> None:
 
 def _check_model(m: ModelParams, source: str) -> None:
     r = functools.partial(_require, source)
-    r("model.backbone", m.backbone in BACKBONE_NAMES, f"one of {', '.join(BACKBONE_NAMES)}", m.backbone)
+    r(
+        "model.backbone",
+        m.backbone in BACKBONE_NAMES,
+        f"one of {', '.join(BACKBONE_NAMES)}",
+        m.backbone,
+    )
     r("model.head", m.head in HEAD_NAMES, f"one of {', '.join(HEAD_NAMES)}", m.head)
     r("model.head_init", m.head_init in HEAD_INITS, f"one of {', '.join(HEAD_INITS)}", m.head_init)
     r("model.mlp_hidden", m.mlp_hidden >= 1, ">= 1", m.mlp_hidden)

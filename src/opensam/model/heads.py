@@ -85,9 +85,10 @@ def class_prototypes(
     """The mean labelled embedding per class, L2-normalised: (C, D) float32.
 
     ``embed`` maps images (B, 3, H, W) in [0, 1] to (B, D, h, w) L2-normalised maps; ``batches``
-    yields (images, labels (B, H, W) int64; 255 and other ids ≥ C are in no class). Each class's pixels are pooled as one
-    region per image (the NU weights of its label mask, so the same upsampled embedding the
-    aggregation pools), weighted by area. A class without pixels keeps a zero row (warned).
+    yields (images, labels (B, H, W) int64; 255 and other ids ≥ C are in no class). Each
+    class's pixels are pooled as one region per image (the NU weights of its label mask, so
+    the same upsampled embedding the aggregation pools), weighted by area. A class without
+    pixels keeps a zero row (warned).
     """
     sums: torch.Tensor | None = None
     for images, labels in batches:

@@ -155,7 +155,8 @@ class OpenSamModel(nn.Module):
 
     def grid_hw(self, image_size: int) -> tuple[int, int]:
         """Grid (h, w) of :meth:`embed` for a square ``image_size`` input (pool weights' grid)."""
-        return self.decoder.out_grid(self.tower.grid_hw((image_size, image_size)))
+        tower_grid = cast(Any, self.tower).grid_hw((image_size, image_size))
+        return self.decoder.out_grid(tower_grid)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) float in [0, 1] → (B, D, h, w) float, L2-normalised per location."""
@@ -183,7 +184,9 @@ class OpenSamModel(nn.Module):
         winner = None if winner is None else winner.to(dev, non_blocking=True)
         with torch.autocast(dev.type, enabled=False):  # the aggregation stays in fp32
             if self.head is not None:
-                return aggregate_head_log_probs(emb.float(), self.head, pool_weights, winner, out_hw)
+                return aggregate_head_log_probs(
+                    emb.float(), self.head, pool_weights, winner, out_hw
+                )
             return aggregate_log_probs(emb.float(), text, scale, pool_weights, winner, out_hw)
 
     @torch.no_grad()
