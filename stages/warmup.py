@@ -4,8 +4,10 @@
         --data-metrics metrics/data.json --out models/teacher.pt \
         --metrics metrics/warmup.json --live metrics/live/warmup
 
-Params: ``seed``, ``classes``, ``clip``, ``warmup.*``. The best epoch by val mIoU (ties → the
-earlier) is saved; ``metrics/warmup.json`` holds its mIoU with masks on train, val and test.
+Params: ``seed``, ``classes``, ``clip``, ``model`` (backbone, head), ``dino``, ``warmup.*``.
+The best epoch by val mIoU (ties → the earlier) is saved; ``metrics/warmup.json`` holds its
+mIoU with masks on train, val and test. With ``model.head_init`` prototypes, the head starts
+from the mean labelled embedding per class of the train split.
 A killed run resumes from ``<out dir>/.warmup_ckpt/`` (removed after success).
 """
 
@@ -18,9 +20,10 @@ from pathlib import Path
 
 from opensam.config import load_params
 from opensam.data.augment import Augmenter
-from opensam.data.datasets import make_train_loaders
+from opensam.data.datasets import labelled_batches, make_train_loaders
 from opensam.errors import InputError, params_blamed
 from opensam.masks.settings import open_mask_store, store_settings
+from opensam.model.heads import class_prototypes
 from opensam.model.segmenter import build_model, save_checkpoint
 from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
@@ -59,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     weights = resolve_class_weights(cfg.class_weights, params.class_names, args.data_metrics)
     key = run_key(  # what the loop reads: a checkpoint of other values is not resumed
         {"seed": params.seed, "classes": params.classes, "clip": params.clip, "warmup": cfg,
+         "model": params.model, "dino": params.dino,
          "precision": params.runtime.precision, "nproc": params.runtime.nproc},
-        {"clip.pretrained": local_file(params.clip.pretrained), "prepared": args.prepared,
+        {"clip.pretrained": local_file(params.clip.pretrained),
+         "dino.pretrained": local_file(params.dino.pretrained), "prepared": args.prepared,
          "masks": args.masks if cfg.use_masks else None},
     )  # fmt: skip
     try:
@@ -69,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"{args.params}: warmup: {exc}") from None
     log.info("class weights %s", [round(w, 4) for w in weights])
 
-    model = build_model(params.clip, params.prompts, drop_path=cfg.drop_path)
+    model = build_model(params.clip, params.prompts, cfg.drop_path, params.model, params.dino)
+    if params.model.resolved_init() == "prototypes" and model.head is not None:
+        grid, size = model.grid_hw(prepared.image_size), cfg.batch_size
+        batches = labelled_batches(prepared.root, prepared.train, grid, size)
+        model.set_class_embeddings(class_prototypes(model.embed, batches, model.num_classes))
     train_loader, _, val_loader = make_train_loaders(
         prepared.root, prepared.train, prepared.val, args.masks if cfg.use_masks else None,
         model.grid_hw(prepared.image_size), cfg.batch_size, params.seed,

@@ -33,6 +33,9 @@ SAM2_MODEL_NAMES = (
     "sam2.1_hiera_base_plus",
     "sam2.1_hiera_large",
 )
+BACKBONE_NAMES = ("clip", "dino", "clip+dino")  # opensam.model.backbones.BACKBONES
+HEAD_NAMES = ("auto", "text", "linear", "mlp")  # opensam.model.heads; auto: resolved_head()
+HEAD_INITS = ("auto", "text", "prototypes")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,27 @@ class DemoSamParams:
 
 
 @dataclass(frozen=True)
+class DemoDinoParams:
+    """The demo DINO (stage ``demo_dino``): its scene corpus and self-distillation training."""
+
+    seed: int = 3  # the corpus's own seed (never the demo photos')
+    scenes: int = 400  # generated scenes; multi-crop views are drawn from them at random
+    heldout_scenes: int = 30  # further scenes: held-out nearest-prototype crop accuracy
+    render_width: int = 512  # scenes are drawn at this width (demo aspect), then squashed
+    steps: int = 150
+    batch_size: int = 24
+    global_crop: int = 64  # side of the two global views (pixels)
+    local_crop: int = 32  # side of the local views
+    local_views: int = 2
+    out_dim: int = 1024  # DINO head prototypes
+    lr: float = 0.001
+    weight_decay: float = 0.04
+    warmup_steps: int = 30
+    momentum: float = 0.99  # teacher EMA at the start (cosine to 1)
+    workers: int = 2  # scene rendering processes
+
+
+@dataclass(frozen=True)
 class RuntimeParams:
     """Where every torch stage runs (``opensam.parallel.context``); nproc > 1 = torchrun."""
 
@@ -162,6 +186,41 @@ class ClipParams:
     pretrained: str | None = "models/demo_clip.pt"  # open_clip tag, file path, None = random
     templates: bool = False  # average several prompt templates per class
     decoder: str = "upsample"
+
+
+@dataclass(frozen=True)
+class DinoParams:
+    """The self-supervised ViT of ``model.backbone: dino`` and ``clip+dino``."""
+
+    model: str = "opensam-dino-tiny"  # or a timm name, e.g. vit_base_patch14_dinov2.lvd142m
+    pretrained: str | None = "models/demo_dino.pt"  # file | hub (local HF cache) | None = random
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Backbone and classification head of the segmenter (the checkpoint records them)."""
+
+    backbone: str = "clip"  # clip | dino | clip+dino
+    head: str = "auto"  # auto | text (CLIP's fixed text classifier) | linear | mlp
+    head_init: str = "auto"  # auto | text (CLIP's prompts) | prototypes (mean labelled embedding)
+    mlp_hidden: int = 256  # mlp only
+    freeze_backbone: bool = False  # True: only the head (and decoder) train
+
+    @property
+    def has_clip(self) -> bool:
+        return "clip" in self.backbone.split("+")
+
+    def resolved_head(self) -> str:
+        """``auto``: the text head on ``clip`` (today's model), a linear head otherwise."""
+        if self.head != "auto":
+            return self.head
+        return "text" if self.backbone == "clip" else "linear"
+
+    def resolved_init(self) -> str:
+        """``auto``: the text embeddings where CLIP is present, class prototypes otherwise."""
+        if self.head_init != "auto":
+            return self.head_init
+        return "text" if self.has_clip else "prototypes"
 
 
 @dataclass(frozen=True)
@@ -234,11 +293,14 @@ class Params:
     demo: DemoParams = field(default_factory=DemoParams)
     demo_clip: DemoClipParams = field(default_factory=DemoClipParams)
     demo_sam: DemoSamParams = field(default_factory=DemoSamParams)
+    demo_dino: DemoDinoParams = field(default_factory=DemoDinoParams)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
     masks: MasksParams = field(default_factory=MasksParams)
     sam: SamParams = field(default_factory=SamParams)
     sam2: Sam2Params = field(default_factory=Sam2Params)
     clip: ClipParams = field(default_factory=ClipParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    dino: DinoParams = field(default_factory=DinoParams)
     ablation: AblationParams = field(default_factory=AblationParams)
     warmup: TrainParams = field(default_factory=TrainParams)
     student: StudentParams = field(default_factory=StudentParams)
@@ -463,6 +525,39 @@ def _check_classes(classes: tuple[ClassSpec, ...], source: str) -> None:
             _require(source, f"{key}.color", ok, "three values in 0..255", list(c.color))
 
 
+def _check_model(m: ModelParams, source: str) -> None:
+    r = functools.partial(_require, source)
+    r(
+        "model.backbone",
+        m.backbone in BACKBONE_NAMES,
+        f"one of {', '.join(BACKBONE_NAMES)}",
+        m.backbone,
+    )
+    r("model.head", m.head in HEAD_NAMES, f"one of {', '.join(HEAD_NAMES)}", m.head)
+    r("model.head_init", m.head_init in HEAD_INITS, f"one of {', '.join(HEAD_INITS)}", m.head_init)
+    r("model.mlp_hidden", m.mlp_hidden >= 1, ">= 1", m.mlp_hidden)
+    rule = "auto, linear or mlp unless model.backbone is clip (zero-shot is CLIP's)"
+    r("model.head", m.head != "text" or m.backbone == "clip", rule, m.head)
+    rule = "auto or prototypes when model.backbone has no CLIP (no text embeddings)"
+    r("model.head_init", m.head_init != "text" or m.has_clip, rule, m.head_init)
+
+
+def _check_demo_dino(d: DemoDinoParams, source: str) -> None:
+    r = functools.partial(_require, source)
+    for name in ("scenes", "heldout_scenes", "steps", "local_views", "out_dim", "workers"):
+        r(f"demo_dino.{name}", getattr(d, name) >= 1, ">= 1", getattr(d, name))
+    r("demo_dino.batch_size", d.batch_size >= 2, ">= 2", d.batch_size)
+    r("demo_dino.render_width", 16 <= d.render_width <= 8192, "in 16..8192", d.render_width)
+    r("demo_dino.global_crop", d.global_crop >= 16, ">= 16", d.global_crop)
+    rule = "in 8..demo_dino.global_crop"
+    r("demo_dino.local_crop", 8 <= d.local_crop <= d.global_crop, rule, d.local_crop)
+    r("demo_dino.lr", d.lr > 0, "> 0", d.lr)
+    r("demo_dino.weight_decay", d.weight_decay >= 0, ">= 0", d.weight_decay)
+    r("demo_dino.warmup_steps", d.warmup_steps >= 0, ">= 0", d.warmup_steps)
+    r("demo_dino.momentum", 0 <= d.momentum <= 1, "in 0..1", d.momentum)
+    r("demo_dino.seed", 0 <= d.seed < 2**32, ">= 0 and < 2**32", d.seed)
+
+
 def check_params(p: Params, source: str = "params.yaml") -> None:
     """Every range and cross-field rule of params; raises :class:`InputError` naming the key."""
     r = functools.partial(_require, source)
@@ -517,6 +612,8 @@ def check_params(p: Params, source: str = "params.yaml") -> None:
     kind, _, index = s2.device.partition(":")
     ok = s2.device in ("auto", "cpu") or (kind == "cuda" and (not index or index.isdigit()))
     r("sam2.device", ok, "auto, cpu, cuda or cuda:N", s2.device)
+    _check_model(p.model, source)
+    _check_demo_dino(p.demo_dino, source)
     a = p.ablation
     r("ablation.pps", all(1 <= v <= 128 for v in a.pps), "values in 1..128", list(a.pps))
     r(

@@ -318,3 +318,13 @@ class Cycler:
             set_loader_epoch(self.loader, self.seed, self.epoch, self.cycle)
             self.it = iter(self.loader)
             return next(self.it)
+
+
+def labelled_batches(
+    prepared: Path, ids: Sequence[str], grid_hw: tuple[int, int], batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images (B, 3, H, W) float in [0, 1], labels (B, H, W) int64) of ``ids`` in order, not
+    augmented and without masks (e.g. for class prototypes)."""
+    dataset = SegDataset(prepared, ids, Path(prepared) / "labels", None, grid_hw)
+    for batch in make_loader(dataset, batch_size, False, 0):
+        yield batch["image"], batch["label"]

@@ -17,6 +17,7 @@ per-pixel prediction where there is none.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -251,3 +252,32 @@ def aggregate_log_probs_naive(
                 img = torch.where(mask[None], dist[:, None, None], img)
         rows.append(img)
     return torch.stack(rows)
+
+
+Classifier = Callable[[torch.Tensor], torch.Tensor]
+
+
+def aggregate_head_log_probs(
+    emb: torch.Tensor,
+    classify: Classifier,
+    pool_weights: torch.Tensor | None,
+    winner: torch.Tensor | None,
+    out_hw: tuple[int, int],
+) -> torch.Tensor:
+    """:func:`aggregate_log_probs` with a trained head: ``classify`` maps (..., D) embeddings to
+    (..., C) logits (a linear or MLP head). Regions: the re-normalised NU-pooled embedding is
+    classified. Uncovered pixels: the head's logits on the grid, upsampled bilinearly; for a
+    linear head these equal the logits of the upsampled embedding (bilinear weights sum to 1),
+    for an MLP they are its bilinear interpolation (the H×W×D map is never built)."""
+    if (pool_weights is None) != (winner is None):
+        raise ValueError("pool_weights and winner must both be given or both be None")
+    low = classify(emb.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    pix = F.log_softmax(F.interpolate(low, size=out_hw, mode="bilinear", align_corners=False), 1)
+    if pool_weights is None or winner is None or pool_weights.shape[1] == 0:
+        return pix
+    pooled = F.normalize(torch.einsum("bmhw,bdhw->bmd", pool_weights.to(emb.dtype), emb), dim=-1)
+    mask_logp = F.log_softmax(classify(pooled), dim=-1)  # (B, M, C)
+    b, c = pix.shape[:2]
+    index = winner.clamp(min=0).reshape(b, 1, -1).expand(b, c, -1)
+    painted = torch.gather(mask_logp.transpose(1, 2), 2, index).reshape(pix.shape)
+    return torch.where((winner >= 0)[:, None], painted, pix)

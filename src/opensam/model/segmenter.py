@@ -1,10 +1,12 @@
-"""The OpenSAM model: dense CLIP image tower + decoder + fixed text embeddings + mask aggregation,
-and its checkpoints (format in docs/architecture.md)."""
+"""The OpenSAM model: dense backbone (CLIP, DINO or both) + decoder + head (CLIP's fixed text
+embeddings or a trained linear / MLP head) + mask aggregation, and its checkpoints (format in
+docs/architecture.md)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -14,22 +16,37 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from opensam.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ClipParams
+from opensam.config import (
+    BACKBONE_NAMES,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    ClipParams,
+    DinoParams,
+    ModelParams,
+)
 from opensam.errors import InputError, quote
-from opensam.model.aggregation import aggregate_log_probs, class_ids, prepare_mask_inputs
+from opensam.model.aggregation import (
+    aggregate_head_log_probs,
+    aggregate_log_probs,
+    class_ids,
+    prepare_mask_inputs,
+)
+from opensam.model.backbones import build_tower
 from opensam.model.clip import (
-    DenseImageTower,
     create_clip,
     create_visual,
     encode_prompts,
     get_tokenizer,
     image_mean_std,
 )
+from opensam.model.dino import create_dino, dino_mean_std
+from opensam.model.heads import LinearHead, build_head
 from opensam.parallel.context import current_runtime
 from opensam.prepared import check_classes
 from opensam.runtime import save_torch
 
 log = logging.getLogger(__name__)
+PROTOTYPE_LOGIT_SCALE = 1 / 0.07  # logit scale without CLIP: CLIP's initial temperature
 
 
 class Decoder(nn.Module):
@@ -69,10 +86,15 @@ def build_decoder(name: str, embed_dim: int) -> Decoder:
 
 
 class OpenSamModel(nn.Module):
-    """Dense CLIP tower → decoder → L2-normalised embeddings → class log-probabilities.
+    """Dense backbone → decoder → L2-normalised embeddings → head → class log-probabilities.
 
-    Buffers: ``text_embeddings`` (C, D) float32 L2-normalised; ``logit_scale`` () float32 (the
-    CLIP model's ``exp(logit_scale)``, fixed); ``mean``/``std`` (3,) the CLIP image normalisation.
+    Buffers: ``text_embeddings`` (C, D) float32, the class embeddings: CLIP's prompt embeddings
+    (zero-padded over DINO channels for ``clip+dino``) or class prototypes (``dino``); the text
+    head classifies with them, trained heads start from them; ``logit_scale`` () float32 (the
+    CLIP model's ``exp(logit_scale)``, fixed; :data:`PROTOTYPE_LOGIT_SCALE` without CLIP);
+    ``mean``/``std`` (3,) the backbone's image normalisation. ``head`` None is the text head.
+    ``freeze_backbone``: the tower gets no gradient, runs without autograd and stays in eval
+    mode. ``spec`` is what the checkpoint records to rebuild it (``model`` and ``dino`` params).
     """
 
     text_embeddings: torch.Tensor
@@ -82,16 +104,26 @@ class OpenSamModel(nn.Module):
 
     def __init__(
         self,
-        tower: DenseImageTower,
+        tower: nn.Module,
         decoder: Decoder,
         text_embeddings: torch.Tensor,
         logit_scale: float,
         mean: tuple[float, ...],
         std: tuple[float, ...],
+        head: LinearHead | None = None,
+        spec: ModelParams | None = None,
+        dino: DinoParams | None = None,
     ) -> None:
         super().__init__()
         self.tower = tower
         self.decoder = decoder
+        self.head = head
+        self.spec = spec if spec is not None else ModelParams()
+        self.dino_spec = dino if dino is not None else DinoParams()
+        self.freeze_backbone = self.spec.freeze_backbone
+        if self.freeze_backbone:
+            self.tower.requires_grad_(False)
+            self.tower.eval()
         self.register_buffer("text_embeddings", text_embeddings.detach().float().clone())
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -101,9 +133,30 @@ class OpenSamModel(nn.Module):
     def num_classes(self) -> int:
         return int(self.text_embeddings.shape[0])
 
+    def train(self, mode: bool = True) -> OpenSamModel:
+        """As ``nn.Module.train``; a frozen backbone stays in eval mode (no drop path)."""
+        super().train(mode)
+        if self.freeze_backbone:
+            self.tower.eval()
+        return self
+
+    def set_class_embeddings(self, class_emb: torch.Tensor) -> None:
+        """Store (C, D) class embeddings and start a trained head from them (``W = scale · E``;
+        √2 more for ``clip+dino``, whose two unit-norm parts each carry 1/√2 of an embedding)."""
+        if tuple(class_emb.shape) != tuple(self.text_embeddings.shape):
+            raise ValueError(
+                f"class embeddings {tuple(class_emb.shape)}, expected "
+                f"{tuple(self.text_embeddings.shape)}"
+            )
+        self.text_embeddings.copy_(class_emb.detach().float())
+        if self.head is not None:
+            parts = len(self.spec.backbone.split("+"))
+            self.head.init_from(class_emb.float(), float(self.logit_scale) * math.sqrt(parts))
+
     def grid_hw(self, image_size: int) -> tuple[int, int]:
         """Grid (h, w) of :meth:`embed` for a square ``image_size`` input (pool weights' grid)."""
-        return self.decoder.out_grid(self.tower.grid_hw((image_size, image_size)))
+        tower_grid = cast(Any, self.tower).grid_hw((image_size, image_size))
+        return self.decoder.out_grid(tower_grid)
 
     def embed(self, images: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
         """images (B, 3, H, W) float in [0, 1] → (B, D, h, w) float, L2-normalised per location.
@@ -113,7 +166,12 @@ class OpenSamModel(nn.Module):
         feature-perturbed view, UniMatch's feature perturbation)."""
         x = (images.to(self.mean.device, non_blocking=True) - self.mean) / self.std
         with current_runtime().autocast():  # bf16 / fp16 on CUDA only (runtime.precision)
-            emb = self.decoder(self.tower(x))
+            if self.freeze_backbone:
+                with torch.no_grad():
+                    feats = self.tower(x)
+            else:
+                feats = self.tower(x)
+            emb = self.decoder(feats)
         emb = emb.float()  # the dropout and the aggregation run in fp32
         if feature_dropout > 0:
             emb = nn.functional.dropout2d(emb, feature_dropout, training=True)
@@ -132,6 +190,10 @@ class OpenSamModel(nn.Module):
         pool_weights = None if pool_weights is None else pool_weights.to(dev, non_blocking=True)
         winner = None if winner is None else winner.to(dev, non_blocking=True)
         with torch.autocast(dev.type, enabled=False):  # the aggregation stays in fp32
+            if self.head is not None:
+                return aggregate_head_log_probs(
+                    emb.float(), self.head, pool_weights, winner, out_hw
+                )
             return aggregate_log_probs(emb.float(), text, scale, pool_weights, winner, out_hw)
 
     @torch.no_grad()
@@ -173,29 +235,76 @@ class OpenSamModel(nn.Module):
 
 
 def _assemble(
-    visual: nn.Module,
+    tower: nn.Module,
     clip: ClipParams,
-    text: torch.Tensor,
+    spec: ModelParams,
+    dino: DinoParams,
+    class_emb: torch.Tensor,
     scale: float,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
+    norm: tuple[tuple[float, ...], tuple[float, ...]],
 ) -> OpenSamModel:
-    tower = DenseImageTower(visual)
-    decoder = build_decoder(clip.decoder, tower.embed_dim)
-    if text.shape[1] != tower.embed_dim:
-        raise InputError(f"text embeddings have D={text.shape[1]}, image tower D={tower.embed_dim}")
-    return OpenSamModel(tower, decoder, text, scale, mean, std)
+    embed_dim = int(cast(Any, tower).embed_dim)
+    decoder = build_decoder(clip.decoder, embed_dim)
+    if class_emb.shape[1] != embed_dim:
+        raise InputError(f"text embeddings have D={class_emb.shape[1]}, image tower D={embed_dim}")
+    head = build_head(spec.resolved_head(), embed_dim, class_emb.shape[0], spec.mlp_hidden)
+    return OpenSamModel(tower, decoder, class_emb, scale, norm[0], norm[1], head, spec, dino)
 
 
-def build_model(clip: ClipParams, prompts: list[str], drop_path: float = 0.0) -> OpenSamModel:
-    """A fresh model from CLIP weights (``clip.pretrained``); the text tower encodes ``prompts``
-    once (C = len(prompts)) and is then dropped."""
-    clip_model = cast(Any, create_clip(clip.model, clip.pretrained, drop_path))
-    text = encode_prompts(clip_model, get_tokenizer(clip.model), prompts, clip.templates)
-    scale = float(clip_model.logit_scale.detach().exp())
-    mean, std = image_mean_std(clip_model)
-    model = _assemble(clip_model.visual, clip, text, scale, mean, std)
+def _build_tower(
+    spec: ModelParams, clip_visual: nn.Module | None, vit: nn.Module | None, clip_norm: Any
+) -> nn.Module:
+    dino_norm = dino_mean_std(vit) if vit is not None else None
+    try:
+        return build_tower(spec.backbone, clip_visual, vit, clip_norm, dino_norm)
+    except ValueError as exc:
+        raise InputError(f"model.backbone {spec.backbone}: {exc}") from None
+
+
+def build_model(
+    clip: ClipParams,
+    prompts: list[str],
+    drop_path: float = 0.0,
+    spec: ModelParams | None = None,
+    dino: DinoParams | None = None,
+) -> OpenSamModel:
+    """A fresh model from pretrained weights (``clip.pretrained``, ``dino.pretrained``) for the
+    backbone and head of ``spec`` (default: CLIP with its text head, the thesis's model).
+
+    With CLIP, its text tower encodes ``prompts`` once (C = len(prompts)) and is then dropped;
+    a trained head starts from those embeddings when ``head_init`` resolves to ``text``. With
+    ``prototypes`` the caller computes them (:func:`opensam.model.heads.class_prototypes`) and
+    calls :meth:`OpenSamModel.set_class_embeddings`; until then the class embeddings are zero.
+    """
+    spec = spec if spec is not None else ModelParams()
+    dino = dino if dino is not None else DinoParams()
+    visual = vit = None
+    text = torch.zeros(len(prompts), 0)
+    scale, norm = PROTOTYPE_LOGIT_SCALE, None
+    if spec.has_clip:
+        clip_model = cast(Any, create_clip(clip.model, clip.pretrained, drop_path))
+        text = encode_prompts(clip_model, get_tokenizer(clip.model), prompts, clip.templates)
+        scale = float(clip_model.logit_scale.detach().exp())
+        norm = image_mean_std(clip_model)
+        visual = clip_model.visual
+    if "dino" in spec.backbone.split("+"):
+        vit = create_dino(dino.model, dino.pretrained)
+        norm = norm if norm is not None else dino_mean_std(vit)
+    tower = _build_tower(spec, visual, vit, image_mean_std_or(norm))
+    embed_dim = int(cast(Any, tower).embed_dim)
+    class_emb = torch.zeros(len(prompts), embed_dim)
+    class_emb[:, : text.shape[1]] = text
+    model = _assemble(tower, clip, spec, dino, class_emb, scale, image_mean_std_or(norm))
+    if spec.resolved_init() == "text" and spec.has_clip:
+        model.set_class_embeddings(class_emb)
     return model.to(current_runtime().device).eval()  # runtime.device (the CPU by default)
+
+
+def image_mean_std_or(
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``norm``, or the identity normalisation (rebuilt models load theirs from the weights)."""
+    return norm if norm is not None else ((0.0,) * 3, (1.0,) * 3)
 
 
 def forward_batch(
@@ -223,13 +332,16 @@ def save_checkpoint(
     **extra: Any,
 ) -> None:
     """Write a checkpoint dict atomically: ``state_dict``, ``clip``, ``classes``, ``image_size``,
-    ``text_embeddings`` (C, D) float32, ``epoch``, ``val_miou`` (None unless given), plus
-    ``extra``."""
+    ``text_embeddings`` (C, D) float32, ``model`` (backbone and head) and ``dino`` (the DINO
+    ViT's name) so :func:`load_checkpoint` rebuilds the architecture, ``epoch``, ``val_miou``
+    (None unless given), plus ``extra``."""
     ckpt: dict[str, Any] = {"epoch": None, "val_miou": None}
     ckpt.update(extra)
     ckpt.update(
         state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
         clip=dataclasses.asdict(clip),
+        model=dataclasses.asdict(model.spec),
+        dino=dataclasses.asdict(model.dino_spec),
         classes=list(classes),
         image_size=int(image_size),
         text_embeddings=model.text_embeddings.detach().cpu().float().clone(),
@@ -264,6 +376,19 @@ def checkpoint_clip(meta: dict[str, Any], path: str | Path) -> ClipParams:
         return ClipParams(**meta["clip"])
     except TypeError as exc:
         raise InputError(f"{path}: bad 'clip' entry ({exc})") from None
+
+
+def checkpoint_backbone(meta: dict[str, Any], path: str | Path) -> tuple[ModelParams, DinoParams]:
+    """The backbone and head (:class:`ModelParams`, :class:`DinoParams`) a checkpoint records;
+    checkpoints from before backbones were selectable hold CLIP with its text head."""
+    try:
+        spec = ModelParams(**meta.get("model", {"backbone": "clip", "head": "text"}))
+        dino = DinoParams(**meta.get("dino", {}))
+    except TypeError as exc:
+        raise InputError(f"{path}: bad 'model' or 'dino' entry ({exc})") from None
+    if spec.backbone not in BACKBONE_NAMES or spec.resolved_head() not in ("text", "linear", "mlp"):
+        raise InputError(f"{path}: bad 'model' entry {quote(meta.get('model'))}")
+    return spec, dino
 
 
 def _check_checkpoint_fields(path: Path, ckpt: dict[str, Any]) -> None:
@@ -328,18 +453,23 @@ def load_checkpoint(
     if expected_classes is not None:
         check_classes(list(ckpt["classes"]), expected_classes, str(path), classes_from)
     clip = checkpoint_clip(ckpt, path)
+    spec, dino = checkpoint_backbone(ckpt, path)
     state = ckpt.pop("state_dict")
     text = ckpt["text_embeddings"]
     try:
-        visual = create_visual(clip.model, drop_path)
-        model = _assemble(visual, clip, text, 1.0, (0.0,) * 3, (1.0,) * 3)
+        visual = create_visual(clip.model, drop_path) if spec.has_clip else None
+        vit = create_dino(dino.model, None) if "dino" in spec.backbone.split("+") else None
+        identity = image_mean_std_or(None)
+        tower = _build_tower(spec, visual, vit, identity)
+        model = _assemble(tower, clip, spec, dino, text, 1.0, identity)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: weights do not fit {clip.model} ({first[:200]})") from None
+        what = clip.model if spec.backbone == "clip" else f"{spec.backbone} ({dino.model})"
+        raise InputError(f"{path}: weights do not fit {what} ({first[:200]})") from None
     weights = model.state_dict().items()
     bad = [k for k, v in weights if v.is_floating_point() and not bool(v.isfinite().all())]
     if bad:
