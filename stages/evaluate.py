@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     seed_everything(params.seed)
     rt = init_runtime(params.runtime)  # under torchrun: batches per rank, rank 0 writes
-    prepared = read_prepared(args.prepared)
+    prepared = read_prepared(args.prepared).labelled_subset(params.labelled_train, str(args.params))
     prepared.check_classes(params.class_names, f"{args.params} classes")
     colors = class_colors([c.color for c in params.classes], prepared.colors)
     with main_output(args.plots) as plots_dir:  # rank 0 alone writes (the sink runs there)
