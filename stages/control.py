@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     seed_everything(params.seed)
     rt = init_runtime(params.runtime)  # under torchrun: data-parallel (both modes), rank 0 writes
-    cfg, prepared = params.student, read_prepared(args.prepared).labelled_subset(params.labelled_train, str(args.params))
+    cfg = params.student
+    prepared = read_prepared(args.prepared).labelled_subset(params.labelled_train, str(args.params))
     store = open_mask_store(args.masks)
     model, meta = load_checkpoint(args.teacher, drop_path=cfg.drop_path)
     classes = list(meta["classes"])

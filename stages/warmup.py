@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     seed_everything(params.seed)
     rt = init_runtime(params.runtime)  # under torchrun: DDP, rank 0 writes
-    cfg, prepared = params.warmup, read_prepared(args.prepared).labelled_subset(params.labelled_train, str(args.params))
+    cfg = params.warmup
+    prepared = read_prepared(args.prepared).labelled_subset(params.labelled_train, str(args.params))
     prepared.check_classes(params.class_names, f"{args.params} classes")
     store = open_mask_store(args.masks)
     if not prepared.train:
