@@ -32,7 +32,8 @@ def _results(control: float, student: float, oracle: float | None) -> dict:
 
 def test_gap_closed_is_the_share_of_the_oracle_gap() -> None:
     gap = gap_closed(_results(60.0, 61.5, 63.0))
-    assert gap["val"] == {"percent": 50.0, "student_minus_control": 1.5, "oracle_minus_control": 3.0}
+    assert gap["val"] == {"percent": 50.0, "student_minus_control": 1.5,
+                          "oracle_minus_control": 3.0}  # fmt: skip
     assert gap["test"]["percent"] == 50.0
     assert gap_closed(_results(60.0, 59.0, 62.0))["val"]["percent"] == -50.0  # lost to control
     assert gap_closed(_results(60.0, 64.0, 62.0))["val"]["percent"] == 200.0  # beat the oracle
