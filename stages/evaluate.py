@@ -10,11 +10,8 @@ Params: ``seed``, ``classes``, ``clip`` (the zero-shot model), ``eval.*``. Write
 (percent), and into ``--plots``: ``confusion.json`` (student, with masks, test; DVC confusion
 template rows on a strided pixel grid), ``confusion.png`` (the full matrix) and
 ``overlays/<id>.png`` (input | ground truth | student prediction, first ``eval.overlays`` test
-images). With a control, ``gain`` = student − control per split; with an oracle too (the
-``oracle`` stage; skipped, as its ``--oracle-metrics`` say, without hidden ground truth),
-``gap_closed`` per split: 100 · (student − control) / (oracle − control) beside both
-differences, ``percent`` null with a ``reason`` when there is no oracle or it is not above the
-control (:func:`opensam.eval.evaluation.gap_closed`).
+images). ``gain`` = student − control and ``gap_closed`` (the share of the control → oracle
+gap, :func:`opensam.eval.evaluation.gap_closed`) per split; no oracle when its stage skipped.
 """
 
 from __future__ import annotations
@@ -27,15 +24,7 @@ from pathlib import Path
 from torch import nn
 
 from opensam.config import Params, load_params
-from opensam.errors import InputError
-from opensam.eval.evaluation import (
-    NO_ORACLE,
-    PlotCollector,
-    evaluate_models,
-    format_eval_table,
-    gap_closed,
-    student_gain,
-)
+from opensam.eval import evaluation as ev
 from opensam.eval.plots import save_confusion_png, write_confusion_json
 from opensam.eval.zeroshot import build_zeroshot_model
 from opensam.masks.settings import check_store_settings, open_mask_store
@@ -43,7 +32,8 @@ from opensam.masks.store import MaskStore
 from opensam.model.segmenter import load_checkpoint
 from opensam.parallel.context import init_runtime, main_output
 from opensam.prepared import class_colors, read_prepared
-from opensam.runtime import atomic_path, read_json, run_main, seed_everything
+from opensam.runtime import atomic_path, run_main, seed_everything
+from opensam.train.oracle import read_skipped
 
 log = logging.getLogger("stages.evaluate")
 
@@ -64,20 +54,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plots", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser.parse_args(argv)
-
-
-def oracle_skipped(args: argparse.Namespace) -> str | None:
-    """Why there is no oracle to evaluate (None: ``--oracle`` is one): not given, or skipped by
-    its stage (``{"skipped": reason}`` in ``--oracle-metrics``)."""
-    if args.oracle is None:
-        return "no oracle given"
-    if args.oracle_metrics is None:
-        return None
-    report = read_json(args.oracle_metrics, "run the oracle stage")
-    if not isinstance(report, dict):
-        raise InputError(f"{args.oracle_metrics}: expected a JSON object")
-    skipped = report.get("skipped")
-    return None if skipped is None else str(skipped)[:200]
 
 
 def load_models(
@@ -107,19 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     with main_output(args.plots) as plots_dir:  # rank 0 alone writes (the sink runs there)
         if rt.is_main:
             (plots_dir / "overlays").mkdir(parents=True)
-        plots = PlotCollector(
+        plots = ev.PlotCollector(
             plots_dir / "overlays", colors, params.class_names, params.eval.overlays
         )
-        skipped = oracle_skipped(args)
+        skipped = "no --oracle" if args.oracle is None else read_skipped(args.oracle_metrics)
         if skipped is not None:
             log.info("oracle: %s", skipped)
         models = load_models(args, params, open_mask_store(args.masks), skipped is None)
-        results, plotted_conf = evaluate_models(
+        results, plotted_conf = ev.evaluate_models(
             models, prepared, args.masks, params.eval.batch_size, PLOTTED, plots
         )
         if "control" in results:
-            results["gain"] = student_gain(results)
-            results["gap_closed"] = gap_closed(results, skipped or NO_ORACLE)
+            results["gain"] = ev.student_gain(results)
+            results["gap_closed"] = ev.gap_closed(results, skipped or ev.NO_ORACLE)
         if rt.is_main:
             write_confusion_json(plots_dir / "confusion.json", plots.rows)
         if rt.is_main and plotted_conf is not None:
@@ -128,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
-    table = format_eval_table({k: v for k, v in results.items() if k not in DERIVED})
+    table = ev.format_eval_table({k: v for k, v in results.items() if k not in DERIVED})
     log.info("mIoU (%%):\n%s\ngain, student - control: %s\ngap closed: %s", table,
              results.get("gain"), results.get("gap_closed"))  # fmt: skip
     return 0

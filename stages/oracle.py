@@ -27,11 +27,11 @@ from opensam.masks.settings import check_store_settings, open_mask_store, store_
 from opensam.model.segmenter import checkpoint_clip, read_checkpoint_meta, save_checkpoint
 from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
-from opensam.runtime import atomic_path, remove_path, run_main, save_torch, seed_everything
+from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
 from opensam.train.loop import TrainConfig
 from opensam.train.losses import resolve_class_weights
 from opensam.train.online_setup import run_online_student
-from opensam.train.oracle import skip_reason, write_truth_folder
+from opensam.train.oracle import skip_reason, write_skipped, write_truth_folder
 from opensam.train.reporting import open_live
 from opensam.train.resume import run_key
 from opensam.train.self_training import SelfTrainingInputs, run_self_training
@@ -45,13 +45,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.add_argument(f"--{name}", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser.parse_args(argv)
-
-
-def write_skipped(out: Path, metrics: Path, reason: str) -> None:
-    """The outputs of a skipped run: the reason in ``metrics``, a marker (no weights) at ``out``."""
-    save_torch({"skipped": reason}, out)
-    with atomic_path(metrics) as tmp:
-        tmp.write_text(json.dumps({"skipped": reason}, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,9 @@ the unlabelled pool change:
   (:func:`write_truth_folder`), and no round relabels the pool.
 
 It needs hidden ground truth (``prepared/unlabelled_gt/<id>.png``, from ``data.unlabelled_gt``)
-for every image of the pool; a data set without any is skipped (:func:`skip_reason`).
+for every image of the pool; a data set without any is skipped (:func:`skip_reason`): its
+metrics file holds ``{"skipped": reason}`` and its model path a marker without weights
+(:func:`write_skipped`), which ``evaluate`` recognises (:func:`read_skipped`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from opensam.errors import InputError
 from opensam.parallel.context import barrier, current_runtime, main_output
 from opensam.prepared import Prepared
+from opensam.runtime import atomic_path, read_json, save_torch
 from opensam.train.pseudo_format import IDS_FILE, LABELS_DIR
 
 NO_HIDDEN_GT = "no hidden ground truth (data.unlabelled_gt is null): the oracle needs the pool's"
@@ -60,3 +63,22 @@ def write_truth_folder(prepared: Prepared, pool_ids: Sequence[str], out: Path) -
                 (tmp / IDS_FILE).write_text(json.dumps(list(pool_ids)) + "\n")
     barrier()
     return out
+
+
+def write_skipped(out: Path, metrics: Path, reason: str) -> None:
+    """The outputs of a skipped run: the reason in ``metrics``, a marker (no weights) at ``out``."""
+    save_torch({"skipped": reason}, out)
+    with atomic_path(metrics) as tmp:
+        tmp.write_text(json.dumps({"skipped": reason}, indent=2) + "\n")
+
+
+def read_skipped(metrics: Path | None) -> str | None:
+    """Why the oracle of ``metrics`` (the stage's metrics file) was skipped; None if it ran
+    (or no metrics file is given)."""
+    if metrics is None:
+        return None
+    report = read_json(metrics, "run the oracle stage")
+    if not isinstance(report, dict):
+        raise InputError(f"{metrics}: expected a JSON object")
+    skipped = report.get("skipped")
+    return None if skipped is None else str(skipped)[:200]
