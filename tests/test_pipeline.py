@@ -97,4 +97,4 @@ def test_queued_ratio_sweep_compares(project: Path) -> None:
     rows = [line for line in text.splitlines() if line.startswith("| 4 | ")]
     assert [r.split(" | ")[1] for r in rows] == ["1", "3"], text
     assert "-S ratio=3 -S seed=0 && dvc queue start`" in text
-    assert all(" %) |" in r for r in rows), rows  # pseudo-label quality with its coverage
+    assert all(" % of the pixels) |" in r for r in rows), rows  # pseudo-labels: their coverage

@@ -171,7 +171,7 @@ def test_results_page_rows_and_commands(tmp_path: Path) -> None:
     assert len(rows) == 2
     # sorted by labelled count: 15 first; gap closed (62 - 60) / (64 - 60) = 50 %
     assert rows[0].startswith("| 15 | 8 | online | - | 2 | 60.00 ± 0.00 | 50.00 ± 0.00 |")
-    assert "| 50.00 ± 0.00 | 90.00 ± 0.00 (on 48.5 %) |" in rows[0]
+    assert "| 50.00 ± 0.00 | 90.00 ± 0.00 (on 48.5 % of the pixels) |" in rows[0]
     assert rows[1].startswith("| 60 | 2 | online | - | 2 |") and "| 50.00 ± 35.36 |" in rows[1]
     assert (
         "`dvc exp run --queue -S labelled_train=15 -S ratio=8 -S seed=0,1 && dvc queue start`"

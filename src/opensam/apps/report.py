@@ -276,9 +276,11 @@ def format_results_page(runs: Sequence[Run], baseline: Run | None = None) -> str
             cells.append(mean_std([v for r in members if (v := _get(r.metrics, path)) is not None]))
         quality = [v for r in members if (v := _get(r.metrics, COLUMNS[-2][1])) is not None]
         cover = [v for r in members if (v := _get(r.metrics, COLUMNS[-1][1])) is not None]
-        pseudo = mean_std(quality)
-        if quality:
-            pseudo += f" (on {statistics.fmean(cover):.1f} %)" if cover else " (coverage unknown)"
+        pseudo = mean_std(quality)  # the coverage even with no quality (0 %: nothing kept)
+        if cover:
+            pseudo += f" (on {statistics.fmean(cover):.1f} % of the pixels)"
+        elif quality:
+            pseudo += " (coverage unknown)"
         cells.append(pseudo)
         lines.append("| " + " | ".join(cells) + " |")
         row = f"labelled {labelled}, ratio {short(params.get('ratio'))}"
