@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     seed_everything(params.seed)
     rt = init_runtime(params.runtime)  # under torchrun: data-parallel (both modes), rank 0 writes
-    cfg, prepared = params.student, read_prepared(args.prepared)
+    cfg = params.student
+    prepared = read_prepared(args.prepared).labelled_subset(params.labelled_train, str(args.params))
     store = open_mask_store(args.masks)
     model, meta = load_checkpoint(args.teacher, drop_path=cfg.drop_path)
     classes = list(meta["classes"])
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt, live = args.out.parent / ".control_ckpt", open_live(args.live) if rt.is_main else None
     # the seed of the student's (first) round
     key = run_key(  # what the control reads: a checkpoint of other values is not resumed
-        {"seed": params.seed, "student": cfg, "precision": params.runtime.precision,
-         "nproc": params.runtime.nproc},
+        {"seed": params.seed, "labelled_train": params.labelled_train, "student": cfg,
+         "precision": params.runtime.precision, "nproc": params.runtime.nproc},
         {"teacher": args.teacher, "prepared": args.prepared, "masks": args.masks},
     )  # fmt: skip
     with params_blamed(args.params, "student"):

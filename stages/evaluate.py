@@ -2,6 +2,7 @@
 
     python stages/evaluate.py --prepared data/prepared --masks data/masks.h5 \
         --teacher models/teacher.pt --student models/student.pt --control models/control.pt \
+        --oracle models/oracle.pt --oracle-metrics metrics/oracle.json \
         --out metrics/eval.json --plots metrics/eval
 
 Params: ``seed``, ``classes``, ``clip`` (the zero-shot model), ``eval.*``. Writes
@@ -9,7 +10,8 @@ Params: ``seed``, ``classes``, ``clip`` (the zero-shot model), ``eval.*``. Write
 (percent), and into ``--plots``: ``confusion.json`` (student, with masks, test; DVC confusion
 template rows on a strided pixel grid), ``confusion.png`` (the full matrix) and
 ``overlays/<id>.png`` (input | ground truth | student prediction, first ``eval.overlays`` test
-images).
+images). ``gain`` = student − control and ``gap_closed`` (the share of the control → oracle
+gap, :func:`opensam.eval.evaluation.gap_closed`) per split; no oracle when its stage skipped.
 """
 
 from __future__ import annotations
@@ -22,12 +24,7 @@ from pathlib import Path
 from torch import nn
 
 from opensam.config import Params, load_params
-from opensam.eval.evaluation import (
-    PlotCollector,
-    evaluate_models,
-    format_eval_table,
-    student_gain,
-)
+from opensam.eval import evaluation as ev
 from opensam.eval.plots import save_confusion_png, write_confusion_json
 from opensam.eval.zeroshot import build_zeroshot_model
 from opensam.masks.settings import check_store_settings, open_mask_store
@@ -36,10 +33,12 @@ from opensam.model.segmenter import load_checkpoint
 from opensam.parallel.context import init_runtime, main_output
 from opensam.prepared import class_colors, read_prepared
 from opensam.runtime import atomic_path, run_main, seed_everything
+from opensam.train.oracle import read_skipped
 
 log = logging.getLogger("stages.evaluate")
 
 PLOTTED = ("student", "test")  # with masks: the confusion matrix and overlays
+DERIVED = ("gain", "gap_closed")  # eval.json entries that are not models
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,16 +48,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--teacher", type=Path, required=True)
     parser.add_argument("--student", type=Path, required=True)
     parser.add_argument("--control", type=Path, default=None, help="labelled-only control")
+    parser.add_argument("--oracle", type=Path, default=None, help="the oracle stage's model")
+    parser.add_argument("--oracle-metrics", type=Path, default=None, help="its metrics file")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser.parse_args(argv)
 
 
-def load_models(args: argparse.Namespace, params: Params, store: MaskStore) -> dict[str, nn.Module]:
-    """The three models; checkpoints checked against params' classes and the mask store."""
+def load_models(
+    args: argparse.Namespace, params: Params, store: MaskStore, oracle: bool
+) -> dict[str, nn.Module]:
+    """The models; checkpoints checked against params' classes and the mask store."""
     models: dict[str, nn.Module] = {}
-    named = (("teacher", args.teacher), ("control", args.control), ("student", args.student))
+    named = (("teacher", args.teacher), ("control", args.control), ("student", args.student),
+             ("oracle", args.oracle if oracle else None))  # fmt: skip
     for name, path in ((n, p) for n, p in named if p is not None):
         models[name], meta = load_checkpoint(
             path, params.class_names, classes_from=str(args.params)
@@ -73,21 +77,25 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     seed_everything(params.seed)
     rt = init_runtime(params.runtime)  # under torchrun: batches per rank, rank 0 writes
-    prepared = read_prepared(args.prepared)
+    prepared = read_prepared(args.prepared).labelled_subset(params.labelled_train, str(args.params))
     prepared.check_classes(params.class_names, f"{args.params} classes")
     colors = class_colors([c.color for c in params.classes], prepared.colors)
     with main_output(args.plots) as plots_dir:  # rank 0 alone writes (the sink runs there)
         if rt.is_main:
             (plots_dir / "overlays").mkdir(parents=True)
-        plots = PlotCollector(
+        plots = ev.PlotCollector(
             plots_dir / "overlays", colors, params.class_names, params.eval.overlays
         )
-        models = load_models(args, params, open_mask_store(args.masks))
-        results, plotted_conf = evaluate_models(
+        skipped = "no --oracle" if args.oracle is None else read_skipped(args.oracle_metrics)
+        if skipped is not None:
+            log.info("oracle: %s", skipped)
+        models = load_models(args, params, open_mask_store(args.masks), skipped is None)
+        results, plotted_conf = ev.evaluate_models(
             models, prepared, args.masks, params.eval.batch_size, PLOTTED, plots
         )
         if "control" in results:
-            results["gain"] = student_gain(results)
+            results["gain"] = ev.student_gain(results)
+            results["gap_closed"] = ev.gap_closed(results, skipped or ev.NO_ORACLE)
         if rt.is_main:
             write_confusion_json(plots_dir / "confusion.json", plots.rows)
         if rt.is_main and plotted_conf is not None:
@@ -96,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
-    table = format_eval_table({k: v for k, v in results.items() if k != "gain"})
-    log.info("mIoU (%%):\n%s\ngain, student - control: %s", table, results.get("gain"))
+    table = ev.format_eval_table({k: v for k, v in results.items() if k not in DERIVED})
+    log.info("mIoU (%%):\n%s\ngain, student - control: %s\ngap closed: %s", table,
+             results.get("gain"), results.get("gap_closed"))  # fmt: skip
     return 0
 
 

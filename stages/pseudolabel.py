@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     seed_everything(params.seed)
     rt = init_runtime(params.runtime)  # under torchrun: batches per rank, rank 0 merges
-    prepared = read_prepared(args.prepared)
+    prepared = read_prepared(args.prepared).labelled_subset(params.labelled_train, str(args.params))
     store = open_mask_store(args.masks)
     model, meta = load_checkpoint(args.teacher)
     classes = list(meta["classes"])

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     seed_everything(params.seed)
     rt = init_runtime(params.runtime)  # under torchrun: data-parallel, rank 0 writes
-    cfg, prepared = params.student, read_prepared(args.prepared)
+    cfg = params.student
+    prepared = read_prepared(args.prepared).labelled_subset(params.labelled_train, str(args.params))
     store = open_mask_store(args.masks)
     meta = read_checkpoint_meta(args.teacher)
     classes = tuple(meta["classes"])
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"{args.pseudo}: no pseudo-labels for ratio {params.ratio}'s pool")
     weights = resolve_class_weights(cfg.class_weights, list(classes), args.data_metrics)
     key = run_key(  # what the rounds read: a checkpoint of other values is not resumed
-        {"seed": params.seed, "ratio": params.ratio, "student": cfg, "pseudo": params.pseudo,
+        {"seed": params.seed, "ratio": params.ratio, "labelled_train": params.labelled_train,
+         "student": cfg, "pseudo": params.pseudo,
          "precision": params.runtime.precision, "nproc": params.runtime.nproc},
         {"teacher": args.teacher, "prepared": args.prepared, "pseudo": args.pseudo,
          "masks": args.masks},

@@ -54,15 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     seed_everything(params.seed)
     rt = init_runtime(params.runtime)  # under torchrun: data-parallel, rank 0 writes
-    cfg, prepared = params.warmup, read_prepared(args.prepared)
+    cfg = params.warmup
+    prepared = read_prepared(args.prepared).labelled_subset(params.labelled_train, str(args.params))
     prepared.check_classes(params.class_names, f"{args.params} classes")
     store = open_mask_store(args.masks)
     if not prepared.train:
         raise InputError(f"{prepared.splits_path}: the train split is empty")
     weights = resolve_class_weights(cfg.class_weights, params.class_names, args.data_metrics)
     key = run_key(  # what the loop reads: a checkpoint of other values is not resumed
-        {"seed": params.seed, "classes": params.classes, "clip": params.clip, "warmup": cfg,
-         "model": params.model, "dino": params.dino,
+        {"seed": params.seed, "labelled_train": params.labelled_train, "classes": params.classes,
+         "clip": params.clip, "warmup": cfg, "model": params.model, "dino": params.dino,
          "precision": params.runtime.precision, "nproc": params.runtime.nproc},
         {"clip.pretrained": local_file(params.clip.pretrained),
          "dino.pretrained": local_file(params.dino.pretrained), "prepared": args.prepared,

@@ -104,7 +104,7 @@ def build_project(proj: Path) -> Path:
     out = run(proj, str(BIN / "dvc"), "repro")
     ran = stages_run(out)
     expected = {"demo_data", "demo_clip", "demo_sam", "prepare", "masks", "zeroshot", "warmup"}
-    assert expected | {"student", "control", "evaluate"} <= ran
+    assert expected | {"student", "control", "oracle", "evaluate"} <= ran
     run(proj, "git", "add", "-A")
     run(proj, "git", "commit", "-qm", "repro")
     return proj

@@ -386,6 +386,8 @@ CASES: dict[str, Case] = {
     "split-train-1.0": Case("prepare", PREPARE, lambda r: set_params(r, data__split={"train": 1.0, "val": 2, "test": 2}), P, "data.split.train: must be a count"),
     "split-fractions-over-1": Case("prepare", PREPARE, lambda r: set_params(r, data__split={"train": 0.7, "val": 0.5, "test": 0}), P, "data.split: must be fractions that sum to at most 1"),
     "ratio-above-max-ratio": Case("warmup", WARMUP, lambda r: set_params(r, ratio=9), P, "ratio: must be in 0..masks.max_ratio"),
+    "labelled-train-0": Case("prepare", PREPARE, lambda r: set_params(r, labelled_train=0), P, "labelled_train: must be null (the whole train split) or >= 1, got 0"),
+    "labelled-train-above-train-split": Case("warmup", WARMUP, lambda r: set_params(r, labelled_train=7), P, "labelled_train: must be in 1..6 (the train split of data/prepared/splits.json), got 7"),
     "duplicate-class-case": Case("prepare", PREPARE, lambda r: set_params(r, classes=[*PARAMS["classes"], {"name": "Lizard", "prompt": "x"}]), P, "classes[4].name: 'Lizard' repeats classes[0].name"),  # type: ignore[misc]
     "unknown-top-level-key": Case("prepare", PREPARE, lambda r: set_params(r, foo=1), P, "unknown key(s) foo"),
     "warmup-batch-size-0": Case("warmup", WARMUP, lambda r: set_params(r, warmup__batch_size=0), P, "warmup.batch_size: must be >= 1"),

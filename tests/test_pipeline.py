@@ -15,6 +15,8 @@ import pytest
 import yaml
 from pipeline_project import BIN, reset, run, shared_project, stages_run
 
+from opensam.apps.cli import main as cli_main
+
 pytestmark = pytest.mark.slow
 
 
@@ -24,7 +26,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_repro_writes_every_metric(project: Path) -> None:
-    for name in ("data", "zeroshot", "warmup", "pseudo", "student", "control", "eval"):
+    for name in ("data", "zeroshot", "warmup", "pseudo", "student", "control", "oracle", "eval"):
         assert (project / "metrics" / f"{name}.json").is_file(), name
     shown = json.loads(run(project, str(BIN / "dvc"), "metrics", "show", "--json"))
     text = json.dumps(shown)
@@ -32,6 +34,11 @@ def test_repro_writes_every_metric(project: Path) -> None:
         assert key in text
     gain = json.loads((project / "metrics" / "eval.json").read_text())["gain"]
     assert set(gain) == {"train", "val", "test"} and isinstance(gain["test"]["miou"], float)
+    evaluation = json.loads((project / "metrics" / "eval.json").read_text())
+    assert "oracle" in evaluation and set(evaluation["gap_closed"]) == set(gain)
+    for split, entry in evaluation["gap_closed"].items():  # a number, or null with its reason
+        assert (entry["percent"] is None) == ("reason" in entry), entry
+        assert entry["student_minus_control"] == gain[split]["miou"]
     assert (project / "data" / "masks.h5").is_file()
     grid = yaml.safe_load((project / "params.yaml").read_text())["ablation"]
     stores = len(grid["pps"]) * len(grid["min_region_area"])
@@ -74,7 +81,7 @@ def test_queued_ratio_sweep_compares(project: Path) -> None:
     assert stages_run(run(project, dvc, "queue", "logs", "sweep-1")) == set()  # ratio 1: cached
     logs = run(project, dvc, "queue", "logs", "sweep-2")
     # every unlabelled pixel counts in the tiny project, so the ratio-3 student differs
-    assert stages_run(logs) == {"pseudolabel", "student", "evaluate"}, logs[-3000:]
+    assert stages_run(logs) == {"pseudolabel", "student", "oracle", "evaluate"}, logs[-3000:]
     shown = run(project, dvc, "exp", "show", "--json")
     assert "sweep-1" in shown and "sweep-2" in shown
     diff = json.loads(run(project, dvc, "exp", "diff", "sweep-1", "sweep-2", "--json"))
@@ -82,3 +89,12 @@ def test_queued_ratio_sweep_compares(project: Path) -> None:
     assert (ratio["old"], ratio["new"]) == (1, 3)
     assert "metrics/eval.json" in diff["metrics"], diff["metrics"]
     assert "miou" in run(project, dvc, "metrics", "diff", "sweep-1", "sweep-2")
+    # the results page from these finished experiments: the baseline (ratio 1 = sweep-1) and
+    # sweep-2 (ratio 3), each row with its command
+    page = project / "docs" / "results.md"
+    assert cli_main(["report", "--repo", str(project), "--write", str(page)]) == 0
+    text = page.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 4 | ")]
+    assert [r.split(" | ")[1] for r in rows] == ["1", "3"], text
+    assert "-S ratio=3 -S seed=0 && dvc queue start`" in text
+    assert all(" % of the pixels) |" in r for r in rows), rows  # pseudo-labels: their coverage

@@ -21,15 +21,18 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 RERUNS = {
-    "pps=32": {"masks", "warmup", "pseudolabel", "student", "control", "evaluate"},
-    "ratio=3": {"pseudolabel", "student", "evaluate"},
-    "student.alpha_f=0.5": {"student", "evaluate"},
-    "student.mode=offline": {"student", "control", "evaluate"},  # the default is online
-    "student.unsup_weight=0.5": {"student", "evaluate"},
+    "pps=32": {"masks", "warmup", "pseudolabel", "student", "control", "oracle", "evaluate"},
+    "ratio=3": {"pseudolabel", "student", "oracle", "evaluate"},
+    "student.alpha_f=0.5": {"student", "oracle", "evaluate"},
+    "student.mode=offline": {"student", "control", "oracle", "evaluate"},  # the default: online
+    "student.unsup_weight=0.5": {"student", "oracle", "evaluate"},
+    # a true label is always confident: the oracle does not read the threshold
     "student.conf_threshold=0.5": {"student", "evaluate"},
-    "student.lr_max=0.001": {"student", "control", "evaluate"},  # the control's schedule too
+    "student.lr_max=0.001": {"student", "control", "oracle", "evaluate"},  # the schedule too
     "masks.workers=1": set(),  # processes only: the same masks
-    "seed=1": {"zeroshot", "warmup", "pseudolabel", "student", "control", "evaluate"},
+    "seed=1": {"zeroshot", "warmup", "pseudolabel", "student", "control", "oracle", "evaluate"},
+    # fewer labelled photos: the training stages, never prepare or the masks (val and test fixed)
+    "labelled_train=2": {"warmup", "pseudolabel", "student", "control", "oracle", "evaluate"},
 }
 # Really run through `dvc exp run`: a setting whose rerun set reaches past the stage whose params
 # changed (student -> its .pt -> evaluate, which has no student params). Its real rerun set must
@@ -37,8 +40,9 @@ RERUNS = {
 # ratio=3 also runs for real in tests/test_pipeline.py's sweep, and the offline student stage in
 # tests/test_student_stage.py. The tiny project counts every unlabelled pixel (threshold 0), so
 # the weight λ of the unlabelled loss surely changes the student's weights (and DVC reruns
-# evaluate only when the student's bytes change). It reruns two stages, where the learning rate
-# (student and control) reruns three. The README's own example, pps=32 (masks -> warmup -> ...),
+# evaluate only when the student's bytes change). It reruns three stages (the oracle learns the
+# true labels with the same λ), where the learning rate (student, control, oracle) reruns four.
+# The README's own example, pps=32 (masks -> warmup -> ...),
 # is checked through the graph only: run for real it was the suite's longest test (89 s of 6
 # stage runs, mostly imports), and the README's test command must stay under 15 minutes.
 REAL = ("student.unsup_weight=0.5",)

@@ -14,10 +14,12 @@ from opensam.apps.report import (
     Run,
     flatten,
     format_report,
+    format_results_page,
     group_runs,
     is_experiment_ref,
     mean_std,
     read_experiments,
+    write_results_page,
 )
 
 
@@ -148,3 +150,39 @@ def test_only_finished_experiment_refs_count() -> None:
         f"refs/exps/{sha}",
     ):
         assert not is_experiment_ref(ref), ref
+
+
+def _page_run(name: str, seed: int, labelled: int | None, ratio: int, student: float) -> Run:
+    metrics = _eval(60.0, student)
+    metrics["oracle"] = {"with_masks": {"test": {"miou": 64.0}}}
+    metrics["gap_closed"] = {"test": {"percent": round(100 * (student - 60) / 4, 2)}}
+    metrics["pseudo"] = {"vs_hidden_gt": {"miou": 90.0}, "coverage": 48.5}
+    params = {"seed": seed, "labelled_train": labelled, "ratio": ratio, "student.mode": "online",
+              "data.split.train": 60}  # fmt: skip
+    return Run(name, params, metrics)
+
+
+def test_results_page_rows_and_commands(tmp_path: Path) -> None:
+    base = _page_run("HEAD", 0, None, 2, 61.0)
+    runs = [base, _page_run("s1", 1, None, 2, 63.0),
+            _page_run("a", 0, 15, 8, 62.0), _page_run("b", 1, 15, 8, 62.0)]  # fmt: skip
+    page = format_results_page(runs, base)
+    rows = [line for line in page.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 2
+    # sorted by labelled count: 15 first; gap closed (62 - 60) / (64 - 60) = 50 %
+    assert rows[0].startswith("| 15 | 8 | online | - | 2 | 60.00 ± 0.00 | 50.00 ± 0.00 |")
+    assert "| 50.00 ± 0.00 | 90.00 ± 0.00 (on 48.5 % of the pixels) |" in rows[0]
+    assert rows[1].startswith("| 60 | 2 | online | - | 2 |") and "| 50.00 ± 35.36 |" in rows[1]
+    assert (
+        "`dvc exp run --queue -S labelled_train=15 -S ratio=8 -S seed=0,1 && dvc queue start`"
+        in page
+    )
+    assert "`dvc exp run --queue -S seed=0,1 && dvc queue start`" in page
+    assert "coverage" in page.lower() and "no finished" in format_results_page([]).lower()
+    target = tmp_path / "results.md"
+    target.write_text("# Results\n\nhand-written\n")
+    write_results_page(target, "one")
+    write_results_page(target, "two")  # replaces its own section, keeps the rest
+    text = target.read_text()
+    assert "hand-written" in text and "two" in text and "one" not in text
+    assert text.count("<!-- experiments -->") == 1

@@ -2,8 +2,9 @@
 
 The table sits between ``<!-- results-table -->`` and ``<!-- /results-table -->`` in README.md:
 one row per model (mIoU in percent, with region masks; the last column without), the gain of the
-student over the labelled-only control, and a line with the pseudo-labels' mIoU against the
-hidden ground truth when the data set has one.
+student over the labelled-only control, the share of the control → oracle gap it closes (when
+the data set has hidden ground truth and the oracle ran), and a line with the pseudo-labels'
+mIoU against the hidden ground truth when the data set has one.
 
     python tools/results_table.py          # rewrite the table in README.md
     python tools/results_table.py --check  # exit 1 if README's table is not the metrics'
@@ -24,6 +25,7 @@ MODELS = {
     "teacher": "teacher (labelled only)",
     "control": "control (labelled only, the student's schedule)",
     "student": "student (self-training)",
+    "oracle": "oracle (the student's run on the pool's true labels)",
 }
 
 
@@ -55,6 +57,11 @@ def results_table(metrics: Path) -> str:
             if val is not None and test is not None
             else "| **gain** (student − control) | – | – | |"
         )
+    gap = evaluation.get("gap_closed", {})
+    if "oracle" in evaluation and gap:  # the share of the control → oracle gap
+        cells = [gap.get(s, {}).get("percent") for s in ("val", "test")]
+        val, test = ("–" if c is None else f"{c:.1f} %" for c in cells)
+        lines.append(f"| gap closed (student − control) / (oracle − control) | {val} | {test} | |")
     pseudo_path = metrics / "pseudo.json"
     if pseudo_path.is_file():
         pseudo = json.loads(pseudo_path.read_text())

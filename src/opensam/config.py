@@ -288,6 +288,8 @@ class Params:
     pps: int = 16
     min_region_area: int = 0
     ratio: int = 2
+    # the first N of the prepared train split (None = all): val and test never move
+    labelled_train: int | None = None
     classes: tuple[ClassSpec, ...] = ()
     data: DataParams = field(default_factory=DataParams)
     demo: DemoParams = field(default_factory=DemoParams)
@@ -569,6 +571,8 @@ def check_params(p: Params, source: str = "params.yaml") -> None:
     r("masks.max_ratio", p.masks.max_ratio >= 0, ">= 0", p.masks.max_ratio)
     rule = f"in 0..masks.max_ratio ({p.masks.max_ratio}: masks cover only that pool)"
     r("ratio", 0 <= p.ratio <= p.masks.max_ratio, rule, p.ratio)
+    lt = p.labelled_train
+    r("labelled_train", lt is None or lt >= 1, "null (the whole train split) or >= 1", lt)
     _check_classes(p.classes, source)
     d = p.data
     r("data.format", d.format in ("cvat", "voc"), "cvat or voc", d.format)

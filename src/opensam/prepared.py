@@ -20,7 +20,7 @@ import colorsys
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,20 @@ class Prepared:
                 len(self.unlabelled),
             )
         return list(self.unlabelled[:wanted])
+
+    def labelled_subset(self, n: int | None, source: str = "params.yaml") -> Prepared:
+        """This data set with its train split cut to its first ``n`` ids (``None``: all of
+        them); val, test and the unlabelled order are untouched, so the pool of a ratio is the
+        first ``ratio * n`` unlabelled ids. InputError (naming ``source``) if ``n`` is larger
+        than the train split."""
+        if n is None:
+            return self
+        if not 1 <= n <= len(self.train):
+            raise InputError(
+                f"{source}: labelled_train: must be in 1..{len(self.train)} (the train split of "
+                f"{self.splits_path}), got {n}"
+            )
+        return replace(self, train=self.train[:n])
 
     def check_classes(self, names: Sequence[str], source: str) -> None:
         """InputError unless ``names`` (from ``source``) are this data set's classes, in order."""

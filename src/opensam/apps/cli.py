@@ -326,14 +326,34 @@ def build_parser() -> argparse.ArgumentParser:
         "pseudo-label mIoU against the hidden ground truth.",
     )
     p.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository")
+    p.add_argument(
+        "--write",
+        type=Path,
+        default=None,
+        metavar="PAGE",
+        help="write the results page's experiments section into PAGE (e.g. docs/results.md): "
+        "one row per labelled count, ratio and mode, with the oracle, the gap closed, the "
+        "pseudo-label coverage and each row's dvc exp run command",
+    )
     p.set_defaults(func=_cmd_report)
     return parser
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from opensam.apps.report import format_report, read_experiments
+    from opensam.apps.report import (
+        format_report,
+        format_results_page,
+        read_experiments,
+        write_results_page,
+    )
 
-    sys.stdout.write(format_report(read_experiments(args.repo)) + "\n")  # the output, not a log
+    runs = read_experiments(args.repo)
+    if args.write is None:
+        sys.stdout.write(format_report(runs) + "\n")  # the output, not a log
+        return 0
+    baseline = next((r for r in runs if r.name == "HEAD"), None)
+    write_results_page(args.write, format_results_page(runs, baseline))
+    log.info("%s: %d runs written", args.write, len(runs))
     return 0
 
 

@@ -9,7 +9,16 @@ params, e.g. ``-S seed=0`` in a seed sweep, is not counted twice). Experiments w
 differ only in ``seed`` form
 one row; the columns are the mean ± sample standard deviation (n - 1) of the test mIoU of the
 control, the teacher and the student (with masks), of the gain (student − control) and of the
-pseudo-label mIoU against the hidden ground truth. Single runs show ``±  -``.
+pseudo-label mIoU against the hidden ground truth, with the share of the pool's pixels it
+covers (the rest is below the confidence threshold and not counted). Single runs show ``±  -``.
+
+``opensam report --write docs/results.md`` writes the results page instead
+(:func:`format_results_page`): one row per (labelled train count, ratio, student mode), any
+other differing params beside them, with the oracle and the gap closed
+(``metrics/eval.json``'s ``gap_closed``), the number of seeds, and the ``dvc exp run`` command
+that reproduces the row. It replaces the text between ``<!-- experiments -->`` and
+``<!-- /experiments -->`` (appended when the page has no such markers; the rest of the page is
+kept).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import json
 import logging
 import math
 import re
+import shlex
 import statistics
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,7 +49,21 @@ COLUMNS = (
     ("student", ("student", "with_masks", "test", "miou")),
     ("gain test", ("gain", "test", "miou")),
     ("gain val", ("gain", "val", "miou")),
+    ("oracle", ("oracle", "with_masks", "test", "miou")),
+    ("gap closed % test", ("gap_closed", "test", "percent")),
     ("pseudo", ("pseudo", "vs_hidden_gt", "miou")),
+    ("pseudo coverage %", ("pseudo", "coverage")),
+)
+BEGIN, END = "<!-- experiments -->", "<!-- /experiments -->"
+# the results page's row key and its metric columns (test split, with masks)
+ROW_KEYS = ("labelled_train", "ratio", "student.mode")
+PAGE_COLUMNS = (
+    ("control", ("control", "with_masks", "test", "miou")),
+    ("teacher", ("teacher", "with_masks", "test", "miou")),
+    ("student", ("student", "with_masks", "test", "miou")),
+    ("oracle", ("oracle", "with_masks", "test", "miou")),
+    ("gain", ("gain", "test", "miou")),
+    ("gap closed %", ("gap_closed", "test", "percent")),
 )
 
 
@@ -141,6 +165,10 @@ def _read_run(repo: Path, name: str, sha: str, eval_path: str) -> Run | None:
     if not isinstance(params, Mapping) or not isinstance(metrics, dict):
         log.warning("%s: params.yaml or %s is not a mapping; skipped", name, eval_path)
         return None
+    if isinstance(pseudo, dict):  # the share of the pool's pixels the quality is measured on
+        ignored = _get(pseudo, ("ignored_fraction",))
+        if ignored is not None:
+            pseudo["coverage"] = round(100.0 * (1.0 - ignored), 2)
     metrics["pseudo"] = pseudo
     return Run(name, flatten(params), metrics)
 
@@ -174,3 +202,109 @@ def read_experiments(repo: Path, eval_path: str = "metrics/eval.json") -> list[R
         if (run := _read_run(repo, name, sha, eval_path)) is not None:
             runs.setdefault(json.dumps(run.params, sort_keys=True, default=str), run)
     return list(runs.values())
+
+
+def labelled_count(params: Mapping[str, Any]) -> Any:
+    """The labelled train images of a run: ``labelled_train``, else ``data.split.train``."""
+    value = params.get("labelled_train")
+    return params.get("data.split.train") if value is None else value
+
+
+def _param_value(value: Any) -> str:
+    """A value as ``dvc exp run -S key=value`` takes it (YAML)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def exp_command(
+    members: Sequence[Run], baseline: Mapping[str, Any] | None, varying: Sequence[str] = ()
+) -> str:
+    """The ``dvc exp run`` line that reproduces a row: every param in which the row differs
+    from the baseline (``-S key=value``; without a baseline, the ``varying`` ones), then its
+    seeds."""
+    first = members[0].params
+    if baseline is None:
+        keys = sorted(k for k in varying if k in first)
+    else:
+        keys = sorted(k for k in first if k != "seed" and baseline.get(k) != first[k])
+    sets = [f"-S {shlex.quote(f'{k}={short(_param_value(first[k]))}')}" for k in keys]
+    seeds = ",".join(sorted({str(r.params.get("seed")) for r in members}, key=_seed_key))
+    return " ".join(["dvc exp run --queue", *sets, f"-S seed={seeds}", "&& dvc queue start"])
+
+
+def _seed_key(seed: str) -> tuple[int, str]:
+    return (int(seed), "") if seed.isdigit() else (2**63, seed)
+
+
+def _sort_key(item: tuple[Any, list[Run]]) -> tuple[str, ...]:
+    params = item[1][0].params
+    values = [labelled_count(params), params.get("ratio"), params.get("student.mode")]
+    return tuple(f"{v:>12}" if isinstance(v, int) else str(v) for v in values) + (str(item[0]),)
+
+
+def format_results_page(runs: Sequence[Run], baseline: Run | None = None) -> str:
+    """The results page's experiments section: one row per group of seeds (the groups of
+    :func:`group_runs`), keyed by labelled train count, ratio and student mode (any other
+    differing param in its own column), with mean ± std over seeds of the test mIoU (with
+    masks) of control, teacher, student and oracle, the gain, the gap closed, the warm teacher's
+    pseudo-labels with their coverage, and the command of each row."""
+    if not runs:
+        return "No finished experiments yet (`dvc exp run --queue -S seed=0,1,2`)."
+    groups = group_runs(runs)
+    heads = ["labelled train", "ratio", "mode", "other params", "seeds",
+             *(name for name, _ in PAGE_COLUMNS), "pseudo-labels (coverage)"]  # fmt: skip
+    lines = [
+        "Test mIoU in percent (with region masks), mean ± sample std over the seeds of each row;",
+        "gain = student − control; gap closed = 100 · (student − control) / (oracle − control),",
+        "the mean of the seeds where the oracle is above the control (`-` where there is none);",
+        "pseudo-labels: the warm teacher's offline pseudo-labels against the pool's hidden ground",
+        "truth, on the share of the pool's pixels above the confidence threshold (the rest is",
+        "not counted).",
+        "",
+        "| " + " | ".join(heads) + " |",
+        "|" + "---|" * len(heads),
+    ]
+    commands = []
+    for key, members in sorted(groups.items(), key=_sort_key):
+        params = members[0].params
+        other = ", ".join(f"{k}={short(json.loads(v))}" for k, v in key if k not in ROW_KEYS)
+        labelled = short(labelled_count(params))
+        cells = [str(labelled), short(params.get("ratio")), short(params.get("student.mode")),
+                 other or "-", str(len(members))]  # fmt: skip
+        for _, path in PAGE_COLUMNS:
+            cells.append(mean_std([v for r in members if (v := _get(r.metrics, path)) is not None]))
+        quality = [v for r in members if (v := _get(r.metrics, COLUMNS[-2][1])) is not None]
+        cover = [v for r in members if (v := _get(r.metrics, COLUMNS[-1][1])) is not None]
+        pseudo = mean_std(quality)  # the coverage even with no quality (0 %: nothing kept)
+        if cover:
+            pseudo += f" (on {statistics.fmean(cover):.1f} % of the pixels)"
+        elif quality:
+            pseudo += " (coverage unknown)"
+        cells.append(pseudo)
+        lines.append("| " + " | ".join(cells) + " |")
+        row = f"labelled {labelled}, ratio {short(params.get('ratio'))}"
+        row += f", {short(params.get('student.mode'))}" + (f", {other}" if other else "")
+        baseline_params = baseline.params if baseline is not None else None
+        varying = [k for k, _ in key]
+        commands.append(f"- {row}: `{exp_command(members, baseline_params, varying)}`")
+    return "\n".join([*lines, "", "The commands of the rows:", "", *commands])
+
+
+def write_results_page(path: Path, section: str) -> None:
+    """Put ``section`` between the markers of ``path`` (appended when it has none; the page is
+    created when missing), written atomically."""
+    from opensam.runtime import atomic_path
+
+    block = f"{BEGIN}\n{section}\n{END}"
+    try:
+        text = path.read_text() if path.exists() else "# Results\n"
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot be read ({exc.__class__.__name__})") from None
+    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Experiments (`opensam report --write`)\n" + block + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

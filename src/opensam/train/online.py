@@ -9,6 +9,8 @@ view (UniMatch's feature perturbation). Loss = labelled CE + λ·(½ CE_strong +
 the unlabelled terms averaged over all pixels (unconfident ones count as 0). After each
 optimiser step the teacher becomes ``d·teacher + (1 − d)·student`` with
 ``d = min(1 − 1/(step + 1), ema_decay)``.
+With ``pool_labels`` (the ``oracle`` stage) the unlabelled batches carry the pool's true labels
+and they replace the EMA teacher's predictions (every labelled pixel counts as confident).
 
 The step budget is ``epochs × len(labelled loader)``: independent of the ratio, so the
 labelled-only control (λ = 0, no unlabelled loader) takes the same steps, schedule, init and
@@ -61,6 +63,9 @@ class OnlineConfig:
     ema_decay: float = 0.99
     feature_dropout: float = 0.5
     strong: StrongConfig = field(default_factory=StrongConfig)
+    # the oracle: the unlabelled batches carry the pool's true labels, used (every pixel
+    # confident) in place of the EMA teacher's predictions; the rest of the run is unchanged
+    pool_labels: bool = False
 
 
 @torch.no_grad()
@@ -133,7 +138,11 @@ class WeakToStrong:
         if ubatch is None:  # the labelled-only control
             return Step(loss, logp.detach(), stats)
         with torch.no_grad():  # the EMA teacher labels the weak view
-            conf, label = forward_batch(self.teacher, ubatch, use_masks).exp().max(dim=1)
+            if cfg.pool_labels:  # the oracle: the pool's true labels (255 stays ignored)
+                label = ubatch["label"].to(logp.device)
+                conf = torch.ones(label.shape, dtype=torch.float32, device=logp.device)
+            else:
+                conf, label = forward_batch(self.teacher, ubatch, use_masks).exp().max(dim=1)
         rank = [rt.rank] if rt.distributed else []
         rng = np.random.default_rng([cfg.train.seed, 7, step, *rank])
         mixed = strong_view(ubatch["image"], ubatch["winner"], ubatch["pool_weights"],

@@ -35,9 +35,11 @@ def online_config(
     seed: int,
     control: bool,
     run_key: str = "",
+    pool_labels: bool = False,
 ) -> OnlineConfig:
     """The run's config; ``control`` sets λ = 0 (labelled only, the same schedule);
-    ``run_key`` is the resume fingerprint of the stage's params and inputs."""
+    ``run_key`` is the resume fingerprint of the stage's params and inputs; ``pool_labels``:
+    the oracle (the pool's true labels in place of the EMA teacher's predictions)."""
     train = TrainConfig.from_params(params, class_weights, seed, run_key)
     return OnlineConfig(
         train=train,
@@ -46,6 +48,7 @@ def online_config(
         ema_decay=params.ema_decay,
         feature_dropout=params.feature_dropout,
         strong=StrongConfig(cutmix_prob=params.cutmix_prob),
+        pool_labels=pool_labels,
     )
 
 
@@ -58,12 +61,14 @@ def run_online(
     pool_ids: Sequence[str],
     checkpoint_dir: Path | None,
     live: Any,
+    pool_label_dir: Path | None = None,
 ) -> TrainResult:
     """Train ``model`` (the warm teacher, loaded with the student's drop path) online.
 
     The labelled loader is the warm-up's
     (augmented); the unlabelled loader yields weak views of ``pool_ids`` (not built for the
-    control). Returns the run's result; ``model`` holds the best epoch's EMA teacher."""
+    control), with their labels from ``pool_label_dir/<id>.png`` when given (the oracle).
+    Returns the run's result; ``model`` holds the best epoch's EMA teacher."""
     grid = model.grid_hw(prepared.image_size)
     masks_or_none = masks if params.use_masks else None
     seed = config.train.seed
@@ -76,8 +81,9 @@ def run_online(
     if config.lam > 0 and pool_ids:
         weak = Augmenter(WEAK) if params.augment else None
         pool = SegDataset(
-            prepared.root, pool_ids, None, masks_or_none, grid, augment=weak, seed=seed + 1
-        )
+            prepared.root, pool_ids, pool_label_dir, masks_or_none, grid, augment=weak,
+            seed=seed + 1,
+        )  # fmt: skip
         unlabelled = make_loader(pool, params.batch_size, True, seed + 1, params.num_workers)
     log.info("online run: %d labelled steps per epoch, %d unlabelled images, λ=%g",
              len(train), len(pool_ids) if unlabelled else 0, config.lam)  # fmt: skip
@@ -112,20 +118,27 @@ def train_control(
 def run_online_student(
     inputs: SelfTrainingInputs, params: StudentParams, weights: Sequence[float] | None,
     seed: int, checkpoint_dir: Path | None, live: Any, run_key: str = "",
+    pool_labels: Path | None = None,
 ) -> SelfTrainingResult:  # fmt: skip
     """``student.mode: online``: one run from the warm teacher; the result holds the best EMA
     teacher and a report (its epoch and val mIoU, the warm teacher's pseudo-label quality, and
     ``best``: val and test mIoU, as the offline rounds report). ``run_key``: the resume
-    fingerprint of the stage's params and inputs."""
+    fingerprint of the stage's params and inputs. ``pool_labels``: a folder of the pool's true
+    labels (``<id>.png``): the oracle, whose unlabelled loss learns them instead of the EMA
+    teacher's confident predictions (``inputs.pseudo`` is then not read)."""
     model, _ = load_checkpoint(inputs.teacher, drop_path=params.drop_path)
-    config = online_config(params, weights, seed, control=False, run_key=run_key)
+    config = online_config(
+        params, weights, seed, control=False, run_key=run_key, pool_labels=pool_labels is not None
+    )
     result = run_online(
         model, params, config, inputs.prepared, inputs.masks, inputs.pool_ids, checkpoint_dir,
-        live,
+        live, pool_labels,
     )  # fmt: skip
-    quality = measure_pseudo_quality(
-        inputs.pseudo, inputs.prepared.root, inputs.pool_ids, inputs.classes
-    )
+    quality = None
+    if pool_labels is None:
+        quality = measure_pseudo_quality(
+            inputs.pseudo, inputs.prepared.root, inputs.pool_ids, inputs.classes
+        )
     report: dict[str, Any] = {
         "online": {"best_epoch": result.best_epoch, "val_miou": result.best_miou,
                    "warm_teacher_pseudo": quality or {"miou": None}},

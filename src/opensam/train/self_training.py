@@ -101,16 +101,17 @@ def score_splits(
 
 def run_self_training(
     inputs: SelfTrainingInputs, cfg: StudentParams, pseudo: PseudoParams, base: TrainConfig,
-    ckpt_root: Path, live: Any = None,
+    ckpt_root: Path, live: Any = None, relabel: bool = True,
 ) -> SelfTrainingResult:  # fmt: skip
     """``cfg.iterations`` rounds; the result holds the best student and the per-round report
-    (``iter<r>``: train/val mIoU and pseudo-label quality; ``best``: its round, val and test)."""
+    (``iter<r>``: train/val mIoU and pseudo-label quality; ``best``: its round, val and test).
+    ``relabel=False``: every round trains on ``inputs.pseudo`` (the oracle's true labels)."""
     report: dict[str, Any] = {}
     best: tuple[int, float, dict[str, torch.Tensor]] | None = None  # (round, val, weights)
     pseudo_dir, quality = inputs.pseudo, None
     model: OpenSamModel | None = None
     for r in range(1, cfg.iterations + 1):
-        if best is not None:  # the best student so far is the teacher
+        if best is not None and relabel:  # the best student so far is the teacher
             pseudo_dir = ckpt_root / f"pseudo{r}"
             quality = relabel_pool(inputs, best[2], pseudo, pseudo_dir)
         config = dataclasses.replace(base, seed=base.seed + r)
