@@ -21,6 +21,7 @@ from pathlib import Path
 
 from opensam.config import load_params
 from opensam.errors import params_blamed
+from opensam.eval.evaluation import evaluate_splits
 from opensam.masks.settings import check_store_settings, open_mask_store, store_settings
 from opensam.model.segmenter import checkpoint_clip, load_checkpoint, save_checkpoint
 from opensam.parallel.context import init_runtime
@@ -28,7 +29,7 @@ from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
 from opensam.train.losses import resolve_class_weights
 from opensam.train.online_setup import train_control
-from opensam.train.reporting import evaluate_splits, open_live
+from opensam.train.reporting import open_live
 from opensam.train.resume import run_key
 
 log = logging.getLogger("stages.control")

@@ -21,12 +21,12 @@ import torch
 from opensam.config import PseudoParams, StudentParams
 from opensam.data.augment import Augmenter
 from opensam.data.datasets import make_train_loaders
+from opensam.eval.evaluation import evaluate_splits
 from opensam.model.segmenter import OpenSamModel, load_checkpoint
 from opensam.parallel.context import barrier, main_output
 from opensam.prepared import Prepared
 from opensam.train.engine import TrainConfig
 from opensam.train.pseudo_labels import generate_pseudo_labels, measure_pseudo_quality
-from opensam.train.reporting import evaluate_splits
 from opensam.train.supervised import train_model
 
 log = logging.getLogger(__name__)
