@@ -21,6 +21,7 @@ from pathlib import Path
 
 from opensam.config import load_params
 from opensam.errors import params_blamed
+from opensam.eval.evaluation import evaluate_splits
 from opensam.masks.settings import check_store_settings, open_mask_store, store_settings
 from opensam.model.segmenter import checkpoint_clip, load_checkpoint, save_checkpoint
 from opensam.parallel.context import init_runtime
@@ -28,7 +29,7 @@ from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
 from opensam.train.losses import resolve_class_weights
 from opensam.train.online_setup import train_control
-from opensam.train.reporting import evaluate_splits, open_live
+from opensam.train.reporting import open_live
 from opensam.train.resume import run_key
 
 log = logging.getLogger("stages.control")
@@ -58,10 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     ckpt, live = args.out.parent / ".control_ckpt", open_live(args.live) if rt.is_main else None
     # the seed of the student's (first) round
     key = run_key(  # what the control reads: a checkpoint of other values is not resumed
-        {"seed": params.seed, "labelled_train": params.labelled_train, "student": cfg,
-         "precision": params.runtime.precision, "nproc": params.runtime.nproc},
+        {
+            "seed": params.seed,
+            "labelled_train": params.labelled_train,
+            "student": cfg,
+            "precision": params.runtime.precision,
+            "nproc": params.runtime.nproc,
+        },
         {"teacher": args.teacher, "prepared": args.prepared, "masks": args.masks},
-    )  # fmt: skip
+    )
     with params_blamed(args.params, "student"):
         best_epoch, best_val = train_control(
             model, cfg, weights, params.seed + 1, prepared, args.masks, ckpt, live, key
@@ -69,16 +75,27 @@ def main(argv: list[str] | None = None) -> int:
     if live is not None:
         live.end()
     report = evaluate_splits(
-        model, prepared.root, prepared.split_ids(("val", "test")), args.masks, cfg.batch_size,
-        classes, use_masks=cfg.use_masks,
-    )  # fmt: skip
+        model,
+        prepared.root,
+        prepared.split_ids(("val", "test")),
+        args.masks,
+        cfg.batch_size,
+        classes,
+        use_masks=cfg.use_masks,
+    )
     if not rt.is_main:
         return 0
     save_checkpoint(
-        args.out, model, classes, checkpoint_clip(meta, args.teacher), prepared.image_size,
-        epoch=best_epoch, val_miou=best_val, masks=store_settings(store),
+        args.out,
+        model,
+        classes,
+        checkpoint_clip(meta, args.teacher),
+        prepared.image_size,
+        epoch=best_epoch,
+        val_miou=best_val,
+        masks=store_settings(store),
         labelmap_colors=meta.get("labelmap_colors"),
-    )  # fmt: skip
+    )
     with atomic_path(args.metrics) as tmp:
         tmp.write_text(json.dumps({"best_epoch": best_epoch, **report}, indent=2) + "\n")
     remove_path(ckpt)

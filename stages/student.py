@@ -62,12 +62,22 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"{args.pseudo}: no pseudo-labels for ratio {params.ratio}'s pool")
     weights = resolve_class_weights(cfg.class_weights, list(classes), args.data_metrics)
     key = run_key(  # what the rounds read: a checkpoint of other values is not resumed
-        {"seed": params.seed, "ratio": params.ratio, "labelled_train": params.labelled_train,
-         "student": cfg, "pseudo": params.pseudo,
-         "precision": params.runtime.precision, "nproc": params.runtime.nproc},
-        {"teacher": args.teacher, "prepared": args.prepared, "pseudo": args.pseudo,
-         "masks": args.masks},
-    )  # fmt: skip
+        {
+            "seed": params.seed,
+            "ratio": params.ratio,
+            "labelled_train": params.labelled_train,
+            "student": cfg,
+            "pseudo": params.pseudo,
+            "precision": params.runtime.precision,
+            "nproc": params.runtime.nproc,
+        },
+        {
+            "teacher": args.teacher,
+            "prepared": args.prepared,
+            "pseudo": args.pseudo,
+            "masks": args.masks,
+        },
+    )
     try:
         base = TrainConfig.from_params(cfg, weights, params.seed, key)
     except ValueError as exc:
@@ -86,10 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     if not rt.is_main:
         return 0
     save_checkpoint(
-        args.out, result.model, list(classes), checkpoint_clip(meta, args.teacher),
-        prepared.image_size, iteration=result.best_round, val_miou=result.best_val,
-        masks=store_settings(store), labelmap_colors=meta.get("labelmap_colors"),
-    )  # fmt: skip
+        args.out,
+        result.model,
+        list(classes),
+        checkpoint_clip(meta, args.teacher),
+        prepared.image_size,
+        iteration=result.best_round,
+        val_miou=result.best_val,
+        masks=store_settings(store),
+        labelmap_colors=meta.get("labelmap_colors"),
+    )
     with atomic_path(args.metrics) as tmp:
         tmp.write_text(json.dumps(result.report, indent=2) + "\n")
     remove_path(ckpt_root)

@@ -22,6 +22,7 @@ from opensam.config import load_params
 from opensam.data.augment import Augmenter
 from opensam.data.datasets import labelled_batches, make_train_loaders
 from opensam.errors import InputError, params_blamed
+from opensam.eval.evaluation import evaluate_splits
 from opensam.masks.settings import open_mask_store, store_settings
 from opensam.model.heads import class_prototypes
 from opensam.model.segmenter import build_model, save_checkpoint
@@ -30,7 +31,7 @@ from opensam.prepared import read_prepared
 from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
 from opensam.train.engine import TrainConfig
 from opensam.train.losses import resolve_class_weights
-from opensam.train.reporting import evaluate_splits, open_live
+from opensam.train.reporting import open_live
 from opensam.train.resume import local_file, run_key
 from opensam.train.supervised import train_model
 

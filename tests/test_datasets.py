@@ -22,13 +22,17 @@ from opensam.data.datasets import (
     collate_batch,
     make_loader,
     make_train_loaders,
-    pool_weights_from_winner,
     set_loader_epoch,
 )
 from opensam.errors import InputError
 from opensam.masks.arrays import MaskSet, boxes_xywh
 from opensam.masks.store import MaskStoreWriter
-from opensam.model.aggregation import nu_pool_weights, prepare_mask_inputs, winner_index
+from opensam.model.aggregation import (
+    nu_pool_weights,
+    pool_weights_from_winner,
+    prepare_mask_inputs,
+    winner_index,
+)
 
 GRID = (2, 2)
 

@@ -96,7 +96,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(PKG)))
+FACADE = PKG / "__init__.py"  # the public API: above every layer, lazily from apps/api.py
+LAYERED = [p for p in LIBRARY if p != FACADE]
+
+
+@pytest.mark.parametrize("path", LAYERED, ids=lambda p: str(p.relative_to(PKG)))
 def test_imports_follow_the_layers(path: Path) -> None:
     rel = path.relative_to(PKG)
     own = rel.parts[0] if len(rel.parts) > 1 else "core"
@@ -107,6 +111,15 @@ def test_imports_follow_the_layers(path: Path) -> None:
         if LAYERS[_layer(m)] == LAYERS[own] != 0 and _layer(m) != own
     ]
     assert not bad, f"{rel} ({own}) imports upward or sideways: {bad}"
+
+
+def test_package_init_is_a_lazy_facade() -> None:
+    """``opensam/__init__.py`` imports only the API module, and only inside a function or under
+    ``if TYPE_CHECKING``: a stage importing ``opensam.config`` loads no torch through it."""
+    assert set(_opensam_imports(FACADE)) <= {"opensam.apps", "opensam.apps.api"}
+    tree = ast.parse(FACADE.read_text())
+    top = [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module]
+    assert not [m for m in top if m.startswith("opensam")], top
 
 
 def test_no_import_cycle() -> None:

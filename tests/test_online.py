@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from opensam.data.cutmix import StrongConfig, cutmix_batch, mix_winner, photometric, sample_box
-from opensam.data.datasets import pool_weights_from_winner
-from opensam.model.aggregation import nu_pool_weights, winner_index
+from opensam.model.aggregation import nu_pool_weights, pool_weights_from_winner, winner_index
 from opensam.train.online import confident_loss, ema_decay_at, ema_update
 
 

@@ -125,7 +125,7 @@ def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
+def to_rgb(img: Image.Image) -> np.ndarray:
     """Any Pillow mode -> (H, W, 3) uint8 RGB (see the module docstring for the rules)."""
     mode = img.mode
     if mode.startswith("I") or mode == "F":
@@ -166,7 +166,7 @@ def load_rgb_and_size(
             img.load()
             if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # transposing copies: only if needed
                 img = ImageOps.exif_transpose(img)
-            return _to_rgb(img), size
+            return to_rgb(img), size
         except _READ_ERRORS as exc:
             raise _cannot_read(label, exc) from None
 

@@ -78,21 +78,42 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     choice = choose_masks(meta, params, args.masks, args.pps, args.min_region_area, ckpt)
     masks = build_mask_generator(choice, params.masks, params.sam, size, params.sam2)
     colors = overlay_colors(params, meta)
-    log.info("%d photos, %s (%d px), masks %s pps %d", len(listing.photos), args.checkpoint,
-             size, choice.generator, choice.pps)  # fmt: skip
+    log.info(
+        "%d photos, %s (%d px), masks %s pps %d",
+        len(listing.photos),
+        args.checkpoint,
+        size,
+        choice.generator,
+        choice.pps,
+    )
     low_conf = params.predict.low_conf if args.low_conf is None else args.low_conf
     with output_lock(args.out) if rt.is_main else contextlib.nullcontext(args.out):
         result = predict_photos_sharded(
-            model, listing.photos, args.out, params.class_names, colors, size, masks,
-            args.batch_size or params.predict.batch_size, low_conf, args.overwrite, listing.refused,
-        )  # fmt: skip
+            model,
+            listing.photos,
+            args.out,
+            params.class_names,
+            colors,
+            size,
+            masks,
+            args.batch_size or params.predict.batch_size,
+            low_conf,
+            args.overwrite,
+            listing.refused,
+        )
         if not rt.is_main:
             return 0
         info = {"checkpoint": ckpt, "input": str(args.input), "masks": choice.generator}
         summary = predict.build_summary(result, params.class_names, colors, info)
         predict.write_summary(args.out, summary)
-    log.info("%d predicted (%.2f images/s), %d skipped, %d failed -> %s", result.processed,
-             result.images_per_s, result.skipped, len(result.failed), args.out)  # fmt: skip
+    log.info(
+        "%d predicted (%.2f images/s), %d skipped, %d failed -> %s",
+        result.processed,
+        result.images_per_s,
+        result.skipped,
+        len(result.failed),
+        args.out,
+    )
     if not result.rows:
         raise InputError(f"{args.input}: no photo could be read (see {args.out}/failed.txt)")
     return 0
@@ -178,8 +199,11 @@ def export_least_confident(
 def _cmd_export_cvat(args: argparse.Namespace) -> int:
     from opensam.apps.guards import check_export_target
 
-    inputs = {"photos folder": args.images, "prepared data": args.prepared,
-              **data_source_paths(params_data_source(args.params), args.params)}  # fmt: skip
+    inputs = {
+        "photos folder": args.images,
+        "prepared data": args.prepared,
+        **data_source_paths(params_data_source(args.params), args.params),
+    }
     check_export_target(args.out, args.pred_dir, args.overwrite, inputs)
     names, colors, origin = export_colors(args.pred_dir, args.prepared)
     log.info("labelmap colours from %s", origin)

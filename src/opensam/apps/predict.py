@@ -178,6 +178,25 @@ def infer_batch(
     return labels.to(torch.uint8).cpu().numpy(), conf.cpu().numpy()
 
 
+def predict_image(
+    model: nn.Module,
+    image: Path | np.ndarray,
+    image_size: int,
+    masks: MaskGenerator | None = None,
+) -> np.ndarray:
+    """Class ids (H, W) uint8 of one photo at its own size: what :func:`predict_photos` writes to
+    ``labels/<id>.png``. A path is decoded as there (EXIF orientation, reduced JPEG decoding); an
+    array is (H, W, 3) uint8 RGB. ``masks`` None = the per-pixel prediction."""
+    if isinstance(image, np.ndarray):
+        small, size_hw, path = resize_image(image, image_size), image.shape[:2], None
+    else:
+        loaded = _load_photo(Photo(Path(image).stem, Path(image)), image_size)
+        small, size_hw, path = loaded.small, loaded.size_hw, loaded.photo.path
+    model.eval()
+    labels, _ = infer_batch(model, [(small, path)], masks)
+    return resize_label(labels[0], (int(size_hw[0]), int(size_hw[1])))
+
+
 def _save_image(array: np.ndarray, path: Path) -> None:
     with atomic_path(path) as tmp:
         if path.suffix == ".png":

@@ -252,8 +252,15 @@ def format_results_page(runs: Sequence[Run], baseline: Run | None = None) -> str
     if not runs:
         return "No finished experiments yet (`dvc exp run --queue -S seed=0,1,2`)."
     groups = group_runs(runs)
-    heads = ["labelled train", "ratio", "mode", "other params", "seeds",
-             *(name for name, _ in PAGE_COLUMNS), "pseudo-labels (coverage)"]  # fmt: skip
+    heads = [
+        "labelled train",
+        "ratio",
+        "mode",
+        "other params",
+        "seeds",
+        *(name for name, _ in PAGE_COLUMNS),
+        "pseudo-labels (coverage)",
+    ]
     lines = [
         "Test mIoU in percent (with region masks), mean ± sample std over the seeds of each row;",
         "gain = student − control; gap closed = 100 · (student − control) / (oracle − control),",
@@ -270,8 +277,13 @@ def format_results_page(runs: Sequence[Run], baseline: Run | None = None) -> str
         params = members[0].params
         other = ", ".join(f"{k}={short(json.loads(v))}" for k, v in key if k not in ROW_KEYS)
         labelled = short(labelled_count(params))
-        cells = [str(labelled), short(params.get("ratio")), short(params.get("student.mode")),
-                 other or "-", str(len(members))]  # fmt: skip
+        cells = [
+            str(labelled),
+            short(params.get("ratio")),
+            short(params.get("student.mode")),
+            other or "-",
+            str(len(members)),
+        ]
         for _, path in PAGE_COLUMNS:
             cells.append(mean_std([v for r in members if (v := _get(r.metrics, path)) is not None]))
         quality = [v for r in members if (v := _get(r.metrics, COLUMNS[-2][1])) is not None]

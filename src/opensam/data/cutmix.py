@@ -3,12 +3,12 @@
 CutMix pastes a box of a partner image into an image. The mixed image's regions are the masks of
 both sources, each cut to the part it shows: outside the box the image's own masks, inside it
 the partner's, with the partner's mask ids shifted by ``M`` (the padded mask count), so the two
-sets never collide. The winner map is mixed the same way and the NU pool weights are rebuilt from
-it (:func:`opensam.datasets.pool_weights_from_winner`), so region pooling in the mixed image
-never averages across the seam. For disjoint masks (superpixels) this equals NU pooling of the
-mixed stack ``[masks_a & ~box, masks_b & box]`` exactly; for overlapping masks (SAM) each mask
-pools over the part of it that it paints. Pseudo-labels and confidences are mixed with the same
-box, so labels, masks and pixels line up.
+sets never collide. The winner map is mixed the same way and the NU pool weights are rebuilt
+from it (:func:`opensam.model.aggregation.pool_weights_from_winner`), so region pooling in the
+mixed image never averages across the seam. For disjoint masks (superpixels) this equals NU
+pooling of the mixed stack ``[masks_a & ~box, masks_b & box]`` exactly; for overlapping masks
+(SAM) each mask pools over the part of it that it paints. Pseudo-labels and confidences are
+mixed with the same box, so labels, masks and pixels line up.
 
 The photometric part uses ``torchvision.transforms.v2.functional`` ops (colour jitter,
 grayscale, Gaussian blur). All randomness comes from a ``numpy.random.Generator`` the caller
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from opensam.data.datasets import pool_weights_from_winner
+from opensam.model.aggregation import pool_weights_from_winner
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from opensam.data.augment import Augmenter, warp_label, warp_masks
 from opensam.errors import InputError
 from opensam.images import read_label_png
 from opensam.masks.store import MaskStore
-from opensam.model.aggregation import bilinear_matrix, prepare_mask_inputs
+from opensam.model.aggregation import pool_weights_from_winner, prepare_mask_inputs
 from opensam.parallel.context import current_runtime
 
 log = logging.getLogger(__name__)
@@ -54,27 +54,6 @@ def read_image(path: Path) -> torch.Tensor:
 def read_label(path: Path, shape: tuple[int, int]) -> torch.Tensor:
     """A mode-L class-id PNG as (H, W) int64; its size must equal ``shape`` (H, W)."""
     return torch.from_numpy(read_label_png(path, shape).astype(np.int64))
-
-
-def pool_weights_from_winner(
-    winner: torch.Tensor, num_masks: int, grid_hw: tuple[int, int]
-) -> torch.Tensor:
-    """NU pool weights (M, h, w) float32 of *disjoint* masks given by their index map.
-
-    winner: (H, W) int64, mask m = (winner == m), -1 = no mask. Equals
-    ``nu_pool_weights(stack)`` of that stack (W_m = A_hᵀ · mask_m · A_w / area_m) with one pass
-    over the pixels instead of M full-size masks: rows of A_w are summed per (mask, image row),
-    then contracted with A_h.
-    """
-    height, width = winner.shape
-    h, w = grid_hw
-    a_h, a_w = bilinear_matrix(height, h), bilinear_matrix(width, w)
-    ys, xs = torch.nonzero(winner >= 0, as_tuple=True)
-    mask_id = winner[ys, xs]
-    per_row = torch.zeros(num_masks * height, w).index_add_(0, mask_id * height + ys, a_w[xs])
-    pooled = torch.einsum("myj,yi->mij", per_row.reshape(num_masks, height, w), a_h)
-    area = torch.bincount(mask_id, minlength=num_masks).clamp(min=1).float()
-    return pooled / area[:, None, None]
 
 
 class SegDataset(Dataset[Item]):

@@ -193,6 +193,28 @@ SPLITS = ("train", "val", "test")
 MODES = {"with_masks": True, "without_masks": False}
 
 
+def evaluate_splits(
+    model: nn.Module,
+    prepared: Path,
+    split_ids: Mapping[str, Sequence[str]],
+    masks: Path | None,
+    batch_size: int,
+    class_names: Sequence[str],
+    use_masks: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """``{split: miou_report}`` (percent) for each non-empty split, labels from
+    ``prepared/labels``; with SAM aggregation when ``use_masks``."""
+    out: dict[str, dict[str, Any]] = {}
+    for split, ids in split_ids.items():
+        if not ids:
+            log.warning("split %s is empty: not evaluated", split)
+            continue
+        labels = Path(prepared) / "labels"
+        conf = evaluate_model(model, prepared, list(ids), labels, masks, batch_size, use_masks)
+        out[split] = miou_report(conf, list(class_names))
+    return out
+
+
 def evaluate_models(
     models: Mapping[str, nn.Module],
     prepared: Prepared,

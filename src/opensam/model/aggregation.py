@@ -81,6 +81,27 @@ def nu_pool_weights(
     return out / area.clamp(min=1.0)[:, None, None]
 
 
+def pool_weights_from_winner(
+    winner: torch.Tensor, num_masks: int, grid_hw: tuple[int, int]
+) -> torch.Tensor:
+    """NU pool weights (M, h, w) float32 of *disjoint* masks given by their index map.
+
+    winner: (H, W) int64, mask m = (winner == m), -1 = no mask. Equals
+    ``nu_pool_weights(stack)`` of that stack (W_m = A_hᵀ · mask_m · A_w / area_m) with one pass
+    over the pixels instead of M full-size masks: rows of A_w are summed per (mask, image row),
+    then contracted with A_h.
+    """
+    height, width = winner.shape
+    h, w = grid_hw
+    a_h, a_w = bilinear_matrix(height, h), bilinear_matrix(width, w)
+    ys, xs = torch.nonzero(winner >= 0, as_tuple=True)
+    mask_id = winner[ys, xs]
+    per_row = torch.zeros(num_masks * height, w).index_add_(0, mask_id * height + ys, a_w[xs])
+    pooled = torch.einsum("myj,yi->mij", per_row.reshape(num_masks, height, w), a_h)
+    area = torch.bincount(mask_id, minlength=num_masks).clamp(min=1).float()
+    return pooled / area[:, None, None]
+
+
 def pm_pool_weights(
     masks: torch.Tensor | np.ndarray, grid_hw: tuple[int, int], dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -145,19 +145,33 @@ class WeakToStrong:
                 conf, label = forward_batch(self.teacher, ubatch, use_masks).exp().max(dim=1)
         rank = [rt.rank] if rt.distributed else []
         rng = np.random.default_rng([cfg.train.seed, 7, step, *rank])
-        mixed = strong_view(ubatch["image"], ubatch["winner"], ubatch["pool_weights"],
-                            label.cpu(), conf.cpu(), cfg.strong, rng)  # fmt: skip
+        mixed = strong_view(
+            ubatch["image"],
+            ubatch["winner"],
+            ubatch["pool_weights"],
+            label.cpu(),
+            conf.cpu(),
+            cfg.strong,
+            rng,
+        )
         strong = {"image": mixed.image, "pool_weights": mixed.pool_weights, "winner": mixed.winner}
         device = label.device
-        loss_s, confident = confident_loss(forward_batch(student, strong, use_masks),
-                                           mixed.label.to(device), mixed.conf.to(device),
-                                           threshold, rt)  # fmt: skip
+        loss_s, confident = confident_loss(
+            forward_batch(student, strong, use_masks),
+            mixed.label.to(device),
+            mixed.conf.to(device),
+            threshold,
+            rt,
+        )
         feature = forward_batch(student, ubatch, use_masks, feature_dropout=cfg.feature_dropout)
         loss_fp, _ = confident_loss(feature, label, conf, threshold, rt)
         unlabelled = 0.5 * (loss_s + loss_fp)
-        stats |= {"loss_unlabelled": float(unlabelled.detach()),
-                  "loss_strong": float(loss_s.detach()), "loss_feature": float(loss_fp.detach()),
-                  "confident": confident}  # fmt: skip
+        stats |= {
+            "loss_unlabelled": float(unlabelled.detach()),
+            "loss_strong": float(loss_s.detach()),
+            "loss_feature": float(loss_fp.detach()),
+            "confident": confident,
+        }
         return Step(loss + cfg.lam * unlabelled, logp.detach(), stats)
 
     def after_step(self, run: Run, step: int) -> None:
@@ -189,6 +203,13 @@ def train_online(
     unl = unlabelled if unlabelled is not None and config.lam > 0 else None
     method = WeakToStrong(model, config, unl is not None)
     return train(
-        model, method, config.train, labelled, extra=unl, val_loader=val_loader,
-        checkpoint_dir=checkpoint_dir, live=live, on_epoch_end=on_epoch_end,
-    )  # fmt: skip
+        model,
+        method,
+        config.train,
+        labelled,
+        extra=unl,
+        val_loader=val_loader,
+        checkpoint_dir=checkpoint_dir,
+        live=live,
+        on_epoch_end=on_epoch_end,
+    )

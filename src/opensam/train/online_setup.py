@@ -74,27 +74,57 @@ def run_online(
     seed = config.train.seed
     aug = Augmenter() if params.augment else None
     train, _, val = make_train_loaders(
-        prepared.root, prepared.train, prepared.val, masks_or_none, grid,
-        params.batch_size, seed, aug, num_workers=params.num_workers,
-    )  # fmt: skip
+        prepared.root,
+        prepared.train,
+        prepared.val,
+        masks_or_none,
+        grid,
+        params.batch_size,
+        seed,
+        aug,
+        num_workers=params.num_workers,
+    )
     unlabelled = None
     if config.lam > 0 and pool_ids:
         weak = Augmenter(WEAK) if params.augment else None
         pool = SegDataset(
-            prepared.root, pool_ids, pool_label_dir, masks_or_none, grid, augment=weak,
+            prepared.root,
+            pool_ids,
+            pool_label_dir,
+            masks_or_none,
+            grid,
+            augment=weak,
             seed=seed + 1,
-        )  # fmt: skip
+        )
         unlabelled = make_loader(pool, params.batch_size, True, seed + 1, params.num_workers)
-    log.info("online run: %d labelled steps per epoch, %d unlabelled images, λ=%g",
-             len(train), len(pool_ids) if unlabelled else 0, config.lam)  # fmt: skip
-    return train_online(model, train, config, unlabelled=unlabelled, val_loader=val,
-                        checkpoint_dir=checkpoint_dir, live=live)  # fmt: skip
+    log.info(
+        "online run: %d labelled steps per epoch, %d unlabelled images, λ=%g",
+        len(train),
+        len(pool_ids) if unlabelled else 0,
+        config.lam,
+    )
+    return train_online(
+        model,
+        train,
+        config,
+        unlabelled=unlabelled,
+        val_loader=val,
+        checkpoint_dir=checkpoint_dir,
+        live=live,
+    )
 
 
 def train_control(
-    model: OpenSamModel, params: StudentParams, weights: Sequence[float] | None, seed: int,
-    prepared: Prepared, masks: Path, checkpoint_dir: Path | None, live: Any, run_key: str = "",
-) -> tuple[int, float | None]:  # fmt: skip
+    model: OpenSamModel,
+    params: StudentParams,
+    weights: Sequence[float] | None,
+    seed: int,
+    prepared: Prepared,
+    masks: Path,
+    checkpoint_dir: Path | None,
+    live: Any,
+    run_key: str = "",
+) -> tuple[int, float | None]:
     """Train the labelled-only control in place (``model`` is the warm teacher loaded with the
     student's drop path); returns (best epoch, its val mIoU). Online: the online loop with
     λ = 0, so the control is an EMA model too; offline: one round with α = 0. ``run_key``: the
@@ -106,20 +136,33 @@ def train_control(
     base = TrainConfig.from_params(params, weights, seed, run_key)
     base = dataclasses.replace(base, alpha_f=0.0)
     train, _, val = make_train_loaders(
-        prepared.root, prepared.train, prepared.val, masks if params.use_masks else None,
-        model.grid_hw(prepared.image_size), params.batch_size, seed,
-        Augmenter() if params.augment else None, None, params.num_workers,
-    )  # fmt: skip
-    result = train_model(model, train, base, val_loader=val, checkpoint_dir=checkpoint_dir,
-                         live=live)  # fmt: skip
+        prepared.root,
+        prepared.train,
+        prepared.val,
+        masks if params.use_masks else None,
+        model.grid_hw(prepared.image_size),
+        params.batch_size,
+        seed,
+        Augmenter() if params.augment else None,
+        None,
+        params.num_workers,
+    )
+    result = train_model(
+        model, train, base, val_loader=val, checkpoint_dir=checkpoint_dir, live=live
+    )
     return result.best_epoch, result.best_miou
 
 
 def run_online_student(
-    inputs: SelfTrainingInputs, params: StudentParams, weights: Sequence[float] | None,
-    seed: int, checkpoint_dir: Path | None, live: Any, run_key: str = "",
+    inputs: SelfTrainingInputs,
+    params: StudentParams,
+    weights: Sequence[float] | None,
+    seed: int,
+    checkpoint_dir: Path | None,
+    live: Any,
+    run_key: str = "",
     pool_labels: Path | None = None,
-) -> SelfTrainingResult:  # fmt: skip
+) -> SelfTrainingResult:
     """``student.mode: online``: one run from the warm teacher; the result holds the best EMA
     teacher and a report (its epoch and val mIoU, the warm teacher's pseudo-label quality, and
     ``best``: val and test mIoU, as the offline rounds report). ``run_key``: the resume
@@ -131,17 +174,27 @@ def run_online_student(
         params, weights, seed, control=False, run_key=run_key, pool_labels=pool_labels is not None
     )
     result = run_online(
-        model, params, config, inputs.prepared, inputs.masks, inputs.pool_ids, checkpoint_dir,
-        live, pool_labels,
-    )  # fmt: skip
+        model,
+        params,
+        config,
+        inputs.prepared,
+        inputs.masks,
+        inputs.pool_ids,
+        checkpoint_dir,
+        live,
+        pool_labels,
+    )
     quality = None
     if pool_labels is None:
         quality = measure_pseudo_quality(
             inputs.pseudo, inputs.prepared.root, inputs.pool_ids, inputs.classes
         )
     report: dict[str, Any] = {
-        "online": {"best_epoch": result.best_epoch, "val_miou": result.best_miou,
-                   "warm_teacher_pseudo": quality or {"miou": None}},
+        "online": {
+            "best_epoch": result.best_epoch,
+            "val_miou": result.best_miou,
+            "warm_teacher_pseudo": quality or {"miou": None},
+        },
         "best": {"iter": 1, **score_splits(inputs, model, params, ("val", "test"))},
-    }  # fmt: skip
+    }
     return SelfTrainingResult(model, 1, result.best_miou or 0.0, report)

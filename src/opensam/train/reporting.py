@@ -1,4 +1,5 @@
-"""Reporting a training run: DVCLive curves and the per-split mIoU of the finished model."""
+"""Reporting a training run: DVCLive curves (the per-split mIoU is
+:func:`opensam.eval.evaluation.evaluate_splits`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-from torch import nn
-
-from opensam.eval.evaluation import evaluate_model
-from opensam.eval.metrics import miou_report
 
 log = logging.getLogger(__name__)
 
@@ -30,25 +26,3 @@ def open_live(live_dir: Path) -> Any:
     from dvclive import Live  # heavy import, only where curves are written
 
     return Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False)
-
-
-def evaluate_splits(
-    model: nn.Module,
-    prepared: Path,
-    split_ids: Mapping[str, Sequence[str]],
-    masks: Path | None,
-    batch_size: int,
-    class_names: Sequence[str],
-    use_masks: bool = True,
-) -> dict[str, dict[str, Any]]:
-    """``{split: miou_report}`` (percent) for each non-empty split, labels from
-    ``prepared/labels``; with SAM aggregation when ``use_masks``."""
-    out: dict[str, dict[str, Any]] = {}
-    for split, ids in split_ids.items():
-        if not ids:
-            log.warning("split %s is empty: not evaluated", split)
-            continue
-        labels = Path(prepared) / "labels"
-        conf = evaluate_model(model, prepared, list(ids), labels, masks, batch_size, use_masks)
-        out[split] = miou_report(conf, list(class_names))
-    return out

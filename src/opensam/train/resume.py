@@ -230,8 +230,10 @@ def read_resume_state(path: Path, fingerprint: Mapping[str, Any]) -> dict[str, A
     if "format" in fingerprint and state.get("format") != fingerprint["format"]:
         log.warning(
             "%s: checkpoint format %s, this version resumes format %s only; starting over",
-            path, state.get("format"), fingerprint["format"],
-        )  # fmt: skip
+            path,
+            state.get("format"),
+            fingerprint["format"],
+        )
         return None
     if differ := _differences(state, fingerprint):
         what = ", ".join(differ[:4]) + (", ..." if len(differ) > 4 else "")

@@ -21,12 +21,12 @@ import torch
 from opensam.config import PseudoParams, StudentParams
 from opensam.data.augment import Augmenter
 from opensam.data.datasets import make_train_loaders
+from opensam.eval.evaluation import evaluate_splits
 from opensam.model.segmenter import OpenSamModel, load_checkpoint
 from opensam.parallel.context import barrier, main_output
 from opensam.prepared import Prepared
 from opensam.train.engine import TrainConfig
 from opensam.train.pseudo_labels import generate_pseudo_labels, measure_pseudo_quality
-from opensam.train.reporting import evaluate_splits
 from opensam.train.supervised import train_model
 
 log = logging.getLogger(__name__)
@@ -63,28 +63,54 @@ def relabel_pool(
     teacher.load_state_dict(state)
     with main_output(out) as tmp:  # under torchrun: rank 0 merges the ranks' shards
         summary = generate_pseudo_labels(
-            teacher, inputs.prepared.root, list(inputs.pool_ids), inputs.masks, tmp,
-            pseudo.conf_threshold, pseudo.batch_size, class_names=inputs.classes,
-        )  # fmt: skip
+            teacher,
+            inputs.prepared.root,
+            list(inputs.pool_ids),
+            inputs.masks,
+            tmp,
+            pseudo.conf_threshold,
+            pseudo.batch_size,
+            class_names=inputs.classes,
+        )
     barrier()  # every rank trains on ``out`` next: wait until rank 0 has renamed it
     return summary.get("vs_hidden_gt")
 
 
 def train_round(
-    inputs: SelfTrainingInputs, cfg: StudentParams, config: TrainConfig, pseudo_dir: Path,
-    ckpt_dir: Path, live: Any,
-) -> OpenSamModel:  # fmt: skip
+    inputs: SelfTrainingInputs,
+    cfg: StudentParams,
+    config: TrainConfig,
+    pseudo_dir: Path,
+    ckpt_dir: Path,
+    live: Any,
+) -> OpenSamModel:
     """One noisy student from the warm teacher; returns it holding its best epoch."""
     model, _ = load_checkpoint(inputs.teacher, drop_path=cfg.drop_path)
     prep = inputs.prepared
     masks, aug = inputs.masks if cfg.use_masks else None, Augmenter() if cfg.augment else None
     train, pseudo, val = make_train_loaders(
-        prep.root, prep.train, prep.val, masks, model.grid_hw(prep.image_size), cfg.batch_size,
-        config.seed, aug, (inputs.pool_ids, pseudo_dir), cfg.num_workers,
-    )  # fmt: skip
+        prep.root,
+        prep.train,
+        prep.val,
+        masks,
+        model.grid_hw(prep.image_size),
+        cfg.batch_size,
+        config.seed,
+        aug,
+        (inputs.pool_ids, pseudo_dir),
+        cfg.num_workers,
+    )
     # the step budget is the labelled batches, whatever the pool size (the control's too)
-    train_model(model, train, config, val_loader=val, pseudo_loader=pseudo,
-                checkpoint_dir=ckpt_dir, live=live, steps_per_epoch=len(train))  # fmt: skip
+    train_model(
+        model,
+        train,
+        config,
+        val_loader=val,
+        pseudo_loader=pseudo,
+        checkpoint_dir=ckpt_dir,
+        live=live,
+        steps_per_epoch=len(train),
+    )
     return model
 
 
@@ -94,15 +120,25 @@ def score_splits(
     """``{split: miou_report}`` of ``model`` with the student's mask setting."""
     split_ids = inputs.prepared.split_ids(splits)
     return evaluate_splits(
-        model, inputs.prepared.root, split_ids, inputs.masks, cfg.batch_size,
-        list(inputs.classes), use_masks=cfg.use_masks,
-    )  # fmt: skip
+        model,
+        inputs.prepared.root,
+        split_ids,
+        inputs.masks,
+        cfg.batch_size,
+        list(inputs.classes),
+        use_masks=cfg.use_masks,
+    )
 
 
 def run_self_training(
-    inputs: SelfTrainingInputs, cfg: StudentParams, pseudo: PseudoParams, base: TrainConfig,
-    ckpt_root: Path, live: Any = None, relabel: bool = True,
-) -> SelfTrainingResult:  # fmt: skip
+    inputs: SelfTrainingInputs,
+    cfg: StudentParams,
+    pseudo: PseudoParams,
+    base: TrainConfig,
+    ckpt_root: Path,
+    live: Any = None,
+    relabel: bool = True,
+) -> SelfTrainingResult:
     """``cfg.iterations`` rounds; the result holds the best student and the per-round report
     (``iter<r>``: train/val mIoU and pseudo-label quality; ``best``: its round, val and test).
     ``relabel=False``: every round trains on ``inputs.pseudo`` (the oracle's true labels)."""

@@ -91,7 +91,14 @@ def train_model(
     steps = steps_per_epoch or max(len(train_loader), len(pseudo) if pseudo is not None else 0)
     method = Supervised(config, pseudo is not None)
     return train(
-        model, method, config, train_loader, extra=pseudo, steps_per_epoch=steps,
-        val_loader=val_loader, checkpoint_dir=checkpoint_dir, live=live,
+        model,
+        method,
+        config,
+        train_loader,
+        extra=pseudo,
+        steps_per_epoch=steps,
+        val_loader=val_loader,
+        checkpoint_dir=checkpoint_dir,
+        live=live,
         on_epoch_end=on_epoch_end,
-    )  # fmt: skip
+    )
