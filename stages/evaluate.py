@@ -11,7 +11,7 @@ Params: ``seed``, ``classes``, ``clip`` (the zero-shot model), ``eval.*``. Write
 template rows on a strided pixel grid), ``confusion.png`` (the full matrix) and
 ``overlays/<id>.png`` (input | ground truth | student prediction, first ``eval.overlays`` test
 images). ``gain`` = student − control and ``gap_closed`` (the share of the control → oracle
-gap, :func:`opensam.eval.evaluation.gap_closed`) per split; no oracle when its stage skipped.
+gap, :func:`opensam.eval.gains.gap_closed`) per split; no oracle when its stage skipped.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 
 from opensam.config import Params, load_params
 from opensam.eval import evaluation as ev
+from opensam.eval import gains
 from opensam.eval.plots import save_confusion_png, write_confusion_json
 from opensam.eval.zeroshot import build_zeroshot_model
 from opensam.masks.settings import check_store_settings, open_mask_store
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             models, prepared, args.masks, params.eval.batch_size, PLOTTED, plots
         )
         if "control" in results:
-            results["gain"] = ev.student_gain(results)
-            results["gap_closed"] = ev.gap_closed(results, skipped or ev.NO_ORACLE)
+            results["gain"] = gains.student_gain(results)
+            results["gap_closed"] = gains.gap_closed(results, skipped or gains.NO_ORACLE)
         if rt.is_main:
             write_confusion_json(plots_dir / "confusion.json", plots.rows)
         if rt.is_main and plotted_conf is not None:

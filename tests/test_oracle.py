@@ -1,5 +1,5 @@
 """The oracle (stages/oracle.py): the student's run on the pool's hidden ground truth, skipped
-without one; ``gap_closed`` (opensam.eval.evaluation); ``labelled_train`` (Prepared)."""
+without one; ``gap_closed`` (opensam.eval.gains); ``labelled_train`` (Prepared)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 from conftest import CLASSES, load_stage, write_student_project
 
 from opensam.errors import InputError
-from opensam.eval.evaluation import NO_ORACLE, gap_closed
+from opensam.eval.gains import NO_ORACLE, gap_closed
 from opensam.model.segmenter import load_checkpoint
 from opensam.prepared import read_prepared
 
@@ -37,7 +37,17 @@ def test_gap_closed_is_the_share_of_the_oracle_gap() -> None:
     assert gap["test"]["percent"] == 50.0
     assert gap_closed(_results(60.0, 59.0, 62.0))["val"]["percent"] == -50.0  # lost to control
     assert gap_closed(_results(60.0, 64.0, 62.0))["val"]["percent"] == 200.0  # beat the oracle
-    assert gap_closed(_results(60.0, 60.5, 60.01))["val"]["percent"] == 5000.0  # not clipped
+    assert gap_closed(_results(60.0, 63.0, 61.0))["val"]["percent"] == 300.0  # not clipped
+
+
+@pytest.mark.parametrize("oracle", [60.01, 60.66, 60.99])
+def test_gap_closed_is_null_when_the_gap_is_below_a_point(oracle: float) -> None:
+    """A ratio over a gap smaller than the noise is not reported (the demo's default: +1.26
+    over a +0.66 gap would read 191 %); the raw differences stay."""
+    entry = gap_closed(_results(60.0, 61.26, oracle))["val"]
+    assert entry["percent"] is None and "no measurable gap" in entry["reason"]
+    assert entry["oracle_minus_control"] == round(oracle - 60.0, 2)
+    assert gap_closed(_results(60.0, 60.5, 61.0))["val"]["percent"] == 50.0  # 1 point: reported
 
 
 @pytest.mark.parametrize("oracle", [60.0, 59.0])

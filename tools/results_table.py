@@ -59,8 +59,15 @@ def results_table(metrics: Path) -> str:
         )
     gap = evaluation.get("gap_closed", {})
     if "oracle" in evaluation and gap:  # the share of the control → oracle gap
-        cells = [gap.get(s, {}).get("percent") for s in ("val", "test")]
-        val, test = ("–" if c is None else f"{c:.1f} %" for c in cells)
+        cells = [gap.get(s, {}) for s in ("val", "test")]
+        val, test = (
+            f"{c['percent']:.1f} %"
+            if c.get("percent") is not None
+            else f"– (gap {c['oracle_minus_control']:+.2f})"
+            if c.get("oracle_minus_control") is not None
+            else "–"
+            for c in cells
+        )
         lines.append(f"| gap closed (student − control) / (oracle − control) | {val} | {test} | |")
     pseudo_path = metrics / "pseudo.json"
     if pseudo_path.is_file():

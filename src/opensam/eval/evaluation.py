@@ -255,46 +255,6 @@ def evaluate_models(
     return results, plotted_conf
 
 
-def student_gain(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """``{split: {"miou": student − control}}`` with masks, in percentage points."""
-    student, control = results["student"]["with_masks"], results["control"]["with_masks"]
-    return {
-        split: {"miou": round(student[split]["miou"] - control[split]["miou"], 2)}
-        for split in student
-        if split in control
-    }
-
-
-NO_ORACLE = "no oracle (the data set has no hidden ground truth for the pool)"
-
-
-def gap_closed(
-    results: Mapping[str, Any], oracle_missing: str = NO_ORACLE
-) -> dict[str, dict[str, Any]]:
-    """Per split (with masks): the share of the control → oracle gap that the student closes,
-    ``percent`` = 100 · (student − control) / (oracle − control), beside the two differences
-    (percentage points). ``percent`` is None, with a ``reason``, when there is no oracle
-    (``oracle_missing``) or the oracle is not above the control (nothing to close). It is not
-    clipped: below 0 the student lost to the control, above 100 it beat the oracle."""
-    student, control = results["student"]["with_masks"], results["control"]["with_masks"]
-    oracle = results.get("oracle", {}).get("with_masks", {})
-    out: dict[str, dict[str, Any]] = {}
-    for split in (s for s in student if s in control):
-        gain = round(student[split]["miou"] - control[split]["miou"], 2)
-        entry: dict[str, Any] = {"percent": None, "student_minus_control": gain}
-        if split not in oracle:
-            entry |= {"oracle_minus_control": None, "reason": oracle_missing}
-        else:
-            bound = round(oracle[split]["miou"] - control[split]["miou"], 2)
-            entry["oracle_minus_control"] = bound
-            if bound <= 0:
-                entry["reason"] = "the oracle is not above the control: no gap to close"
-            else:
-                entry["percent"] = round(100.0 * gain / bound, 2)
-        out[split] = entry
-    return out
-
-
 def colorize_labels(labels: np.ndarray, colors: np.ndarray) -> np.ndarray:
     """Class ids (H, W) int -> RGB (H, W, 3) uint8; 255 and any id without a colour are black."""
     labels = np.asarray(labels)
@@ -387,5 +347,4 @@ __all__ = [
     "predict_batches",
     "predict_loader",
     "render_overlay",
-    "student_gain",
 ]
