@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     seed_everything(params.seed)
-    rt = init_runtime(params.runtime)  # under torchrun: DDP, rank 0 writes
+    rt = init_runtime(params.runtime)  # under torchrun: data-parallel, rank 0 writes
     cfg = params.student
     prepared = read_prepared(args.prepared).labelled_subset(params.labelled_train, str(args.params))
     pool_ids = tuple(prepared.pool_ids(params.ratio))
