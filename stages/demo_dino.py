@@ -3,7 +3,10 @@
     python stages/demo_dino.py --out models/demo_dino.pt --metrics metrics/demo_dino.json \
         --live metrics/live/demo_dino
 
-Params: ``image_size``, ``demo.width``, ``demo.height``, ``demo_dino.*``. Draws
+Params: ``image_size``, ``demo.width``, ``demo.height``, ``demo_dino.*``, ``model.backbone``.
+While ``model.backbone`` has no DINO (the default ``clip``) no stage reads these weights, so the
+stage trains nothing: it writes a marker that :func:`opensam.model.dino.create_dino` refuses
+with a one-line error, and metrics saying so (3 minutes of the default ``dvc repro``). Draws
 ``demo_dino.scenes`` scenes with the demo generator under the corpus's own seed
 (``demo_dino.seed``; never the demo photos or their labels), trains ``opensam-dino-tiny`` from
 random init with lightly's DINO loss, head and multi-crop views, and writes a plain timm
@@ -23,12 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from opensam.config import load_params
-from opensam.demo.captions import CLASS_PROMPTS, render_corpus
-from opensam.demo.dino_pretrain import DinoPretrainConfig, pretrain_dino, prototype_accuracy
-from opensam.demo.pretrain import heldout_crops, save_open_clip_weights
-from opensam.model.dino import DINO_TINY, create_dino
-from opensam.runtime import atomic_path, run_main, seed_everything
+from opensam.config import Params, load_params
+from opensam.constants import DEMO_DINO_UNTRAINED_KEY
+from opensam.runtime import atomic_path, run_main, save_torch, seed_everything
 
 log = logging.getLogger("stages.demo_dino")
 
@@ -45,6 +45,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
+    if not params.model.has_dino:
+        why = (
+            f"the demo DINO was not trained: model.backbone is {params.model.backbone!r} "
+            "(set it to dino or clip+dino and run `dvc repro`)"
+        )
+        save_torch({DEMO_DINO_UNTRAINED_KEY: why}, args.out)
+        args.live.mkdir(parents=True, exist_ok=True)  # the stage's curve output: no steps
+        write_metrics(args.metrics, {"trained": False, "backbone": params.model.backbone})
+        log.info("%s", why)
+        return 0
+    train(args, params)
+    return 0
+
+
+def train(args: argparse.Namespace, params: Params) -> None:
+    """Pretrain, measure and write the weights and metrics."""
+    # imported here, not above: lightly's import alone takes seconds, and the default run
+    # (model.backbone: clip) never trains
+    from opensam.demo.captions import CLASS_PROMPTS, render_corpus
+    from opensam.demo.dino_pretrain import DinoPretrainConfig, pretrain_dino, prototype_accuracy
+    from opensam.demo.pretrain import heldout_crops, save_open_clip_weights
+    from opensam.model.dino import DINO_TINY, create_dino
+
     dd = params.demo_dino
     seed_everything(dd.seed)
     fields = {f.name for f in dataclasses.fields(DinoPretrainConfig)}
@@ -74,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     after = prototype_accuracy(vit, images, targets)
     save_open_clip_weights(vit, args.out)  # a plain state_dict of CPU tensors
     metrics = {
+        "trained": True,
         "heldout": {
             "prototype_accuracy": round(100 * after, 2),
             "random_init_accuracy": round(100 * before, 2),
@@ -82,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         "final_loss": round(float(np.mean(losses[-10:])), 4),
         "steps": cfg.steps,
     }
-    with atomic_path(args.metrics) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(args.metrics, metrics)
     log.info("demo DINO in %.0f s: %s", time.monotonic() - start, metrics)
-    return 0
+
+
+def write_metrics(path: Path, metrics: dict[str, object]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -210,6 +210,10 @@ class ModelParams:
     def has_clip(self) -> bool:
         return "clip" in self.backbone.split("+")
 
+    @property
+    def has_dino(self) -> bool:
+        return "dino" in self.backbone.split("+")
+
     def resolved_head(self) -> str:
         """``auto``: the text head on ``clip`` (today's model), a linear head otherwise."""
         if self.head != "auto":

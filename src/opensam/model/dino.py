@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opensam.constants import DEMO_DINO_UNTRAINED_KEY
 from opensam.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,10 @@ def create_dino(
         if model_name == DINO_TINY:
             vit: nn.Module = timm.models.VisionTransformer(**DINO_TINY_CONFIG)
             if path is not None:
-                vit.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                if isinstance(state, dict) and DEMO_DINO_UNTRAINED_KEY in state:
+                    raise InputError(f"{path}: {state[DEMO_DINO_UNTRAINED_KEY]}")
+                vit.load_state_dict(state)
         else:
             overlay = {"file": path} if path is not None else None
             vit = timm.create_model(

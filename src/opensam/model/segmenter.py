@@ -287,7 +287,7 @@ def build_model(
         scale = float(clip_model.logit_scale.detach().exp())
         norm = image_mean_std(clip_model)
         visual = clip_model.visual
-    if "dino" in spec.backbone.split("+"):
+    if spec.has_dino:
         vit = create_dino(dino.model, dino.pretrained)
         norm = norm if norm is not None else dino_mean_std(vit)
     tower = _build_tower(spec, visual, vit, image_mean_std_or(norm))
@@ -458,7 +458,7 @@ def load_checkpoint(
     text = ckpt["text_embeddings"]
     try:
         visual = create_visual(clip.model, drop_path) if spec.has_clip else None
-        vit = create_dino(dino.model, None) if "dino" in spec.backbone.split("+") else None
+        vit = create_dino(dino.model, None) if spec.has_dino else None
         identity = image_mean_std_or(None)
         tower = _build_tower(spec, visual, vit, identity)
         model = _assemble(tower, clip, spec, dino, text, 1.0, identity)
