@@ -51,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
             "(set it to dino or clip+dino and run `dvc repro`)"
         )
         save_torch({DEMO_DINO_UNTRAINED_KEY: why}, args.out)
-        args.live.mkdir(parents=True, exist_ok=True)  # the stage's curve output: no steps
-        write_metrics(args.metrics, {"trained": False, "backbone": params.model.backbone})
+        metrics = {"trained": False, "backbone": params.model.backbone}
+        from dvclive import Live  # the curve output: the summary alone (git keeps no empty dir)
+
+        with Live(dir=str(args.live), save_dvc_exp=False, dvcyaml=False) as live:
+            live.summary = dict(metrics)
+        write_metrics(args.metrics, metrics)
         log.info("%s", why)
         return 0
     train(args, params)

@@ -67,6 +67,6 @@ def test_demo_dino_trains_nothing_that_no_backbone_reads(tmp_path: Path) -> None
         "trained": False,
         "backbone": "clip",
     }
-    assert (tmp_path / "live").is_dir()  # the stage's curve output exists, empty
+    assert json.loads((tmp_path / "live" / "metrics.json").read_text())["trained"] is False
     with pytest.raises(InputError, match=r"demo_dino\.pt: the demo DINO was not trained.*backbone"):
         create_dino(DINO_TINY, str(tmp_path / "demo_dino.pt"))
