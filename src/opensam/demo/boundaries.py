@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from torch import nn
 
 from opensam.demo.scene import PARTS, render_scene_objects
 from opensam.masks.boundaries import PART_TARGET, BoundaryNet
+from opensam.parallel.processes import process_map
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,7 @@ def render_boundary_corpus(
     """Scenes ``start`` .. ``start + count - 1``: images (N, S, S, 3) uint8 and segment maps
     (N, S, S) int32, rendered in ``workers`` processes if > 1."""
     tasks = [(seed, i, scene_size, render_hw) for i in range(start, start + count)]
-    if workers <= 1 or count < 8:
-        scenes = [_render_task(t) for t in tasks]
-    else:
-        ctx = multiprocessing.get_context("forkserver")  # never fork a process holding torch
-        with ctx.Pool(workers, cv2.setNumThreads, (1,)) as pool:
-            scenes = list(pool.imap(_render_task, tasks, chunksize=8))
+    scenes = list(process_map(_render_task, tasks, workers, min_tasks=8))
     return np.stack([s[0] for s in scenes]), np.stack([s[1] for s in scenes])
 
 

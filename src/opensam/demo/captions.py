@@ -13,13 +13,13 @@ picks the words, and it never reaches the training loss as a pixel label.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from opensam.demo.scene import BACKGROUND, BOARD, HAND, LIZARD, render_scene
+from opensam.parallel.processes import process_map
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +133,7 @@ def render_corpus(
     """Scenes ``start`` .. ``start + count - 1`` (in index order), rendered at ``render_hw`` in
     ``workers`` processes if > 1, squashed to ``scene_size``²."""
     tasks = [(seed, i, scene_size, render_hw) for i in range(start, start + count)]
-    if workers <= 1 or count < 8:
-        return [_render_task(t) for t in tasks]
-    ctx = multiprocessing.get_context("forkserver")  # never fork a process holding torch threads
-    with ctx.Pool(workers, cv2.setNumThreads, (1,)) as pool:
-        return list(pool.imap(_render_task, tasks, chunksize=8))
+    return list(process_map(_render_task, tasks, workers, min_tasks=8))
 
 
 def _where(mask: np.ndarray) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from opensam.constants import IGNORE_INDEX
 from opensam.demo.scene import BACKGROUND, BOARD, CLASS_NAMES, HAND, LIZARD, render_scene
+from opensam.parallel.processes import process_map
 from opensam.runtime import atomic_path
 
 log = logging.getLogger(__name__)
@@ -73,18 +73,6 @@ def _write_photo(task: _Task) -> np.ndarray:
     return np.bincount(label.ravel(), minlength=256)
 
 
-def _map_photos(tasks: list[_Task], workers: int) -> Iterator[np.ndarray]:
-    """:func:`_write_photo` over ``tasks``, in ``workers`` processes (in any order) if > 1."""
-    if workers <= 1:
-        yield from map(_write_photo, tasks)
-        return
-    # Workers fork from a fresh server process, never from this one: a thread pool that exists
-    # here (OpenCV's, torch's) would be a corrupt copy in a forked child and can deadlock it.
-    ctx = multiprocessing.get_context("forkserver")
-    with ctx.Pool(workers, cv2.setNumThreads, (1,)) as pool:  # one core per process
-        yield from pool.imap_unordered(_write_photo, tasks, chunksize=4)
-
-
 def generate_demo(
     out_dir: Path,
     labelled: int,
@@ -113,7 +101,12 @@ def generate_demo(
         (tmp / "ImageSets/Segmentation/default.txt").write_text(ids)
         tasks = [(tmp, seed, 0, i, width, height) for i in range(labelled)]
         tasks += [(tmp, seed, 1, i, width, height) for i in range(unlabelled)]
-        bar = tqdm(_map_photos(tasks, workers), total=len(tasks), desc="demo photos", unit="img")
+        bar = tqdm(
+            process_map(_write_photo, tasks, workers, ordered=False, chunksize=4),
+            total=len(tasks),
+            desc="demo photos",
+            unit="img",
+        )
         for hist in bar:
             counts += hist
     frac = counts[[*range(4), IGNORE_INDEX]] / max(1, counts.sum())

@@ -1,8 +1,8 @@
 """Region-mask generators by name, and "compute the mask store of these prepared images".
 
 ``MASK_GENERATORS`` maps a name (``masks.generator`` in params) to a builder
-``(points_per_side, min_region_area, masks, sam, image_size, sam2) -> MaskGenerator``; ``sam``
-and ``sam2`` are imported only when chosen (they pull in torch and segment_anything / sam2).
+``GeneratorSettings -> MaskGenerator`` (one settings object: each builder reads what it needs);
+``sam`` and ``sam2`` are imported only when chosen (they pull in torch and segment_anything / sam2).
 :func:`precompute_masks` is what the ``masks`` and ``ablation_masks`` stages run: it reuses an
 up-to-date store, resumes an interrupted one, and otherwise computes every image's masks.
 """
@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from opensam.config import MasksParams, Sam2Params, SamParams
@@ -44,77 +45,56 @@ _SAM_OUTPUT_FIELDS += ("crop_n_layers", "input")
 _SAM2_OUTPUT_FIELDS = ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")
 
 
-GeneratorBuilder = Callable[[int, int, MasksParams, SamParams, int, Sam2Params], MaskGenerator]
+@dataclass(frozen=True)
+class GeneratorSettings:
+    """Everything a builder may read: SAM's point grid (``pps``), the minimum region area, the
+    size masks come at, and the params blocks of the generators (each reads its own)."""
+
+    pps: int
+    min_region_area: int
+    masks: MasksParams
+    sam: SamParams
+    sam2: Sam2Params
+    image_size: int = 256
 
 
-def _build_superpixels(
-    pps: int,
-    min_region_area: int,
-    masks: MasksParams,
-    sam: SamParams,
-    image_size: int,
-    sam2: Sam2Params,
-) -> MaskGenerator:
-    return SuperpixelGenerator(pps, masks.compactness, min_region_area)
+GeneratorBuilder = Callable[[GeneratorSettings], MaskGenerator]
 
 
-def _build_sam(
-    pps: int,
-    min_region_area: int,
-    masks: MasksParams,
-    sam: SamParams,
-    image_size: int,
-    sam2: Sam2Params,
-) -> MaskGenerator:
+def _build_superpixels(s: GeneratorSettings) -> MaskGenerator:
+    return SuperpixelGenerator(s.pps, s.masks.compactness, s.min_region_area)
+
+
+def _build_sam(s: GeneratorSettings) -> MaskGenerator:
     # heavy: torch + segment_anything; the ignore covers a sam_masks without the builder yet
     from opensam.masks.sam import build_sam_generator  # type: ignore[attr-defined]
 
+    sam = s.sam
     if sam.device == "auto":  # follow runtime.device (this rank's GPU under torchrun)
         sam = dataclasses.replace(sam, device=str(current_runtime().device))
-
-    generator: MaskGenerator = build_sam_generator(sam, pps, min_region_area, image_size)
+    generator: MaskGenerator = build_sam_generator(sam, s.pps, s.min_region_area, s.image_size)
     return generator
 
 
-def _build_regions(
-    pps: int,
-    min_region_area: int,
-    masks: MasksParams,
-    sam: SamParams,
-    image_size: int,
-    sam2: Sam2Params,
-) -> MaskGenerator:
+def _build_regions(s: GeneratorSettings) -> MaskGenerator:
     from opensam.masks.regions import RegionGenerator
 
-    return RegionGenerator(pps, min_region_area)
+    return RegionGenerator(s.pps, s.min_region_area)
 
 
-def _build_demo_sam(
-    pps: int,
-    min_region_area: int,
-    masks: MasksParams,
-    sam: SamParams,
-    image_size: int,
-    sam2: Sam2Params,
-) -> MaskGenerator:
+def _build_demo_sam(s: GeneratorSettings) -> MaskGenerator:
     from opensam.masks.boundaries import DemoSamGenerator  # torch: only when chosen
 
-    return DemoSamGenerator(masks.checkpoint, pps, min_region_area)
+    return DemoSamGenerator(s.masks.checkpoint, s.pps, s.min_region_area)
 
 
-def _build_sam2(
-    pps: int,
-    min_region_area: int,
-    masks: MasksParams,
-    sam: SamParams,
-    image_size: int,
-    sam2: Sam2Params,
-) -> MaskGenerator:
+def _build_sam2(s: GeneratorSettings) -> MaskGenerator:
     from opensam.masks.sam2_masks import build_sam2_generator  # heavy: torch + sam2 + hydra
 
+    sam2 = s.sam2
     if sam2.device == "auto":  # follow runtime.device (this rank's GPU under torchrun)
         sam2 = dataclasses.replace(sam2, device=str(current_runtime().device))
-    generator: MaskGenerator = build_sam2_generator(sam2, pps, min_region_area)
+    generator: MaskGenerator = build_sam2_generator(sam2, s.pps, s.min_region_area)
     return generator
 
 
@@ -156,7 +136,8 @@ def build_generator(
 ) -> MaskGenerator:
     """The generator ``name`` (a key of MASK_GENERATORS); masks come at ``image_size``²."""
     check_generator_name(name, "masks.generator")
-    return MASK_GENERATORS[name](pps, min_region_area, masks, sam, image_size, sam2 or Sam2Params())
+    settings = GeneratorSettings(pps, min_region_area, masks, sam, sam2 or Sam2Params(), image_size)
+    return MASK_GENERATORS[name](settings)
 
 
 def file_sha256(path: Path) -> str:
@@ -345,9 +326,10 @@ def precompute_masks(
     attrs = store_attrs(masks.generator, pps, min_region_area, image_size, masks, sam, sam2)
     originals = {k: Path(v) for k, v in prepared.sources.items()}
 
+    settings = GeneratorSettings(pps, min_region_area, masks, sam, sam2, image_size)
+
     def make() -> MaskGenerator:
-        build = MASK_GENERATORS[masks.generator]
-        return build(pps, min_region_area, masks, sam, image_size, sam2)
+        return MASK_GENERATORS[masks.generator](settings)
 
     return compute_mask_store(
         prepared.root, out_path, image_ids, make, attrs, originals, masks.workers
