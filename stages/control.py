@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     classes = list(meta["classes"])
     prepared.check_classes(classes, str(args.teacher))
     check_store_settings(meta.get("masks"), store, args.teacher)
-    weights = resolve_class_weights(cfg.class_weights, classes, args.data_metrics)
+    train_labels = [prepared.label_path(i) for i in prepared.train]
+    weights = resolve_class_weights(cfg.class_weights, classes, args.data_metrics, train_labels)
     ckpt, live = args.out.parent / ".control_ckpt", open_live(args.live) if rt.is_main else None
     # the seed of the student's (first) round
     key = run_key(  # what the control reads: a checkpoint of other values is not resumed

@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     classes = tuple(meta["classes"])
     prepared.check_classes(classes, str(args.teacher))
     check_store_settings(meta.get("masks"), store, args.teacher)
-    weights = resolve_class_weights(cfg.class_weights, list(classes), args.data_metrics)
+    train_labels = [prepared.label_path(i) for i in prepared.train]
+    weights = resolve_class_weights(
+        cfg.class_weights, list(classes), args.data_metrics, train_labels
+    )
     key = run_key(  # what the run reads: a checkpoint of other values is not resumed
         {"oracle": True, "seed": params.seed, "ratio": params.ratio,
          "labelled_train": params.labelled_train, "student": cfg,

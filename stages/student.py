@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     pool_ids = tuple(prepared.pool_ids(params.ratio))
     if not set(pool_ids) <= set(load_pseudo_ids(args.pseudo)):
         raise InputError(f"{args.pseudo}: no pseudo-labels for ratio {params.ratio}'s pool")
-    weights = resolve_class_weights(cfg.class_weights, list(classes), args.data_metrics)
+    train_labels = [prepared.label_path(i) for i in prepared.train]
+    weights = resolve_class_weights(
+        cfg.class_weights, list(classes), args.data_metrics, train_labels
+    )
     key = run_key(  # what the rounds read: a checkpoint of other values is not resumed
         {
             "seed": params.seed,

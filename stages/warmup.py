@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     store = open_mask_store(args.masks)
     if not prepared.train:
         raise InputError(f"{prepared.splits_path}: the train split is empty")
-    weights = resolve_class_weights(cfg.class_weights, params.class_names, args.data_metrics)
+    train_labels = [prepared.label_path(i) for i in prepared.train]
+    weights = resolve_class_weights(
+        cfg.class_weights, params.class_names, args.data_metrics, train_labels
+    )
     key = run_key(  # what the loop reads: a checkpoint of other values is not resumed
         {"seed": params.seed, "labelled_train": params.labelled_train, "classes": params.classes,
          "clip": params.clip, "warmup": cfg, "model": params.model, "dino": params.dino,

@@ -7,10 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import write_tiny_project
+from PIL import Image
 from torch import nn
 
 from opensam.config import StudentParams, TrainParams
@@ -145,6 +147,27 @@ def test_resolve_class_weights(tmp_path: Path) -> None:
         resolve_class_weights("auto", ["x", "y"], tmp_path / "missing.json")
     with pytest.raises(InputError, match="data.json"):
         resolve_class_weights("auto", ["x", "q"], data)
+
+
+def test_auto_class_weights_count_only_the_labels_a_run_has(tmp_path: Path) -> None:
+    """labelled_train cuts the train split: ``auto`` weights come from the kept labels alone,
+    never from the split's shares in data.json (which include labels the run does not have)."""
+    labels = []
+    for i, x_pixels in enumerate((4, 12, 8)):  # class x's pixels in each 4 x 4 label; y the rest
+        label = np.ones((4, 4), np.uint8)
+        label.flat[:x_pixels] = 0
+        label[3, 3] = 255  # ignored pixels count for no class
+        labels.append(tmp_path / f"{i}.png")
+        Image.fromarray(label).save(labels[-1])
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps({"train": {"images": 3, "class_fractions": {"x": 50, "y": 50}}}))
+    # the whole split: the prepare stage's count (here made up, to tell the two apart)
+    assert resolve_class_weights("auto", ["x", "y"], data, labels) == pytest.approx([0.5, 0.5])
+    # the first two: x has 16 of 30 pixels (4 + 12; 15 counted per label)
+    weights = resolve_class_weights("auto", ["x", "y"], data, labels[:2])
+    fractions = {"x": round(100 * 16 / 30, 2), "y": round(100 * 14 / 30, 2)}
+    assert weights == pytest.approx(class_weights_from_fractions(fractions, ["x", "y"]))
+    assert weights[0] < weights[1]  # x is the commoner class there
 
 
 def test_segmentation_loss_matches_manual_weighted_nll() -> None:

@@ -1,7 +1,7 @@
 """Loss, schedules and class weights of the training loop (pure functions).
 
 The per-step cosine learning rate, the pseudo-label weight ramp α(t), normalised inverse-frequency
-class weights (``auto`` from the prepare stage's metrics) and the weighted NLL with 255 ignored.
+class weights (``auto``: from the labels a run trains on) and the weighted NLL with 255 ignored.
 """
 
 from __future__ import annotations
@@ -12,11 +12,14 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from opensam.constants import IGNORE_INDEX
+from opensam.data.prepare import class_fractions
 from opensam.errors import InputError, quote
+from opensam.images import read_label_png
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +62,18 @@ def class_weights_from_fractions(
 
 
 def resolve_class_weights(
-    spec: str | Sequence[float], class_names: Sequence[str], data_metrics: Path
+    spec: str | Sequence[float],
+    class_names: Sequence[str],
+    data_metrics: Path,
+    train_labels: Sequence[Path] | None = None,
 ) -> list[float]:
-    """``auto`` → :func:`class_weights_from_fractions` of ``data_metrics``' train split, else the
-    given list (one weight per class)."""
+    """``auto`` → :func:`class_weights_from_fractions` of the labels a run trains on, else the
+    given list (one weight per class).
+
+    Those fractions are ``data_metrics``' train split (the prepare stage counted them) when
+    ``train_labels`` (the label files of the run's train images) are that whole split, and the
+    pixels of ``train_labels`` otherwise (``labelled_train`` < the split): a run with fewer labels
+    never sees the class shares of labels it does not have."""
     if not isinstance(spec, str):
         if len(spec) != len(class_names):
             raise InputError(f"class_weights: {len(spec)} values for {len(class_names)} classes")
@@ -72,14 +83,31 @@ def resolve_class_weights(
     try:
         data = json.loads(Path(data_metrics).read_text())
         fractions = data["train"]["class_fractions"]
+        split_size = data["train"].get("images")
     except FileNotFoundError:
         raise InputError(f"{data_metrics}: not found (run the prepare stage)") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise InputError(f"{data_metrics}: no train.class_fractions") from None
+    where = data_metrics
+    if train_labels is not None and len(train_labels) != split_size:
+        fractions = label_fractions(train_labels, class_names)
+        where = Path(f"{len(train_labels)} labelled train images")
+        log.info("class fractions of %d labelled train images: %s", len(train_labels), fractions)
     try:
         return class_weights_from_fractions(fractions, class_names)
     except ValueError as exc:
-        raise InputError(f"{data_metrics}: {exc}") from None
+        raise InputError(f"{where}: {exc}") from None
+
+
+def label_fractions(paths: Sequence[Path], class_names: Sequence[str]) -> dict[str, float]:
+    """{class: percent of the non-ignored pixels} of the class-id PNGs ``paths``, counted and
+    rounded as the prepare stage counts a split (:func:`opensam.data.prepare.class_fractions`)."""
+    histogram = np.zeros(len(class_names), np.int64)
+    for path in paths:
+        label = read_label_png(path)
+        valid = label[label != IGNORE_INDEX]
+        histogram += np.bincount(valid, minlength=len(class_names))[: len(class_names)]
+    return class_fractions(histogram, class_names)
 
 
 def segmentation_loss(
