@@ -12,24 +12,20 @@ Reads params `ablation.images` (the first that many train images), `masks`, `sam
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from opensam.config import load_params
 from opensam.masks.generators import ablation_image_ids, precompute_masks
 from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
-from opensam.runtime import run_main, seed_everything
+from opensam.runtime import run_main, seed_everything, stage_parser
 
 SEED = 0  # mask generation draws no random numbers; fixed so the stage needn't read `seed`
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
+    parser = stage_parser(__doc__, "prepared", "out")
     parser.add_argument("--pps", type=int, required=True, help="points per side")
     parser.add_argument("--min-region-area", type=int, required=True, help="pixels")
-    parser.add_argument("--out", type=Path, required=True, help="mask store to write (.h5)")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser.parse_args(argv)
 
 

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -34,18 +33,13 @@ from opensam.demo.pretrain import (
 )
 from opensam.errors import InputError
 from opensam.model.clip import create_clip, get_tokenizer
-from opensam.runtime import atomic_path, run_main, seed_everything
+from opensam.runtime import atomic_path, run_main, seed_everything, stage_parser
 
 log = logging.getLogger("stages.demo_clip")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--live", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    return parser.parse_args(argv)
+    return stage_parser(__doc__, "out", "metrics", "live").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

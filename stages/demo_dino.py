@@ -28,18 +28,13 @@ import numpy as np
 
 from opensam.config import Params, load_params
 from opensam.constants import DEMO_DINO_UNTRAINED_KEY
-from opensam.runtime import atomic_path, run_main, save_torch, seed_everything
+from opensam.runtime import atomic_path, run_main, save_torch, seed_everything, stage_parser
 
 log = logging.getLogger("stages.demo_dino")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--live", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    return parser.parse_args(argv)
+    return stage_parser(__doc__, "out", "metrics", "live").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

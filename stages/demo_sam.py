@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -41,19 +40,14 @@ from opensam.masks.boundaries import (
     regions_from_boundaries,
     save_boundary_net,
 )
-from opensam.runtime import atomic_path, run_main, save_torch, seed_everything
+from opensam.runtime import atomic_path, run_main, save_torch, seed_everything, stage_parser
 
 log = logging.getLogger("stages.demo_sam")
 HELDOUT_PPS = (8, 16, 32, 64)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--live", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    return parser.parse_args(argv)
+    return stage_parser(__doc__, "out", "metrics", "live").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

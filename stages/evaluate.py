@@ -33,7 +33,7 @@ from opensam.masks.store import MaskStore
 from opensam.model.segmenter import load_checkpoint
 from opensam.parallel.context import init_runtime, main_output
 from opensam.prepared import class_colors, read_prepared
-from opensam.runtime import atomic_path, run_main, seed_everything
+from opensam.runtime import atomic_path, run_main, seed_everything, stage_parser
 from opensam.train.oracle import read_skipped
 
 log = logging.getLogger("stages.evaluate")
@@ -43,17 +43,10 @@ DERIVED = ("gain", "gap_closed")  # eval.json entries that are not models
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prepared", type=Path, required=True)
-    parser.add_argument("--masks", type=Path, required=True)
-    parser.add_argument("--teacher", type=Path, required=True)
-    parser.add_argument("--student", type=Path, required=True)
+    parser = stage_parser(__doc__, "prepared", "masks", "teacher", "student", "out", "plots")
     parser.add_argument("--control", type=Path, default=None, help="labelled-only control")
     parser.add_argument("--oracle", type=Path, default=None, help="the oracle stage's model")
     parser.add_argument("--oracle-metrics", type=Path, default=None, help="its metrics file")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--plots", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser.parse_args(argv)
 
 

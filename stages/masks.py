@@ -24,17 +24,14 @@ from opensam.masks.generators import mask_image_ids, precompute_masks
 from opensam.masks.store import MaskStore
 from opensam.parallel.context import current_runtime, init_runtime
 from opensam.prepared import read_prepared
-from opensam.runtime import atomic_path, run_main, seed_everything
+from opensam.runtime import atomic_path, run_main, seed_everything, stage_parser
 
 SEED = 0  # mask generation draws no random numbers; fixed so the stage needn't read `seed`
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--prepared", type=Path, required=True, help="prepared data folder")
-    parser.add_argument("--out", type=Path, required=True, help="mask store to write (.h5)")
+    parser = stage_parser(__doc__, "prepared", "out")
     parser.add_argument("--quality", type=Path, help="mask quality on val (.json) to write")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser.parse_args(argv)
 
 

@@ -32,7 +32,7 @@ from opensam.config import Params, load_params
 from opensam.model.segmenter import load_checkpoint
 from opensam.parallel.context import current_runtime, init_runtime, main_output
 from opensam.prepared import Prepared, read_prepared
-from opensam.runtime import atomic_path, run_main, seed_everything
+from opensam.runtime import atomic_path, run_main, seed_everything, stage_parser
 
 log = logging.getLogger("stages.predict")
 
@@ -47,13 +47,7 @@ METRIC_KEYS = (
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prepared", type=Path, required=True)
-    parser.add_argument("--student", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    return parser.parse_args(argv)
+    return stage_parser(__doc__, "prepared", "student", "out", "metrics").parse_args(argv)
 
 
 def pool_photos(prepared: Prepared) -> list[Photo]:

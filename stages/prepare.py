@@ -13,23 +13,18 @@ import argparse
 import json
 import logging
 import os
-from pathlib import Path
 
 from opensam.config import load_params
 from opensam.data.importers import list_unlabelled, open_export
 from opensam.data.prepare import prepare_dataset
 from opensam.errors import InputError
-from opensam.runtime import atomic_path, run_main, seed_everything
+from opensam.runtime import atomic_path, run_main, seed_everything, stage_parser
 
 log = logging.getLogger("stages.prepare")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--out", type=Path, required=True, help="prepared data folder")
-    parser.add_argument("--metrics", type=Path, required=True, help="metrics/data.json")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    return parser.parse_args(argv)
+    return stage_parser(__doc__, "out", "metrics").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

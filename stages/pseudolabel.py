@@ -14,28 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 from opensam.config import load_params
 from opensam.masks.settings import check_store_settings, open_mask_store
 from opensam.model.segmenter import load_checkpoint
 from opensam.parallel.context import init_runtime, main_output
 from opensam.prepared import read_prepared
-from opensam.runtime import atomic_path, run_main, seed_everything
+from opensam.runtime import atomic_path, run_main, seed_everything, stage_parser
 from opensam.train.pseudo_labels import generate_pseudo_labels
 
 log = logging.getLogger("stages.pseudolabel")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prepared", type=Path, required=True)
-    parser.add_argument("--masks", type=Path, required=True)
-    parser.add_argument("--teacher", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    return parser.parse_args(argv)
+    return stage_parser(__doc__, "prepared", "masks", "teacher", "out", "metrics").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 from opensam.config import load_params
 from opensam.errors import InputError, params_blamed
@@ -24,7 +23,7 @@ from opensam.masks.settings import check_store_settings, open_mask_store, store_
 from opensam.model.segmenter import checkpoint_clip, read_checkpoint_meta, save_checkpoint
 from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
-from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
+from opensam.runtime import atomic_path, remove_path, run_main, seed_everything, stage_parser
 from opensam.train.engine import TrainConfig
 from opensam.train.losses import resolve_class_weights
 from opensam.train.online_setup import run_online_student
@@ -37,12 +36,9 @@ log = logging.getLogger("stages.student")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("prepared", "masks", "data-metrics", "teacher", "pseudo", "out", "metrics"):
-        parser.add_argument(f"--{name}", type=Path, required=True)
-    parser.add_argument("--live", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    return parser.parse_args(argv)
+    return stage_parser(
+        __doc__, "prepared", "masks", "data-metrics", "teacher", "pseudo", "out", "metrics", "live"
+    ).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

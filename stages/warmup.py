@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 from opensam.config import load_params
 from opensam.data.augment import Augmenter
@@ -28,7 +27,7 @@ from opensam.model.heads import class_prototypes
 from opensam.model.segmenter import build_model, save_checkpoint
 from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
-from opensam.runtime import atomic_path, remove_path, run_main, seed_everything
+from opensam.runtime import atomic_path, remove_path, run_main, seed_everything, stage_parser
 from opensam.train.engine import TrainConfig
 from opensam.train.losses import resolve_class_weights
 from opensam.train.reporting import open_live
@@ -39,15 +38,9 @@ log = logging.getLogger("stages.warmup")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prepared", type=Path, required=True)
-    parser.add_argument("--masks", type=Path, required=True)
-    parser.add_argument("--data-metrics", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--live", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    return parser.parse_args(argv)
+    return stage_parser(
+        __doc__, "prepared", "masks", "data-metrics", "out", "metrics", "live"
+    ).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from opensam.config import load_params
 from opensam.eval.zeroshot import (
@@ -25,15 +24,11 @@ from opensam.eval.zeroshot import (
 )
 from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
-from opensam.runtime import atomic_path, run_main, seed_everything
+from opensam.runtime import atomic_path, run_main, seed_everything, stage_parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("prepared", "ablation", "out", "table", "plot"):
-        parser.add_argument(f"--{name}", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    return parser.parse_args(argv)
+    return stage_parser(__doc__, "prepared", "ablation", "out", "table", "plot").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

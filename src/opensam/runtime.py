@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import json
@@ -73,6 +74,17 @@ def os_error_line(exc: OSError) -> str | None:
     if exc.errno not in WRITE_ERRNOS:
         return None
     return f"{exc.filename or 'output'}: {exc.strerror or exc.__class__.__name__}"
+
+
+def stage_parser(doc: str | None, *paths: str) -> argparse.ArgumentParser:
+    """A stage's command line: the first line of its docstring ``doc`` as description, a required
+    ``--<name> PATH`` for each of ``paths``, and ``--params`` (default ``params.yaml``); a stage
+    adds its other flags to the parser it gets."""
+    parser = argparse.ArgumentParser(description=(doc or "").strip().split("\n", 1)[0])
+    for name in paths:
+        parser.add_argument(f"--{name}", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    return parser
 
 
 def run_main(main: Callable[[list[str] | None], int]) -> None:
