@@ -1,32 +1,41 @@
-"""Stage `ablation_masks`: masks of the zero-shot ablation images for one (pps, area) cell.
+"""Stage `ablation_masks`: masks of the zero-shot ablation images for every (pps, area) cell.
 
-    python stages/ablation_masks.py --prepared data/prepared --pps 16 --min-region-area 0 \
-        --out data/ablation/pps16_mra0.h5
+    python stages/ablation_masks.py --prepared data/prepared --out data/ablation
 
-Reads params `ablation.images` (the first that many train images), `masks`, `sam` and `sam2`;
-`pps` and the minimum region area come from the command line (dvc.yaml's matrix over
-`ablation.pps` x `ablation.min_region_area`). Writes one mask store (format:
-`opensam.masks.store`), resumable like the `masks` stage.
+Reads params `ablation` (`pps` x `min_region_area`, the grid; `images`, the first that many
+train images), `masks`, `sam` and `sam2`. Writes one mask store (format: `opensam.masks.store`)
+per cell, `<out>/pps<P>_mra<A>.h5`, and no other file.
+
+One process computes the whole grid: `demo_sam` runs its net and merging once per image and
+cuts that hierarchy at every cell (`opensam.masks.boundaries`); SAM runs once per cell, as its
+point grid is its input. Finished stores wait in `<out>/../.<out name>.partial/` (with the
+partial store of the cell in progress) until the grid is done, then move into `<out>`: DVC
+deletes a stage's outputs before it reruns it, so a killed run resumes from there.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 
 from opensam.config import load_params
-from opensam.masks.generators import ablation_image_ids, precompute_masks
-from opensam.parallel.context import init_runtime
+from opensam.masks.generators import ablation_image_ids, check_mask_params, precompute_masks
+from opensam.parallel.context import barrier, current_runtime, init_runtime
 from opensam.prepared import read_prepared
-from opensam.runtime import run_main, seed_everything, stage_parser
+from opensam.runtime import remove_path, run_main, seed_everything, stage_parser
 
+log = logging.getLogger("stages.ablation_masks")
 SEED = 0  # mask generation draws no random numbers; fixed so the stage needn't read `seed`
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = stage_parser(__doc__, "prepared", "out")
-    parser.add_argument("--pps", type=int, required=True, help="points per side")
-    parser.add_argument("--min-region-area", type=int, required=True, help="pixels")
-    return parser.parse_args(argv)
+    return stage_parser(__doc__, "prepared", "out").parse_args(argv)
+
+
+def store_name(pps: int, min_region_area: int) -> str:
+    """The file of one cell, the name `zeroshot` reads."""
+    return f"pps{pps}_mra{min_region_area}.h5"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,17 +45,30 @@ def main(argv: list[str] | None = None) -> int:
     init_runtime(params.runtime)  # sam.device auto follows runtime.device; torchrun shards
     prepared = read_prepared(args.prepared)
     ids = ablation_image_ids(prepared, params.ablation.images, str(args.params))
-    precompute_masks(  # logs masks per image and bytes per image
-        prepared,
-        args.out,
-        ids,
-        pps=args.pps,
-        min_region_area=args.min_region_area,
-        masks=params.masks,
-        sam=params.sam,
-        sam2=params.sam2,
-        where=f"{args.params} / --pps {args.pps} --min-region-area {args.min_region_area}",
-    )
+    cells = [(p, a) for p in params.ablation.pps for a in params.ablation.min_region_area]
+    for pps, area in cells:  # every cell's settings, before the first one takes minutes
+        where = f"{args.params}: ablation (pps {pps}, min_region_area {area})"
+        check_mask_params(pps, area, prepared.image_size, where)
+    staging = args.out.parent / f".{args.out.name}.partial"
+    for pps, area in cells:
+        log.info("cell pps %d, min_region_area %d", pps, area)
+        precompute_masks(  # reuses a finished store, resumes a partial one; logs masks per image
+            prepared,
+            staging / store_name(pps, area),
+            ids,
+            pps=pps,
+            min_region_area=area,
+            masks=params.masks,
+            sam=params.sam,
+            sam2=params.sam2,
+            where=f"{args.params}: ablation (pps {pps}, min_region_area {area})",
+        )
+    if current_runtime().is_main:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for pps, area in cells:
+            os.replace(staging / store_name(pps, area), args.out / store_name(pps, area))
+        remove_path(staging)  # this stage's own folder: what is left are other grids' stores
+    barrier()
     return 0
 
 

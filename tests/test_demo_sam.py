@@ -162,6 +162,34 @@ def test_generator_builds_from_the_checkpoint_and_records_its_hash(tmp_path: Pat
         )
 
 
+def test_generators_of_one_checkpoint_share_each_image_hierarchy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ablation's cells cut one hierarchy per image: the net runs once per image however
+    many (pps, area) generators ask, and each cut equals the uncached regions."""
+    import opensam.masks.boundaries as mb
+
+    path = tmp_path / "demo_sam.pt"
+    torch.manual_seed(0)
+    save_torch(save_boundary_net(BoundaryNet(4), {}), path)
+    masks = MasksParams(generator="demo_sam", checkpoint=str(path))
+    calls: list[int] = []
+    real = mb.predict_boundaries
+    monkeypatch.setattr(mb, "predict_boundaries", lambda net, im: calls.append(1) or real(net, im))
+    images = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), np.uint8) for i in (1, 2)]
+    cells = [(4, 0), (8, 0), (8, 20)]
+    gens = [build_generator("demo_sam", p, a, masks, SamParams(), 64) for p, a in cells]
+    for image in images:
+        for gen, (pps, area) in zip(gens, cells, strict=True):
+            got = gen.generate(image)
+            want = regions_from_boundaries(real(gens[0].net, image), pps, area)
+            assert np.array_equal(got.masks, want.masks) and np.array_equal(got.area, want.area)
+    assert len(calls) == len(images)  # once per image, not per cell
+    save_torch(save_boundary_net(BoundaryNet(4), {}), path)  # another net at the same path
+    build_generator("demo_sam", 4, 0, masks, SamParams(), 64).generate(images[0])
+    assert len(calls) == len(images) + 1  # other weights are never served old regions
+
+
 def test_stage_depends_on_no_demo_data() -> None:
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["demo_sam"]
     deps = [str(d) for d in stage["deps"]]

@@ -188,55 +188,76 @@ def test_changed_image_is_recomputed(tmp_path: Path) -> None:
     assert before.shape != after.shape or not np.array_equal(before, after)
 
 
-def test_ablation_stage_uses_first_train_images(tmp_path: Path) -> None:
-    prepared, params, splits = make_project(tmp_path, n_train=5)
-    out = tmp_path / "data" / "ablation" / "pps3_mra10.h5"
-    argv = [
-        "--prepared",
-        str(prepared),
-        "--pps",
-        "3",
-        "--min-region-area",
-        "10",
-        "--out",
-        str(out),
-        "--params",
-        str(params),
-    ]
-    assert ablation_stage.main(argv) == 0
-    store = MaskStore(out)
-    assert store.ids() == sorted(splits["train"][:3])
-    assert store.attrs["pps"] == 3 and store.attrs["min_region_area"] == 10
+def run_ablation(root: Path, prepared: Path, params: Path) -> int:
+    out = root / "data" / "ablation"
+    argv = ["--prepared", str(prepared), "--out", str(out), "--params", str(params)]
+    return ablation_stage.main(argv)
+
+
+def test_ablation_stage_writes_every_cell_of_the_grid(tmp_path: Path) -> None:
+    grid = {"pps": [3, 5], "min_region_area": [0, 10], "images": 3}
+    prepared, params, splits = make_project(tmp_path, n_train=5, ablation=grid)
+    assert run_ablation(tmp_path, prepared, params) == 0
+    out = tmp_path / "data" / "ablation"
+    names = {f"pps{p}_mra{a}.h5" for p in (3, 5) for a in (0, 10)}
+    assert {f.name for f in out.iterdir()} == names  # one store per cell, nothing else
+    assert not (tmp_path / "data" / ".ablation.partial").exists()  # the staging folder is gone
+    for p in (3, 5):
+        for a in (0, 10):
+            store = MaskStore(out / f"pps{p}_mra{a}.h5")
+            assert store.ids() == sorted(splits["train"][:3])  # the first ablation.images
+            assert (store.attrs["pps"], store.attrs["min_region_area"]) == (p, a)
+
+
+def test_ablation_stage_resumes_a_killed_grid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DVC deletes the output folder before a rerun: the finished cells wait beside it and are
+    reused, and nothing reaches the output folder before the whole grid is done."""
+    grid = {"pps": [3, 5], "min_region_area": [0], "images": 3}
+    prepared, params, _ = make_project(tmp_path, ablation=grid)
+    inner = mg.MASK_GENERATORS["superpixels"]
+    built: list[int] = []
+
+    def second_cell_fails(settings: mg.GeneratorSettings) -> object:
+        built.append(settings.pps)
+        if settings.pps == 5:
+            raise KeyboardInterrupt  # the run is killed in the second cell
+        return inner(settings)
+
+    monkeypatch.setitem(mg.MASK_GENERATORS, "superpixels", second_cell_fails)
+    with pytest.raises(KeyboardInterrupt):
+        run_ablation(tmp_path, prepared, params)
+    out, staging = tmp_path / "data" / "ablation", tmp_path / "data" / ".ablation.partial"
+    assert not out.exists() and (staging / "pps3_mra0.h5").is_file()
+    counted = lambda s: built.append(s.pps) or inner(s)  # noqa: E731
+    monkeypatch.setitem(mg.MASK_GENERATORS, "superpixels", counted)
+    built.clear()
+    assert run_ablation(tmp_path, prepared, params) == 0
+    assert built == [5]  # the finished cell is reused, never computed again
+    assert {f.name for f in out.iterdir()} == {"pps3_mra0.h5", "pps5_mra0.h5"}
+    assert not staging.exists()
 
 
 @pytest.mark.parametrize(
     "pps,mra,match",
     [
-        (0, 0, "pps must be in 1..128, got 0"),
-        (129, 0, "pps must be in 1..128"),
-        (4, -1, "min_region_area must be in 0..1023"),
-        (4, SIZE * SIZE, "got 1024"),
+        (0, 0, r"ablation\.pps: must be values in 1\.\.128, got \[4, 0\]"),  # params
+        (129, 0, r"ablation\.pps: must be values in 1\.\.128"),
+        (4, -1, r"ablation\.min_region_area"),
+        # against the prepared images' size (32²), which params cannot know
+        (4, SIZE * SIZE, r"ablation \(pps 4, min_region_area 1024\): min_region_area must "),
     ],
 )
 def test_ablation_stage_rejects_out_of_range_settings(tmp_path: Path, pps, mra, match) -> None:  # noqa: ANN001
-    prepared, params, _ = make_project(tmp_path)
-    out = tmp_path / "x.h5"
-    argv = [
-        "--prepared",
-        str(prepared),
-        "--pps",
-        str(pps),
-        "--min-region-area",
-        str(mra),
-        "--out",
-        str(out),
-        "--params",
-        str(params),
-    ]
+    grid = {"pps": [4, pps], "min_region_area": [mra], "images": 3}
+    prepared, params, _ = make_project(tmp_path, ablation=grid)
     with pytest.raises(InputError, match=match) as info:
-        ablation_stage.main(argv)
+        run_ablation(tmp_path, prepared, params)
     assert str(params) in str(info.value) and "\n" not in str(info.value)
-    assert not out.exists() and not partial_path(out).exists()
+    # every cell is checked before the first is computed: nothing written
+    assert not (tmp_path / "data" / "ablation").exists()
+    assert not (tmp_path / "data" / ".ablation.partial").exists()
 
 
 def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
@@ -329,25 +350,21 @@ def test_images_without_masks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_error_exit_is_one_line(tmp_path: Path) -> None:
-    prepared, params, _ = make_project(tmp_path)
+    prepared, params, _ = make_project(tmp_path, ablation={"pps": [0], "min_region_area": [0]})
     cmd = [
         sys.executable,
         str(ROOT / "stages" / "ablation_masks.py"),
         "--prepared",
         str(prepared),
-        "--pps",
-        "0",
-        "--min-region-area",
-        "0",
         "--out",
-        str(tmp_path / "x.h5"),
+        str(tmp_path / "ablation"),
         "--params",
         str(params),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: {params} / --pps 0 --min-region-area 0: pps must be in 1..128, got 0"
+        f"error: {params}: ablation.pps: must be values in 1..128, got [0]"
     ]
 
 

@@ -18,8 +18,9 @@ from PIL import Image
 
 from opensam.config import SplitParams
 from opensam.data.cvat import write_cvat_export
-from opensam.data.prepare import class_fractions, make_splits, resolve_split_sizes
+from opensam.data.prepare import make_splits, resolve_split_sizes
 from opensam.errors import InputError
+from opensam.prepared import class_fractions
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["lizard", "hand", "color board", "background"]

@@ -115,6 +115,15 @@ class Prepared:
         check_classes(self.classes, names, str(self.splits_path), source)
 
 
+def class_fractions(histogram: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """(C,) int64 pixel counts -> {class: percent of non-ignored pixels, 2 decimals}."""
+    total = int(histogram.sum())
+    return {
+        name: round(100.0 * int(n) / total, 2) if total else 0.0
+        for name, n in zip(class_names, histogram, strict=True)
+    }
+
+
 def check_classes(expected: Sequence[str], found: Sequence[str], where: str, source: str) -> None:
     """The one class-list check: ``found`` (from ``source``) must equal ``expected`` in order.
 

@@ -29,7 +29,7 @@ from opensam.constants import IGNORE_INDEX
 from opensam.data.importers import Export, LabelledItem, UnlabelledItem, warn_unknown_colours
 from opensam.errors import InputError
 from opensam.images import FileRef, resize_image, resize_label, save_png
-from opensam.prepared import write_splits
+from opensam.prepared import class_fractions, write_splits
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,6 @@ def make_splits(
     pool = sorted(unlabelled_ids)
     out["unlabelled"] = [pool[i] for i in np.random.default_rng([seed, 1]).permutation(len(pool))]
     return out
-
-
-def class_fractions(histogram: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
-    """(C,) int64 pixel counts -> {class: percent of non-ignored pixels, 2 decimals}."""
-    total = int(histogram.sum())
-    return {
-        name: round(100.0 * int(n) / total, 2) if total else 0.0
-        for name, n in zip(class_names, histogram, strict=True)
-    }
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,23 @@ prompts selects: a coarse grid misses small parts (their pixels fall to the obje
 them), a fine grid finds them, so ``pps`` keeps its meaning. A region's ``stability_score`` is
 the share of levels it survives unchanged, like SAM's; ``predicted_iou`` is one minus the mean
 boundary strength inside it.
+
+Only step 3's grid depends on ``pps`` and the minimum region area: :class:`DemoSamGenerator` keeps
+the last images' hierarchies (:class:`Hierarchy`), so the zero-shot ablation, which asks for the
+same images at every (pps, area) cell, runs the net and the merging once per image.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import cv2
 import numpy as np
@@ -234,6 +241,25 @@ def grid_points(pps: int, height: int, width: int) -> tuple[np.ndarray, np.ndarr
     return rr.ravel(), cc.ravel()
 
 
+@dataclass(frozen=True)
+class Hierarchy:
+    """One image's nested regions: the boundary map, its basins and the merge levels."""
+
+    boundary: np.ndarray  # (H, W) float32 boundary probabilities
+    labels: np.ndarray  # (H, W) int32 basin ids
+    levels: list[np.ndarray]  # per level, finest first: (n_basins,) region id of each basin
+
+
+def hierarchy(
+    boundary: np.ndarray,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    seed_threshold: float = SEED_THRESHOLD,
+) -> Hierarchy:
+    """Steps 1 and 2 of the module docstring: basins and the merge levels of ``boundary``."""
+    labels = basins(boundary, seed_threshold)
+    return Hierarchy(boundary, labels, merge_levels(labels, boundary, levels))
+
+
 def regions_from_boundaries(
     boundary: np.ndarray,
     pps: int,
@@ -242,9 +268,14 @@ def regions_from_boundaries(
     seed_threshold: float = SEED_THRESHOLD,
 ) -> MaskSet:
     """(H, W) boundary probabilities → MaskSet of the hierarchy's regions (largest first)."""
+    return regions_at(hierarchy(boundary, levels, seed_threshold), pps, min_region_area)
+
+
+def regions_at(tree: Hierarchy, pps: int, min_region_area: int = 0) -> MaskSet:
+    """Step 3: the regions of every level that hold a point of the ``pps`` × ``pps`` grid, each
+    once, of at least ``min_region_area`` pixels, as a MaskSet (largest first)."""
+    boundary, labels, maps = tree.boundary, tree.labels, tree.levels
     h, w = boundary.shape
-    labels = basins(boundary, seed_threshold)
-    maps = merge_levels(labels, boundary, levels)
     rows, cols = grid_points(pps, h, w)
     hit_basins = labels[rows, cols]
     seen: dict[bytes, int] = {}
@@ -289,18 +320,42 @@ def regions_from_boundaries(
 
 
 class DemoSamGenerator:
-    """MaskGenerator over a pretrained :class:`BoundaryNet` (``masks.generator: demo_sam``)."""
+    """MaskGenerator over a pretrained :class:`BoundaryNet` (``masks.generator: demo_sam``).
+
+    The hierarchies of the last :attr:`CACHED_IMAGES` images are shared by every generator of
+    the same weights in this process (keyed by the checkpoint's and the image's bytes), so
+    generators of other (pps, area) cells cut them without running the net again."""
 
     thread_safe = True  # the net runs under a lock; the regions are computed outside it
+    CACHED_IMAGES: ClassVar[int] = 64  # about 0.5 MB each at 256²; the ablation's 47 fit
+    _cache: ClassVar[OrderedDict[tuple[str, bytes], Hierarchy]] = OrderedDict()
+    _cache_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, checkpoint: str | Path, points_per_side: int, min_region_area: int) -> None:
         self.net = load_boundary_net(checkpoint)
+        self._net_key = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()  # ~2 MB
         self.points_per_side = points_per_side
         self.min_region_area = min_region_area
         self._lock = threading.Lock()
 
     def generate(self, image: np.ndarray, original: Path | None = None) -> MaskSet:
         """(H, W, 3) uint8 → MaskSet with (n, H, W) bool masks; ``original`` is not used."""
+        return regions_at(self.hierarchy(image), self.points_per_side, self.min_region_area)
+
+    def hierarchy(self, image: np.ndarray) -> Hierarchy:
+        """The image's :class:`Hierarchy`, from the shared cache when it holds it."""
+        digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16)
+        key = (self._net_key, str(image.shape).encode() + digest.digest())
+        with self._cache_lock:
+            tree = self._cache.get(key)
+            if tree is not None:
+                self._cache.move_to_end(key)
+                return tree
         with self._lock:
             boundary = predict_boundaries(self.net, image)
-        return regions_from_boundaries(boundary, self.points_per_side, self.min_region_area)
+        tree = hierarchy(boundary)
+        with self._cache_lock:
+            self._cache[key] = tree
+            while len(self._cache) > self.CACHED_IMAGES:
+                self._cache.popitem(last=False)
+        return tree

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from opensam.constants import IGNORE_INDEX
-from opensam.data.prepare import class_fractions
 from opensam.errors import InputError, quote
 from opensam.images import read_label_png
+from opensam.prepared import class_fractions
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def resolve_class_weights(
 
 def label_fractions(paths: Sequence[Path], class_names: Sequence[str]) -> dict[str, float]:
     """{class: percent of the non-ignored pixels} of the class-id PNGs ``paths``, counted and
-    rounded as the prepare stage counts a split (:func:`opensam.data.prepare.class_fractions`)."""
+    rounded as the prepare stage counts a split (:func:`opensam.prepared.class_fractions`)."""
     histogram = np.zeros(len(class_names), np.int64)
     for path in paths:
         label = read_label_png(path)
