@@ -21,7 +21,8 @@ import numpy as np
 from opensam.config import MasksParams, SamParams
 from opensam.eval.mask_quality import label_segments, mask_quality
 from opensam.images import read_label_png
-from opensam.masks.generators import build_generator, read_prepared_image
+from opensam.masks.generators import build_generator
+from opensam.masks.workers import read_prepared_image
 from opensam.prepared import read_prepared
 
 

@@ -135,7 +135,7 @@ def predict_boundaries(net: BoundaryNet, images: np.ndarray) -> np.ndarray:
     """(B, H, W, 3) or (H, W, 3) uint8 → boundary probabilities (B, H, W) or (H, W) float32."""
     single = images.ndim == 3
     batch = images[None] if single else images
-    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(np.array(batch, copy=True)).permute(0, 3, 1, 2).float() / 255.0  # writable
     h, w = x.shape[-2:]
     ph, pw = (-h) % 16, (-w) % 16
     if ph or pw:
