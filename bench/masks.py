@@ -1,6 +1,6 @@
 """Stock ``SamAutomaticMaskGenerator`` vs opensam's ``SamMaskGenerator``, and SAM 2.1, side by side.
 
-    python bench/masks.py            # tiny + vit_b (random weights), 2 demo images, pps 16: ~5 min
+    python bench/masks.py            # tiny, vit_b, SAM 2.1 tiny (random weights), 2 images: 12 min
     python bench/masks.py --quick    # tiny only, 1 image: < 1 min
     torchrun --standalone --nproc_per_node 2 bench/masks.py --no-ablation   # images split by rank
 

@@ -28,6 +28,7 @@ from opensam.eval.evaluation import (
     PlotCollector,
     build_loader,
     colorize_labels,
+    evaluate_ensemble,
     evaluate_model,
     format_eval_table,
     loader_confusions,
@@ -81,6 +82,56 @@ def test_evaluate_model_matches_direct_confusion(project: tuple[Path, Path]) -> 
         np.add.at(expected, (gt[keep].astype(int), pred[keep].astype(int)), 1)
     np.testing.assert_array_equal(conf, expected)
     assert conf.sum() == 3 * (SIZE - 1) * SIZE  # the top row is ignored
+
+
+class TiltedModel(StubModel):
+    """Another grid (a DINO beside a CLIP), and a fixed tilt towards class 0 on the left half and
+    the last class on the right half: every half disagrees with StubModel's favourite."""
+
+    def grid_hw(self, image_size: int) -> tuple[int, int]:
+        return image_size // 8, image_size // 8
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        pool_weights: torch.Tensor | None = None,
+        winner: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        out = super().forward(images, pool_weights, winner)
+        w = images.shape[-1]
+        tilt = torch.zeros_like(out)
+        tilt[:, 0, :, : w // 3] = 6.0  # outvotes the stub on the left third
+        tilt[:, -1, :, w // 2 :] = 1.0  # wins alone on the right, not in the mean
+        return torch.log_softmax(out + tilt, dim=1)
+
+
+def test_evaluate_ensemble_is_the_mean_of_the_members_log_probs(
+    project: tuple[Path, Path],
+) -> None:
+    prepared, masks = project
+    ids, labels = ["t0", "t1", "v0"], prepared / "labels"
+    stub, tilted = StubModel(), TiltedModel()
+    conf = evaluate_ensemble([stub, tilted], prepared, ids, labels, masks, 2)
+    expected = np.zeros((len(CLASSES),) * 2, np.int64)
+    image = torch.zeros(1, 3, SIZE, SIZE)
+    mean = (StubModel()(image) + TiltedModel()(image)) / 2
+    pred = mean.argmax(dim=1)[0].numpy()
+    tilted_alone = TiltedModel()(image).argmax(dim=1)[0].numpy()  # the mean is neither member
+    assert not np.array_equal(pred, stub_prediction()) and not np.array_equal(pred, tilted_alone)
+    for image_id in ids:
+        gt = read_png(labels / f"{image_id}.png")
+        keep = gt != IGNORE_INDEX
+        np.add.at(expected, (gt[keep].astype(int), pred[keep].astype(int)), 1)
+    np.testing.assert_array_equal(conf, expected)
+    # each member ran on its own grid, with the masks
+    assert stub.calls[0][1] is not None and stub.calls[0][1][2:] == stub.grid_hw(SIZE)
+    assert tilted.calls[0][1] is not None and tilted.calls[0][1][2:] == tilted.grid_hw(SIZE)
+    alone = evaluate_ensemble([StubModel()], prepared, ids, labels, masks, 2)
+    np.testing.assert_array_equal(
+        alone, evaluate_model(StubModel(), prepared, ids, labels, masks, 2, True)
+    )
+    with pytest.raises(ValueError):
+        evaluate_ensemble([], prepared, ids, labels, masks, 2)
 
 
 def test_loader_confusions_restores_the_training_mode(project: tuple[Path, Path]) -> None:

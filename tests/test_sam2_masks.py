@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("sam2", reason="the sam2 package (requirements-sam2.txt) is not installed")
+pytest.importorskip("sam2", reason="the sam2 package (requirements.txt) is not installed")
 
 import yaml  # noqa: E402
 from conftest import load_stage, write_tiny_project  # noqa: E402

@@ -215,6 +215,48 @@ def evaluate_splits(
     return out
 
 
+def evaluate_ensemble(
+    models: Sequence[nn.Module],
+    prepared: Path,
+    ids: Sequence[str],
+    label_dir: Path,
+    masks: Path | None,
+    batch_size: int,
+    use_masks: bool = True,
+) -> np.ndarray:
+    """Confusion (C, C) int64 of the logit ensemble of ``models`` over ``ids`` (seed 2's
+    ensemble: the mean of separately trained heads' logits).
+
+    Each model runs on its own loader, on its own embedding grid (a CLIP and a DINO backbone
+    need not share one), over the same ids in the same order; their per-pixel log-probabilities
+    are averaged. The mean of log-softmaxes is the mean of the logits less a per-pixel constant,
+    so its argmax is that of the mean logits.
+    """
+    if not models:
+        raise ValueError("an ensemble needs at least one model")
+    if use_masks and masks is None:
+        raise ValueError("use_masks=True needs a mask store")
+    store = masks if use_masks else None
+    streams = [
+        predict_batches(
+            m, build_loader(m, prepared, ids, label_dir, store, batch_size), (use_masks,)
+        )
+        for m in models
+    ]
+    confusion: np.ndarray | None = None
+    for outs in zip(*streams, strict=True):
+        batch_ids = [[str(i) for i in batch["id"]] for batch, _ in outs]
+        if any(b != batch_ids[0] for b in batch_ids):
+            raise RuntimeError("the ensemble's loaders are out of step")
+        mean = torch.stack([log_probs for _, (log_probs,) in outs]).mean(dim=0)
+        labels = outs[0][0]["label"].long()
+        conf = np.asarray(confusion_matrix(class_ids(mean), labels, mean.shape[1]), np.int64)
+        confusion = conf if confusion is None else confusion + conf
+    if confusion is None:
+        raise ValueError("no images to evaluate")
+    return confusion
+
+
 def evaluate_models(
     models: Mapping[str, nn.Module],
     prepared: Prepared,
@@ -337,6 +379,7 @@ __all__ = [
     "PlotCollector",
     "build_loader",
     "colorize_labels",
+    "evaluate_ensemble",
     "evaluate_model",
     "evaluate_model_modes",
     "evaluate_models",
