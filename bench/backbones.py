@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from opensam.runtime import atomic_path
+
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = ("clip", "dino", "clip+dino")
 HEADS = ("linear", "mlp")
@@ -67,7 +69,9 @@ def overrides(backbone: str, head: str, frozen: bool, seed: int) -> dict[str, An
 
 
 def exp_command(settings: dict[str, Any]) -> str:
-    flags = " ".join(f"-S {k}={json.dumps(v)}" for k, v in settings.items())
+    flags = " ".join(
+        f"-S {k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in settings.items()
+    )
     return f"dvc exp run {flags} warmup"
 
 
@@ -98,7 +102,8 @@ def run_warmup(base: dict[str, Any], settings: dict[str, Any], run_dir: Path) ->
         start = time.monotonic()
         with open(run_dir / "log.txt", "w") as log:
             subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
-        (run_dir / "seconds.txt").write_text(f"{time.monotonic() - start:.0f}\n")
+        with atomic_path(run_dir / "seconds.txt") as tmp:
+            tmp.write_text(f"{time.monotonic() - start:.0f}\n")
     report = json.loads(metrics.read_text())
     seconds = run_dir / "seconds.txt"
     return {
@@ -126,8 +131,8 @@ def run_ensemble(members: list[Path], run_dir: Path) -> dict[str, Any]:
                 ROOT / "data" / "masks.h5", 16,
             )  # fmt: skip
             out[split] = miou_report(conf, list(prepared.classes))["miou"]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics.write_text(json.dumps(out) + "\n")
+        with atomic_path(metrics) as tmp:
+            tmp.write_text(json.dumps(out) + "\n")
     return {**json.loads(metrics.read_text()), "seconds": None}
 
 
@@ -144,8 +149,19 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/opensam-backbones"))
     parser.add_argument("--dino-weights", type=Path, default=ROOT / "models" / "demo_dino.pt")
     parser.add_argument("--out", type=Path, help="write every figure as JSON")
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE",
+        help="more overrides for every row, e.g. warmup.lr_max=0.005 (part of the run's folder)",
+    )  # fmt: skip
     args = parser.parse_args()
     rows = [(r, *parse_row(r)) for r in args.rows]
+    extra: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set: {item!r} is not KEY=VALUE")
+        extra[key] = yaml.safe_load(value)
+    suffix = "".join(f"_{k}={v}" for k, v in extra.items())
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     base.setdefault("dino", {})["pretrained"] = str(args.dino_weights.resolve())
     results: dict[str, dict[str, Any]] = {}
@@ -156,15 +172,16 @@ def main() -> int:
             if backbone == "ensemble":
                 members = []
                 for member in ("clip", "dino"):
-                    settings = overrides(member, head, frozen, seed)
-                    member_dir = args.work / f"{member}_{head}_{freeze}_s{seed}"
+                    settings = {**overrides(member, head, frozen, seed), **extra}
+                    member_dir = args.work / f"{member}_{head}_{freeze}_s{seed}{suffix}"
                     run_warmup(base, settings, member_dir)
                     members.append(member_dir / "teacher.pt")
-                ensemble_dir = args.work / f"ensemble_{head}_{freeze}_s{seed}"
+                ensemble_dir = args.work / f"ensemble_{head}_{freeze}_s{seed}{suffix}"
                 per_seed[seed] = run_ensemble(members, ensemble_dir)
             else:
-                settings = overrides(backbone, head, frozen, seed)
-                run_dir = args.work / f"{backbone.replace('+', '_')}_{head}_{freeze}_s{seed}"
+                settings = {**overrides(backbone, head, frozen, seed), **extra}
+                name = f"{backbone.replace('+', '_')}_{head}_{freeze}_s{seed}{suffix}"
+                run_dir = args.work / name
                 per_seed[seed] = run_warmup(base, settings, run_dir)
                 per_seed[seed]["command"] = exp_command(settings)
             print(f"  {row} seed {seed}: {per_seed[seed]}", flush=True)
@@ -176,8 +193,20 @@ def main() -> int:
             f"seeds {' '.join(f'{v:.2f}' for v in vals)}",
             flush=True,
         )
+    print("\n| backbone | head | backbone trained | val mIoU | test mIoU | seeds | val per seed |")
+    print("|---|---|---|---|---|---|---|")
+    for row, backbone, head, frozen in rows:
+        per_seed = results[row]
+        vals = [r["val"] for r in per_seed.values()]
+        tests = [r["test"] for r in per_seed.values()]
+        name = "CLIP and DINO, logits averaged" if backbone == "ensemble" else backbone
+        print(
+            f"| {name} | {head} | {'frozen' if frozen else 'fine-tuned'} | {summary(vals)} "
+            f"| {summary(tests)} | {len(vals)} | {' / '.join(f'{v:.2f}' for v in vals)} |"
+        )
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
