@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from opensam.masks.sam import build_sam_tiny  # noqa: E402
 from opensam.masks.sam2_masks import (  # noqa: E402
     SAM2_MODELS,
     SAM2_URL,
+    PackageInfoFilter,
     Sam2MaskGenerator,
     Sam2Options,
     build_sam2_model,
@@ -139,6 +141,20 @@ def test_generate_is_the_package_generator_as_a_sorted_mask_set(
         np.sort(ms.predicted_iou), np.sort([r["predicted_iou"] for r in kept]), rtol=1e-6
     )
     assert ms.predicted_iou.dtype == np.float32 and ms.stability_score.dtype == np.float32
+
+
+def test_the_packages_per_image_info_lines_are_dropped_and_its_warnings_kept(
+    tiny_checkpoint: tuple[Path, torch.nn.Module], caplog: pytest.LogCaptureFixture
+) -> None:
+    gen = Sam2MaskGenerator(tiny_checkpoint[1], Sam2Options(points_per_side=2, **UNFILTERED))
+    with caplog.at_level(logging.INFO):
+        gen.records(image(64))
+        logging.info("a root INFO line from elsewhere")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("image embeddings" in m for m in messages), messages
+    assert "a root INFO line from elsewhere" in messages  # the filter is gone after the call
+    record = logging.LogRecord("root", logging.WARNING, "/x/sam2/y.py", 1, "w", None, None)
+    assert PackageInfoFilter().filter(record)  # the package's warnings pass
 
 
 def test_store_through_precompute_masks(

@@ -286,7 +286,7 @@ def compute_mask_store(
     summary = summarize_store(out_path)
     log.info(
         "%s: %d images, masks per image min %d / median %.1f / max %d, %.0f bytes per image "
-        "(%.1fx smaller than raw bit-packed)",
+        "(raw bit-packed masks / file bytes: %.2f)",
         out_path,
         summary["images"],
         summary["masks_min"],

@@ -54,6 +54,16 @@ _PATCH_KEY = "image_encoder.trunk.patch_embed.proj.weight"
 _HOLES_WARNING = r"(?s).*Skipping the post-processing step"
 
 
+class PackageInfoFilter(logging.Filter):
+    """Drops the INFO lines the ``sam2`` package logs on the *root* logger (three per image:
+    "Computing image embeddings ..."), which would flood a stage's log with thousands of lines;
+    its warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_package = "sam2" in Path(record.pathname).parts
+        return not (record.name == "root" and record.levelno <= logging.INFO and from_package)
+
+
 def check_sam2_model(model: str) -> tuple[str, str]:
     """(config name, checkpoint file name) of ``sam2.model``; InputError if unknown."""
     if model not in SAM2_MODELS:
@@ -174,9 +184,14 @@ class Sam2MaskGenerator:
 
     def records(self, image: np.ndarray) -> list[dict[str, Any]]:
         """The package generator's own records for ``image`` (H, W, 3) uint8."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_HOLES_WARNING, category=UserWarning)
-            out: list[dict[str, Any]] = self.amg.generate(image)
+        quiet = PackageInfoFilter()
+        logging.getLogger().addFilter(quiet)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_HOLES_WARNING, category=UserWarning)
+                out: list[dict[str, Any]] = self.amg.generate(image)
+        finally:
+            logging.getLogger().removeFilter(quiet)
         return out
 
     def generate(self, image: np.ndarray, original: Path | None = None) -> MaskSet:
