@@ -101,7 +101,11 @@ def run_warmup(base: dict[str, Any], settings: dict[str, Any], run_dir: Path) ->
         ]  # fmt: skip
         start = time.monotonic()
         with open(run_dir / "log.txt", "w") as log:
-            subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+            done = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            lines = (run_dir / "log.txt").read_text().strip().splitlines()
+            last = lines[-1] if lines else f"exit status {done.returncode}"
+            raise SystemExit(f"error: {run_dir / 'log.txt'}: the warm-up failed: {last}")
         with atomic_path(run_dir / "seconds.txt") as tmp:
             tmp.write_text(f"{time.monotonic() - start:.0f}\n")
     report = json.loads(metrics.read_text())
