@@ -146,6 +146,11 @@ def summary(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def split_figures(per_seed: dict[int, dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """A row's val and test mIoU, one per seed."""
+    return [r["val"] for r in per_seed.values()], [r["test"] for r in per_seed.values()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS)
@@ -190,8 +195,7 @@ def main() -> int:
                 per_seed[seed]["command"] = exp_command(settings)
             print(f"  {row} seed {seed}: {per_seed[seed]}", flush=True)
         results[row] = per_seed
-        vals = [r["val"] for r in per_seed.values()]
-        tests = [r["test"] for r in per_seed.values()]
+        vals, tests = split_figures(per_seed)
         print(
             f"{row:<24} val {summary(vals):>14}  test {summary(tests):>14}  "
             f"seeds {' '.join(f'{v:.2f}' for v in vals)}",
@@ -200,9 +204,7 @@ def main() -> int:
     print("\n| backbone | head | backbone trained | val mIoU | test mIoU | seeds | val per seed |")
     print("|---|---|---|---|---|---|---|")
     for row, backbone, head, frozen in rows:
-        per_seed = results[row]
-        vals = [r["val"] for r in per_seed.values()]
-        tests = [r["test"] for r in per_seed.values()]
+        vals, tests = split_figures(results[row])
         name = "CLIP and DINO, logits averaged" if backbone == "ensemble" else backbone
         print(
             f"| {name} | {head} | {'frozen' if frozen else 'fine-tuned'} | {summary(vals)} "
