@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         batches = labelled_batches(prepared.root, prepared.train, grid, size)
         model.set_class_embeddings(class_prototypes(model.embed, batches, model.num_classes))
     train_loader, _, val_loader = make_train_loaders(
-        prepared.root, prepared.train, prepared.val, args.masks if cfg.use_masks else None,
-        model.grid_hw(prepared.image_size), cfg.batch_size, params.seed,
+        prepared.root, prepared.train_epoch_ids, prepared.val,
+        args.masks if cfg.use_masks else None, model.grid_hw(prepared.image_size), cfg.batch_size,
+        params.seed,
         Augmenter() if cfg.augment else None, num_workers=cfg.num_workers,
     )  # fmt: skip
     ckpt_dir = args.out.parent / ".warmup_ckpt"

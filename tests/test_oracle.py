@@ -153,3 +153,14 @@ def test_labelled_train_cuts_only_the_train_split(project: dict[str, Path]) -> N
     assert prepared.labelled_subset(None) is prepared
     with pytest.raises(InputError, match="labelled_train: must be in 1..4"):
         prepared.labelled_subset(5)
+
+
+def test_a_cut_train_split_keeps_the_whole_splits_epoch(project: dict[str, Path]) -> None:
+    prepared = read_prepared(project["prepared"])
+    assert prepared.train_epoch_ids == prepared.train  # the default run draws each image once
+    sub = prepared.labelled_subset(2)
+    drawn = sub.train_epoch_ids
+    assert len(drawn) == len(prepared.train) == 4  # the same steps per epoch as all 4
+    assert sorted(drawn) == sorted(sub.train * 2)  # only the first 2, each twice
+    odd = prepared.labelled_subset(3).train_epoch_ids
+    assert len(odd) == 4 and set(odd) == set(prepared.train[:3])

@@ -50,6 +50,20 @@ class Prepared:
     unlabelled: tuple[str, ...] = ()
     has_hidden_gt: bool = False
     sources: Mapping[str, str] = field(default_factory=dict)
+    epoch_images: int = 0  # labelled images a training epoch draws (0: len(train))
+
+    @property
+    def train_epoch_ids(self) -> tuple[str, ...]:
+        """The train ids one training epoch draws: ``train``, cycled up to ``epoch_images``.
+
+        A cut train split (:meth:`labelled_subset`) keeps the whole split's epoch, so a run
+        on 15 of 60 images takes the same steps and schedule as one on all 60, each image
+        drawn four times an epoch (each draw augmented anew): rows of the labelled-count
+        curve then differ in their labels, not in how long they train."""
+        n = len(self.train)
+        if n == 0 or self.epoch_images <= n:
+            return self.train
+        return tuple(self.train[i % n] for i in range(self.epoch_images))
 
     @property
     def splits_path(self) -> Path:
@@ -99,7 +113,8 @@ class Prepared:
     def labelled_subset(self, n: int | None, source: str = "params.yaml") -> Prepared:
         """This data set with its train split cut to its first ``n`` ids (``None``: all of
         them); val, test and the unlabelled order are untouched, so the pool of a ratio is the
-        first ``ratio * n`` unlabelled ids. InputError (naming ``source``) if ``n`` is larger
+        first ``ratio * n`` unlabelled ids, and an epoch still draws as many images as the
+        whole split (:attr:`train_epoch_ids`). InputError (naming ``source``) if ``n`` is larger
         than the train split."""
         if n is None:
             return self
@@ -108,7 +123,9 @@ class Prepared:
                 f"{source}: labelled_train: must be in 1..{len(self.train)} (the train split of "
                 f"{self.splits_path}), got {n}"
             )
-        return replace(self, train=self.train[:n])
+        return replace(
+            self, train=self.train[:n], epoch_images=max(self.epoch_images, len(self.train))
+        )
 
     def check_classes(self, names: Sequence[str], source: str) -> None:
         """InputError unless ``names`` (from ``source``) are this data set's classes, in order."""

@@ -75,7 +75,7 @@ def run_online(
     aug = Augmenter() if params.augment else None
     train, _, val = make_train_loaders(
         prepared.root,
-        prepared.train,
+        prepared.train_epoch_ids,
         prepared.val,
         masks_or_none,
         grid,
@@ -137,7 +137,7 @@ def train_control(
     base = dataclasses.replace(base, alpha_f=0.0)
     train, _, val = make_train_loaders(
         prepared.root,
-        prepared.train,
+        prepared.train_epoch_ids,
         prepared.val,
         masks if params.use_masks else None,
         model.grid_hw(prepared.image_size),

@@ -90,7 +90,7 @@ def train_round(
     masks, aug = inputs.masks if cfg.use_masks else None, Augmenter() if cfg.augment else None
     train, pseudo, val = make_train_loaders(
         prep.root,
-        prep.train,
+        prep.train_epoch_ids,
         prep.val,
         masks,
         model.grid_hw(prep.image_size),
