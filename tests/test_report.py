@@ -19,6 +19,7 @@ from opensam.apps.report import (
     is_experiment_ref,
     mean_std,
     read_experiments,
+    same_run_params,
     write_results_page,
 )
 
@@ -186,3 +187,15 @@ def test_results_page_rows_and_commands(tmp_path: Path) -> None:
     text = target.read_text()
     assert "hand-written" in text and "two" in text and "one" not in text
     assert text.count("<!-- experiments -->") == 1
+
+
+def test_labelled_train_of_the_whole_split_is_the_baselines_row() -> None:
+    whole = _page_run("s1", 1, 60, 2, 63.0)  # -S labelled_train=60 of a 60-image split
+    assert same_run_params(whole.params)["labelled_train"] is None
+    part = _page_run("a", 0, 15, 8, 62.0)
+    assert same_run_params(part.params) == part.params
+    base = _page_run("HEAD", 0, None, 2, 61.0)
+    runs = [base, Run("s1", same_run_params(whole.params), whole.metrics), part]
+    rows = [ln for ln in format_results_page(runs, base).splitlines() if ln.startswith("| ")]
+    assert len(rows) - 1 == 2  # 15/8 and one 60/2 row of two seeds, not a third row
+    assert any(r.startswith("| 60 | 2 | online | - | 2 |") for r in rows)

@@ -170,7 +170,18 @@ def _read_run(repo: Path, name: str, sha: str, eval_path: str) -> Run | None:
         if ignored is not None:
             pseudo["coverage"] = round(100.0 * (1.0 - ignored), 2)
     metrics["pseudo"] = pseudo
-    return Run(name, flatten(params), metrics)
+    return Run(name, same_run_params(flatten(params)), metrics)
+
+
+def same_run_params(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with ``labelled_train`` equal to the whole train split written as ``null``:
+    the two train on the same images with the same epochs, so ``-S labelled_train=60`` groups
+    (and deduplicates) with the baseline's ``null`` instead of forming a row of its own."""
+    if params.get("labelled_train") is not None and params.get("labelled_train") == params.get(
+        "data.split.train"
+    ):
+        return params | {"labelled_train": None}
+    return params
 
 
 def is_experiment_ref(ref: str) -> bool:
