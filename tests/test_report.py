@@ -199,3 +199,11 @@ def test_labelled_train_of_the_whole_split_is_the_baselines_row() -> None:
     rows = [ln for ln in format_results_page(runs, base).splitlines() if ln.startswith("| ")]
     assert len(rows) - 1 == 2  # 15/8 and one 60/2 row of two seeds, not a third row
     assert any(r.startswith("| 60 | 2 | online | - | 2 |") for r in rows)
+
+
+def test_a_column_with_fewer_seeds_than_its_row_says_how_many() -> None:
+    runs = [_page_run("a", 0, 15, 8, 62.0), _page_run("b", 1, 15, 8, 61.0)]
+    runs[1].metrics["gap_closed"]["test"]["percent"] = None  # that seed's oracle: no gap
+    row = [ln for ln in format_results_page(runs).splitlines() if ln.startswith("| 15")][0]
+    assert "| 50.00 ±  - (1 of 2) |" in row  # the gap closed of seed 0 alone
+    assert "| 61.50 ± 0.71 |" in row  # the student: both seeds, no count

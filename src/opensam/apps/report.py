@@ -275,7 +275,8 @@ def format_results_page(runs: Sequence[Run], baseline: Run | None = None) -> str
     lines = [
         "Test mIoU in percent (with region masks), mean ± sample std over the seeds of each row;",
         "gain = student − control; gap closed = 100 · (student − control) / (oracle − control),",
-        "the mean of the seeds where the oracle is above the control (`-` where there is none);",
+        "the mean of the seeds where the oracle is above the control (`-` where there is none;",
+        "`(n of m)`: a column's figure over n of the row's m seeds);",
         "pseudo-labels: the warm teacher's offline pseudo-labels against the pool's hidden ground",
         "truth, on the share of the pool's pixels above the confidence threshold (the rest is",
         "not counted).",
@@ -296,7 +297,11 @@ def format_results_page(runs: Sequence[Run], baseline: Run | None = None) -> str
             str(len(members)),
         ]
         for _, path in PAGE_COLUMNS:
-            cells.append(mean_std([v for r in members if (v := _get(r.metrics, path)) is not None]))
+            values = [v for r in members if (v := _get(r.metrics, path)) is not None]
+            counted = (
+                f" ({len(values)} of {len(members)})" if 0 < len(values) < len(members) else ""
+            )
+            cells.append(mean_std(values) + counted)  # e.g. gap closed: seeds with a gap only
         quality = [v for r in members if (v := _get(r.metrics, COLUMNS[-2][1])) is not None]
         cover = [v for r in members if (v := _get(r.metrics, COLUMNS[-1][1])) is not None]
         pseudo = mean_std(quality)  # the coverage even with no quality (0 %: nothing kept)
