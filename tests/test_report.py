@@ -207,3 +207,46 @@ def test_a_column_with_fewer_seeds_than_its_row_says_how_many() -> None:
     row = [ln for ln in format_results_page(runs).splitlines() if ln.startswith("| 15")][0]
     assert "| 50.00 ±  - (1 of 2) |" in row  # the gap closed of seed 0 alone
     assert "| 61.50 ± 0.71 |" in row  # the student: both seeds, no count
+
+
+def test_the_archive_rebuilds_the_page_after_the_experiment_refs_are_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Two finished experiments, saved by --archive; their refs deleted (another clone, dvc exp
+    gc): the page has the same rows from the archive, each with the commit it was run from."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _init_repo(repo)
+    for seed, student in ((0, 62.0), (1, 64.0)):
+        (repo / "params.yaml").write_text(yaml.safe_dump({"seed": seed, "ratio": 8}))
+        (repo / "metrics" / "eval.json").write_text(json.dumps(_eval(60.0, student)))
+        (repo / "metrics" / "pseudo.json").write_text(json.dumps({"ignored_fraction": 0.5}))
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-qm", f"seed {seed}")
+        head = _git(repo, "rev-parse", "HEAD")
+        _git(repo, "update-ref", f"refs/exps/ab/{'c' * 38}/s{seed}", head)
+    _git(repo, "reset", "-q", "--hard", "HEAD~1")  # the baseline: seed 0's commit
+    page, archive = tmp_path / "results.md", tmp_path / "results.json"
+    args = ["report", "--repo", str(repo), "--write", str(page), "--archive", str(archive)]
+    assert cli_main(args) == 0
+    before = page.read_text()
+    assert "| 2 | 60.00 ± 0.00 |" in before and f"{'ab' + 'c' * 5})" in before
+    for seed in (0, 1):
+        _git(repo, "update-ref", "-d", f"refs/exps/ab/{'c' * 38}/s{seed}")
+    (repo / "params.yaml").write_text(yaml.safe_dump({"seed": 5, "ratio": 2}))
+    (repo / "metrics" / "eval.json").write_text(json.dumps(_eval(70.0, 71.0)))
+    _git(repo, "commit", "-qam", "a new baseline")
+    assert cli_main(args) == 0
+    after = page.read_text()
+    rows = [line for line in after.splitlines() if line.startswith("| ")]
+    assert len(rows) == 3  # header, ratio 2 (the new HEAD), ratio 8 (both saved seeds)
+    assert any("| 2 | 60.00 ± 0.00 |" in r and "| 63.00 ± 1.41 |" in r for r in rows)
+    saved = json.loads(archive.read_text())["runs"]
+    assert len(saved) == 3 and all(r["name"] != "HEAD" and r["commit"] for r in saved)
+    archive.write_text('{"runs": [{"name": "x"}]}')
+    assert cli_main(args) == 2
+    assert f"error: {archive}: run 0 needs" in capsys.readouterr().err
+    archive.write_text("not json")
+    assert cli_main(args) == 2
+    assert f"error: {archive}: not a readable JSON runs archive" in capsys.readouterr().err
+    assert page.read_text() == after  # a bad archive writes nothing

@@ -359,6 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
         "one row per labelled count, ratio and mode, with the oracle, the gap closed, the "
         "pseudo-label coverage and each row's dvc exp run command",
     )
+    p.add_argument(
+        "--archive",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="merge the runs saved in FILE (a JSON file, e.g. docs/results.json) with the "
+        "repository's, a run from git replacing a saved one with the same params, and save them "
+        "back: the page can be rebuilt where the experiments' refs are gone",
+    )
     p.set_defaults(func=_cmd_report)
     return parser
 
@@ -367,11 +376,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from opensam.apps.report import (
         format_report,
         format_results_page,
+        load_archive,
+        merge_runs,
         read_experiments,
+        save_archive,
         write_results_page,
     )
 
     runs = read_experiments(args.repo)
+    if args.archive is not None:
+        saved = load_archive(args.archive)  # before anything is written: a bad file stops here
+        runs = merge_runs(runs, saved)
+        save_archive(args.archive, runs)
+        log.info("%s: %d runs (%d saved before)", args.archive, len(runs), len(saved))
     if args.write is None:
         sys.stdout.write(format_report(runs) + "\n")  # the output, not a log
         return 0

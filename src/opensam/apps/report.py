@@ -19,6 +19,11 @@ other differing params beside them, with the oracle and the gap closed
 that reproduces the row. It replaces the text between ``<!-- experiments -->`` and
 ``<!-- /experiments -->`` (appended when the page has no such markers; the rest of the page is
 kept).
+
+``--archive FILE`` keeps the runs beside the page: the runs saved in FILE (when it exists) are
+merged with the repository's, a run read from git replacing a saved one with the same params,
+and FILE is written back. The page can then be rebuilt where the experiments' refs are gone
+(another clone, ``dvc exp gc``, a new machine), and each run keeps the commit it was run from.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class Run:
     name: str
     params: dict[str, Any]
     metrics: dict[str, Any]
+    commit: str | None = None  # the commit the run was made from (an experiment's baseline)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -150,7 +156,9 @@ def _git(repo: Path, *args: str, check: bool = True) -> str:
     return done.stdout
 
 
-def _read_run(repo: Path, name: str, sha: str, eval_path: str) -> Run | None:
+def _read_run(
+    repo: Path, name: str, sha: str, eval_path: str, commit: str | None = None
+) -> Run | None:
     """The run committed at ``sha``, or None (logged) when it lacks params or metrics."""
     try:
         params = read_yaml(_git(repo, "show", f"{sha}:params.yaml"), f"{name}: params.yaml")
@@ -170,7 +178,7 @@ def _read_run(repo: Path, name: str, sha: str, eval_path: str) -> Run | None:
         if ignored is not None:
             pseudo["coverage"] = round(100.0 * (1.0 - ignored), 2)
     metrics["pseudo"] = pseudo
-    return Run(name, same_run_params(flatten(params)), metrics)
+    return Run(name, same_run_params(flatten(params)), metrics, commit)
 
 
 def same_run_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -201,18 +209,69 @@ def read_experiments(repo: Path, eval_path: str = "metrics/eval.json") -> list[R
     """The committed baseline (``HEAD``) and every DVC experiment of ``repo`` with both
     ``params.yaml`` and ``eval_path``; of runs with identical params, the first is kept."""
     refs = _git(repo, "for-each-ref", "refs/exps", "--format=%(refname) %(objectname)")
-    found: list[tuple[str, str]] = []
-    if _git(repo, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", check=False).strip():
-        found.append(("HEAD", "HEAD"))
+    found: list[tuple[str, str, str]] = []  # name, the run's commit, the commit it was run from
+    head = _git(repo, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", check=False).strip()
+    if head:
+        found.append(("HEAD", "HEAD", head))
     for line in refs.splitlines():
         ref, sha = line.rsplit(" ", 1)
         if is_experiment_ref(ref):
-            found.append((ref.rsplit("/", 1)[-1], sha))
+            parts = ref.split("/")
+            found.append((parts[-1], sha, parts[2] + parts[3]))
     runs: dict[str, Run] = {}
-    for name, sha in found:
-        if (run := _read_run(repo, name, sha, eval_path)) is not None:
-            runs.setdefault(json.dumps(run.params, sort_keys=True, default=str), run)
+    for name, sha, baseline in found:
+        if (run := _read_run(repo, name, sha, eval_path, baseline)) is not None:
+            runs.setdefault(_params_key(run), run)
     return list(runs.values())
+
+
+def _params_key(run: Run) -> str:
+    return json.dumps(run.params, sort_keys=True, default=str)
+
+
+def merge_runs(fresh: Sequence[Run], saved: Sequence[Run]) -> list[Run]:
+    """``fresh`` and the ``saved`` runs whose params no fresh run has (fresh ones win: a rerun
+    of the same params under newer code replaces the saved figure)."""
+    keys = {_params_key(r) for r in fresh}
+    return [*fresh, *(r for r in saved if _params_key(r) not in keys)]
+
+
+def load_archive(path: Path) -> list[Run]:
+    """The runs saved by :func:`save_archive` (none when ``path`` does not exist); a saved
+    baseline is named by its commit, so the repository's ``HEAD`` stays the only baseline."""
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable JSON runs archive ({exc})") from None
+    entries = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise InputError(f'{path}: not a runs archive (no "runs" list)')
+    runs = []
+    for i, entry in enumerate(entries):
+        ok = isinstance(entry, dict) and isinstance(entry.get("name"), str)
+        ok = ok and isinstance(entry.get("params"), dict) and isinstance(entry.get("metrics"), dict)
+        commit = entry.get("commit") if isinstance(entry, dict) else None
+        if not ok or not (commit is None or isinstance(commit, str)):
+            raise InputError(f"{path}: run {i} needs a name, params and metrics (and a commit)")
+        name = entry["name"] if entry["name"] != "HEAD" else f"baseline {str(commit)[:7]}"
+        runs.append(Run(name, same_run_params(entry["params"]), entry["metrics"], commit))
+    return runs
+
+
+def save_archive(path: Path, runs: Sequence[Run]) -> None:
+    """Write ``runs`` to ``path`` (atomically), sorted by params, for :func:`load_archive`."""
+    from opensam.runtime import atomic_path
+
+    entries = [
+        {"name": r.name if r.name != "HEAD" else f"baseline {str(r.commit)[:7]}",
+         "commit": r.commit, "params": r.params, "metrics": r.metrics}
+        for r in sorted(runs, key=_params_key)
+    ]  # fmt: skip
+    text = json.dumps({"runs": entries}, indent=1, sort_keys=True, default=str) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def labelled_count(params: Mapping[str, Any]) -> Any:
@@ -313,6 +372,8 @@ def format_results_page(runs: Sequence[Run], baseline: Run | None = None) -> str
         lines.append("| " + " | ".join(cells) + " |")
         row = f"labelled {labelled}, ratio {short(params.get('ratio'))}"
         row += f", {short(params.get('student.mode'))}" + (f", {other}" if other else "")
+        commits = sorted({r.commit[:7] for r in members if r.commit})
+        row += f" (run at {', '.join(commits)})" if commits else ""
         baseline_params = baseline.params if baseline is not None else None
         varying = [k for k, _ in key]
         commands.append(f"- {row}: `{exp_command(members, baseline_params, varying)}`")
