@@ -229,6 +229,11 @@ def _params_key(run: Run) -> str:
     return json.dumps(run.params, sort_keys=True, default=str)
 
 
+def _archived_name(name: str, commit: str | None) -> str:
+    """A saved baseline is named by its commit: the repository's ``HEAD`` stays the only one."""
+    return name if name != "HEAD" else f"baseline {str(commit)[:7]}"
+
+
 def merge_runs(fresh: Sequence[Run], saved: Sequence[Run]) -> list[Run]:
     """``fresh`` and the ``saved`` runs whose params no fresh run has (fresh ones win: a rerun
     of the same params under newer code replaces the saved figure)."""
@@ -255,8 +260,14 @@ def load_archive(path: Path) -> list[Run]:
         commit = entry.get("commit") if isinstance(entry, dict) else None
         if not ok or not (commit is None or isinstance(commit, str)):
             raise InputError(f"{path}: run {i} needs a name, params and metrics (and a commit)")
-        name = entry["name"] if entry["name"] != "HEAD" else f"baseline {str(commit)[:7]}"
-        runs.append(Run(name, same_run_params(entry["params"]), entry["metrics"], commit))
+        runs.append(
+            Run(
+                _archived_name(entry["name"], commit),
+                same_run_params(entry["params"]),
+                entry["metrics"],
+                commit,
+            )
+        )
     return runs
 
 
@@ -265,7 +276,7 @@ def save_archive(path: Path, runs: Sequence[Run]) -> None:
     from opensam.runtime import atomic_path
 
     entries = [
-        {"name": r.name if r.name != "HEAD" else f"baseline {str(r.commit)[:7]}",
+        {"name": _archived_name(r.name, r.commit),
          "commit": r.commit, "params": r.params, "metrics": r.metrics}
         for r in sorted(runs, key=_params_key)
     ]  # fmt: skip
