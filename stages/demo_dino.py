@@ -12,7 +12,9 @@ with a one-line error, and metrics saying so (3 minutes of the default ``dvc rep
 random init with lightly's DINO loss, head and multi-crop views, and writes a plain timm
 state_dict to ``--out`` (``dino.pretrained: models/demo_dino.pt``). The metrics hold the
 nearest-prototype accuracy on single-object crops of ``demo_dino.heldout_scenes`` further
-scenes, before and after training, and the final loss.
+scenes and a region probe of the whole scenes' dense map (each object's drawn mask pooled, as
+the segmenter pools its masks; nearest class mean fit on half of the scenes, balanced accuracy
+on the other half), both before and after training, and the final loss.
 """
 
 from __future__ import annotations
@@ -63,7 +65,13 @@ def train(args: argparse.Namespace, params: Params) -> None:
     # imported here, not above: lightly's import alone takes seconds, and the default run
     # (model.backbone: clip) never trains
     from opensam.demo.captions import CLASS_PROMPTS, render_corpus
-    from opensam.demo.dino_pretrain import DinoPretrainConfig, pretrain_dino, prototype_accuracy
+    from opensam.demo.dino_pretrain import (
+        DinoPretrainConfig,
+        pretrain_dino,
+        prototype_accuracy,
+        region_probe_accuracy,
+        scene_cells,
+    )
     from opensam.demo.pretrain import heldout_crops, save_open_clip_weights
     from opensam.model.dino import DINO_TINY, create_dino
 
@@ -79,8 +87,10 @@ def train(args: argparse.Namespace, params: Params) -> None:
     scenes, held = rendered[: dd.scenes], rendered[dd.scenes :]
     log.info("%d + %d scenes in %.0f s", len(scenes), len(held), time.monotonic() - start)
     vit = create_dino(DINO_TINY, None)
-    images, targets = heldout_crops(held, list(range(len(CLASS_PROMPTS))), cfg.global_crop, dd.seed)
+    classes = list(range(len(CLASS_PROMPTS)))
+    images, targets = heldout_crops(held, classes, cfg.global_crop, dd.seed)
     before = prototype_accuracy(vit, images, targets)
+    probe_before = region_probe_accuracy(*scene_cells(vit, held), classes)
 
     from dvclive import Live  # heavy import, only where the curve is written
 
@@ -94,6 +104,7 @@ def train(args: argparse.Namespace, params: Params) -> None:
     losses = pretrain_dino(vit, scenes, cfg, on_step)
     live.end()
     after = prototype_accuracy(vit, images, targets)
+    probe_after = region_probe_accuracy(*scene_cells(vit, held), classes)
     save_open_clip_weights(vit, args.out)  # a plain state_dict of CPU tensors
     metrics = {
         "trained": True,
@@ -101,6 +112,9 @@ def train(args: argparse.Namespace, params: Params) -> None:
             "prototype_accuracy": round(100 * after, 2),
             "random_init_accuracy": round(100 * before, 2),
             "images": len(targets),
+            "region_probe_accuracy": round(100 * probe_after, 2),
+            "random_init_region_probe_accuracy": round(100 * probe_before, 2),
+            "probe_scenes": len(held),
         },
         "final_loss": round(float(np.mean(losses[-10:])), 4),
         "steps": cfg.steps,

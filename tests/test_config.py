@@ -56,6 +56,7 @@ def test_dataclass_defaults_are_the_demo_params() -> None:
         ({"classes": []}, "classes: must not be empty"),
         ({"ablation": {"images": 0}}, "ablation.images: must be >= 1"),
         ({"masks": {"workers": 0}}, "masks.workers: must be >= 1"),
+        ({"demo_dino": {"heldout_scenes": 1}}, "demo_dino.heldout_scenes: must be >= 2"),
     ],
 )
 def test_bad_params_name_the_problem(patch: dict, fragment: str, tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ class DemoDinoParams:
 
     seed: int = 3  # the corpus's own seed (never the demo photos')
     scenes: int = 400  # generated scenes; multi-crop views are drawn from them at random
-    heldout_scenes: int = 30  # further scenes: held-out nearest-prototype crop accuracy
+    heldout_scenes: int = 30  # further scenes: held-out crop accuracy and dense linear probe
     render_width: int = 512  # scenes are drawn at this width (demo aspect), then squashed
     steps: int = 150
     batch_size: int = 24
@@ -550,8 +550,10 @@ def _check_model(m: ModelParams, source: str) -> None:
 
 def _check_demo_dino(d: DemoDinoParams, source: str) -> None:
     r = functools.partial(_require, source)
-    for name in ("scenes", "heldout_scenes", "steps", "local_views", "out_dim", "workers"):
+    for name in ("scenes", "steps", "local_views", "out_dim", "workers"):
         r(f"demo_dino.{name}", getattr(d, name) >= 1, ">= 1", getattr(d, name))
+    rule = ">= 2 (the dense probe fits on half, scores on the other)"
+    r("demo_dino.heldout_scenes", d.heldout_scenes >= 2, rule, d.heldout_scenes)
     r("demo_dino.batch_size", d.batch_size >= 2, ">= 2", d.batch_size)
     r("demo_dino.render_width", 16 <= d.render_width <= 8192, "in 16..8192", d.render_width)
     r("demo_dino.global_crop", d.global_crop >= 16, ">= 16", d.global_crop)

@@ -176,3 +176,71 @@ def prototype_accuracy(vit: nn.Module, images: torch.Tensor, targets: torch.Tens
     )
     pred = (feats[test] @ F.normalize(protos, dim=1).T).argmax(1)
     return float((pred == targets[test]).float().mean())
+
+
+MIN_REGION_CELLS = 4  # a region pooled by the probe covers at least this many grid cells
+
+
+@torch.no_grad()
+def scene_cells(
+    vit: nn.Module, scenes: Sequence[Scene], batch: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense map of whole ``scenes`` (what the segmenter pools), one row per grid cell:
+    L2-normalised features (N, h·w, D) and the class drawn at each cell's centre (N, h·w)."""
+    vit.eval()
+    tower = DinoTower(vit)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in scenes]).float()
+    maps = torch.cat([tower((b / 255 - mean) / std) for b in images.split(batch)])
+    n, d, h, w = maps.shape
+    size_h, size_w = scenes[0].drawn.shape
+    ys = ((np.arange(h) + 0.5) * size_h / h).astype(int)
+    xs = ((np.arange(w) + 0.5) * size_w / w).astype(int)
+    labels = np.stack([s.drawn[np.ix_(ys, xs)] for s in scenes]).astype(np.int64)
+    features = F.normalize(maps.permute(0, 2, 3, 1).reshape(n, h * w, d), dim=-1)
+    return features, torch.from_numpy(labels).reshape(n, h * w)
+
+
+def region_probe_accuracy(
+    features: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]
+) -> float:
+    """How well mask-pooled regions of the dense map tell the classes apart, as the segmenter's
+    aggregation pools its masks: the features of each (scene, class) region (the cells drawn
+    with that class, at least :data:`MIN_REGION_CELLS`) are averaged and L2-normalised; class
+    prototypes are the mean region of the first half of the scenes, and each region of the
+    second half goes to its nearest prototype (cosine). Returns the accuracy averaged over the
+    classes present there (balanced: the background is one class of four, not most regions).
+    No training, seed or hyperparameter of its own, unlike a fitted head.
+
+    ``features`` (N, cells, D), ``labels`` (N, cells) int64 (other labels are left out); N ≥ 2.
+    """
+    if len(features) < 2:
+        raise ValueError("region_probe_accuracy needs at least two scenes (fit and score halves)")
+    half = len(features) // 2
+    vectors, targets, second = [], [], []
+    for i in range(len(features)):
+        for k, c in enumerate(classes):
+            cells = labels[i] == c
+            if int(cells.sum()) >= MIN_REGION_CELLS:
+                vectors.append(F.normalize(features[i][cells].mean(dim=0), dim=0))
+                targets.append(k)
+                second.append(i >= half)
+    if not vectors:
+        return 0.0
+    regions, target, held = torch.stack(vectors), torch.tensor(targets), torch.tensor(second)
+    protos = torch.stack(
+        [
+            regions[~held & (target == k)].mean(dim=0)
+            if bool((~held & (target == k)).any())
+            else torch.zeros(regions.shape[1])
+            for k in range(len(classes))
+        ]
+    )
+    pred = (regions[held] @ F.normalize(protos, dim=1).T).argmax(dim=1)
+    recalls = [
+        float((pred[target[held] == k] == k).float().mean())
+        for k in range(len(classes))
+        if bool((target[held] == k).any())
+    ]
+    return float(np.mean(recalls)) if recalls else 0.0
