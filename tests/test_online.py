@@ -1,14 +1,26 @@
-"""Online self-training pieces: EMA update, confidence masking, CutMix alignment."""
+"""Online self-training pieces: EMA update, confidence masking, CutMix alignment, complementary
+channels."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import torch
 from torch import nn
 
+from opensam.config import ClipParams
 from opensam.data.cutmix import StrongConfig, cutmix_batch, mix_winner, photometric, sample_box
 from opensam.model.aggregation import nu_pool_weights, pool_weights_from_winner, winner_index
-from opensam.train.online import confident_loss, ema_decay_at, ema_update
+from opensam.model.segmenter import build_model, embedding_channels
+from opensam.train.engine import TrainConfig
+from opensam.train.online import (
+    OnlineConfig,
+    complementary_channels,
+    confident_loss,
+    ema_decay_at,
+    ema_update,
+)
 
 
 def test_ema_update_moves_teacher_towards_student() -> None:
@@ -108,3 +120,30 @@ def test_strong_views_are_seeded_and_in_range() -> None:
     assert box.any() and torch.equal(box, sample_box(32, 32, cfg, np.random.default_rng(1)))
     never = StrongConfig(cutmix_prob=0.0)
     assert not sample_box(32, 32, never, np.random.default_rng(1)).any()
+
+
+def test_complementary_channels_give_each_channel_to_one_view() -> None:
+    train = TrainConfig(epochs=1, lr_max=1e-3, lr_min=1e-5, weight_decay=0.0, batch_size=2)
+    cfg = OnlineConfig(train=train, feature_dropout=0.5)
+    keep = complementary_channels(64, 256, cfg, np.random.default_rng(0))
+    assert keep.shape == (64, 256) and set(keep.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(keep + (1 - keep), torch.ones(64, 256))  # the second view: the rest
+    assert 0.45 < float(keep.mean()) < 0.55
+    rarer = replace(cfg, feature_dropout=0.8)
+    fewer = complementary_channels(64, 256, rarer, np.random.default_rng(0))
+    assert 0.15 < float(fewer.mean()) < 0.25  # kept with probability 1 - feature_dropout
+
+
+def test_channel_mask_zeroes_the_dropped_channels_of_the_embedding() -> None:
+    torch.manual_seed(0)
+    model = build_model(ClipParams(model="opensam-tiny", pretrained=None), ["a", "b"])
+    images = torch.rand(2, 3, 64, 64)
+    dim = embedding_channels(model)
+    mask = torch.ones(2, dim)
+    mask[:, : dim // 2] = 0
+    with torch.no_grad():
+        full, masked = model.embed(images), model.embed(images, channel_mask=mask)
+        assert torch.allclose(model.embed(images, channel_mask=torch.ones(2, dim)), full)
+    assert torch.all(masked[:, : dim // 2] == 0)
+    kept = torch.nn.functional.normalize(full[:, dim // 2 :], dim=1)  # renormalised
+    assert torch.allclose(masked[:, dim // 2 :], kept, atol=1e-5)

@@ -3,6 +3,7 @@ control, and the student / control stages in online mode."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -54,13 +55,15 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 CFG = StudentParams(epochs=2, batch_size=2, lr_max=1e-4, conf_threshold=0.0, drop_path=0.0)
 
 
-def _run(project: dict[str, Any], ckpt: Path | None, control: bool = False) -> OpenSamModel:
+def _run(
+    project: dict[str, Any], ckpt: Path | None, control: bool = False, cfg: StudentParams = CFG
+) -> OpenSamModel:
     model: OpenSamModel = build_model(load_params(project["params"]).clip, ["a"] * 4)
     model.load_state_dict(project["model"].state_dict())
-    config = online_config(CFG, None, 3, control=control)
+    config = online_config(cfg, None, 3, control=control)
     pool = project["splits_dict"]["unlabelled"][:4]
     prepared = read_prepared(project["prepared"])
-    run_online(model, CFG, config, prepared, project["masks"], pool, ckpt, None)
+    run_online(model, cfg, config, prepared, project["masks"], pool, ckpt, None)
     return model
 
 
@@ -95,6 +98,18 @@ def test_online_run_is_deterministic_and_trains(
     assert _same(_run(project, None), reference)
     assert not _same(reference, project["model"])  # it trained
     assert not _same(_run(project, None, control=True), reference)  # λ = 0 differs
+
+
+def test_complementary_views_train_deterministically_and_differ_from_dropout(
+    project: dict[str, Any], reference: OpenSamModel
+) -> None:
+    """UniMatch V2's two CutMix views with complementary channels: a run of its own (not the
+    dropout view's), seeded, and it learns the labelled images."""
+    cfg = dataclasses.replace(CFG, perturbation="complementary")
+    first = _run(project, None, cfg=cfg)
+    assert _same(_run(project, None, cfg=cfg), first)
+    assert not _same(first, reference)
+    assert _labelled_train_loss(first, project) < _labelled_train_loss(project["model"], project)
 
 
 def test_online_run_lowers_the_labelled_loss(

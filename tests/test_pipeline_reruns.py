@@ -26,6 +26,7 @@ RERUNS = {
     "student.alpha_f=0.5": {"student", "oracle", "evaluate"},
     "student.mode=offline": {"student", "control", "oracle", "evaluate"},  # the default: online
     "student.unsup_weight=0.5": {"student", "oracle", "evaluate"},
+    "student.perturbation=complementary": {"student", "oracle", "evaluate"},  # not the control
     # a true label is always confident: the oracle does not read the threshold
     "student.conf_threshold=0.5": {"student", "evaluate"},
     "student.lr_max=0.001": {"student", "control", "oracle", "evaluate"},  # the schedule too

@@ -251,6 +251,9 @@ class TrainParams:
     num_workers: int = 0
 
 
+PERTURBATIONS = ("dropout", "complementary")  # student.perturbation
+
+
 @dataclass(frozen=True)
 class StudentParams(TrainParams):
     epochs: int = 6
@@ -265,6 +268,9 @@ class StudentParams(TrainParams):
     ema_decay: float = 0.99  # online: EMA teacher decay per step
     feature_dropout: float = 0.5  # online: channel dropout on the dense embedding (2nd view)
     cutmix_prob: float = 0.5  # online: share of strong views that are CutMixed
+    # online: dropout (a CutMix view + a channel-dropout view, UniMatch) | complementary (two
+    # CutMix views whose embeddings keep complementary channels, UniMatch V2)
+    perturbation: str = "dropout"
 
 
 @dataclass(frozen=True)
@@ -644,6 +650,8 @@ def check_params(p: Params, source: str = "params.yaml") -> None:
     for name in ("conf_threshold", "ema_decay", "feature_dropout", "cutmix_prob"):
         r(f"student.{name}", 0 <= getattr(st, name) <= 1, "in 0..1", getattr(st, name))
     r("student.unsup_weight", st.unsup_weight >= 0, ">= 0", st.unsup_weight)
+    rule = "dropout or complementary"
+    r("student.perturbation", st.perturbation in PERTURBATIONS, rule, st.perturbation)
     conf = p.pseudo.conf_threshold
     r("pseudo.conf_threshold", conf is None or 0 <= conf <= 1, "null or in 0..1", conf)
     r("pseudo.batch_size", p.pseudo.batch_size >= 1, ">= 1", p.pseudo.batch_size)

@@ -158,12 +158,20 @@ class OpenSamModel(nn.Module):
         tower_grid = cast(Any, self.tower).grid_hw((image_size, image_size))
         return self.decoder.out_grid(tower_grid)
 
-    def embed(self, images: torch.Tensor, feature_dropout: float = 0.0) -> torch.Tensor:
+    def embed(
+        self,
+        images: torch.Tensor,
+        feature_dropout: float = 0.0,
+        channel_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """images (B, 3, H, W) float in [0, 1] → (B, D, h, w) float, L2-normalised per location.
 
         ``feature_dropout`` > 0 zeroes whole channels of the embedding with that rate before
         the normalisation, in training and eval mode alike (the online student's
-        feature-perturbed view, UniMatch's feature perturbation)."""
+        feature-perturbed view, UniMatch's feature perturbation). ``channel_mask`` (B, D), 1 to
+        keep a channel and 0 to drop it, does the same with a given mask (UniMatch V2's
+        complementary dropout: two views, one mask and its complement); no rescaling is needed,
+        since the map is L2-normalised after it."""
         x = (images.to(self.mean.device, non_blocking=True) - self.mean) / self.std
         with current_runtime().autocast():  # bf16 / fp16 on CUDA only (runtime.precision)
             if self.freeze_backbone:
@@ -175,6 +183,8 @@ class OpenSamModel(nn.Module):
         emb = emb.float()  # the dropout and the aggregation run in fp32
         if feature_dropout > 0:
             emb = nn.functional.dropout2d(emb, feature_dropout, training=True)
+        if channel_mask is not None:
+            emb = emb * channel_mask.to(emb)[:, :, None, None]
         return nn.functional.normalize(emb, dim=1)
 
     def log_probs(
@@ -226,12 +236,15 @@ class OpenSamModel(nn.Module):
         pool_weights: torch.Tensor | None = None,
         winner: torch.Tensor | None = None,
         feature_dropout: float = 0.0,
+        channel_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """images (B, 3, H, W) float in [0, 1]; pool_weights (B, M, h, w) float32 and winner
         (B, H, W) int64 (see :func:`opensam.model.aggregation.prepare_mask_inputs`) or None →
-        (B, C, H, W) log-probabilities; ``feature_dropout`` as in :meth:`embed`."""
+        (B, C, H, W) log-probabilities; ``feature_dropout`` and ``channel_mask`` as in
+        :meth:`embed`."""
         out_hw = (images.shape[-2], images.shape[-1])
-        return self.log_probs(self.embed(images, feature_dropout), out_hw, pool_weights, winner)
+        emb = self.embed(images, feature_dropout, channel_mask)
+        return self.log_probs(emb, out_hw, pool_weights, winner)
 
 
 def _assemble(
@@ -307,19 +320,31 @@ def image_mean_std_or(
     return norm if norm is not None else ((0.0,) * 3, (1.0,) * 3)
 
 
+def embedding_channels(model: nn.Module) -> int:
+    """D of :meth:`OpenSamModel.embed`'s (B, D, h, w) map (``model`` or its DDP wrapper)."""
+    inner = cast(Any, getattr(model, "module", model))
+    return int(inner.decoder.embed_dim)
+
+
 def forward_batch(
-    model: nn.Module, batch: Mapping[str, Any], use_masks: bool, feature_dropout: float = 0.0
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    use_masks: bool,
+    feature_dropout: float = 0.0,
+    channel_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The one forward pass of a loader batch: (B, C, H, W) log-probabilities on the model's
     device (autograd as the caller sets it); SAM aggregation when ``use_masks``, else the
-    per-pixel prediction (``pool_weights=None``); ``feature_dropout`` > 0 is passed on to the
-    model (:meth:`OpenSamModel.embed`)."""
+    per-pixel prediction (``pool_weights=None``); ``feature_dropout`` > 0 and ``channel_mask``
+    are passed on to the model (:meth:`OpenSamModel.embed`)."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     images = batch["image"].to(device)
     pool = batch["pool_weights"].to(device) if use_masks else None
     winner = batch["winner"].to(device) if use_masks else None
-    extra = {"feature_dropout": feature_dropout} if feature_dropout > 0 else {}
+    extra: dict[str, Any] = {"feature_dropout": feature_dropout} if feature_dropout > 0 else {}
+    if channel_mask is not None:
+        extra["channel_mask"] = channel_mask.to(device)
     return cast(torch.Tensor, model(images, pool_weights=pool, winner=winner, **extra))
 
 

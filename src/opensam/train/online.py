@@ -5,7 +5,9 @@ only). The EMA teacher labels the weak view with region aggregation over the mas
 max probability is below ``conf_threshold`` are ignored. The student learns those labels on two
 strong views: photometric noise + CutMix (masks, winner map and pool weights built from both
 sources, :mod:`opensam.data.cutmix`), and channel dropout on the dense embedding of the weak
-view (UniMatch's feature perturbation). Loss = labelled CE + λ·(½ CE_strong + ½ CE_feature),
+view (UniMatch's feature perturbation); with ``perturbation: complementary``, two CutMix views
+whose embeddings keep complementary channels instead (UniMatch V2; the second view's loss is
+reported as ``loss_feature``). Loss = labelled CE + λ·(½ CE_strong + ½ CE_feature),
 the unlabelled terms averaged over all pixels (unconfident ones count as 0). After each
 optimiser step the teacher becomes ``d·teacher + (1 − d)·student`` with
 ``d = min(1 − 1/(step + 1), ema_decay)``.
@@ -43,9 +45,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from opensam.constants import IGNORE_INDEX
-from opensam.data.cutmix import StrongConfig, strong_view
+from opensam.data.cutmix import MixedBatch, StrongConfig, strong_view
 from opensam.data.datasets import Cycler
-from opensam.model.segmenter import forward_batch
+from opensam.model.segmenter import embedding_channels, forward_batch
 from opensam.parallel.context import Runtime, all_reduce_sum, current_runtime
 from opensam.train.distributed import batch_loss
 from opensam.train.engine import EpochCallback, Run, Step, TrainConfig, TrainResult, train
@@ -63,6 +65,10 @@ class OnlineConfig:
     ema_decay: float = 0.99
     feature_dropout: float = 0.5
     strong: StrongConfig = field(default_factory=StrongConfig)
+    # dropout: a CutMix view + a channel-dropout view of the weak one (UniMatch);
+    # complementary: two CutMix views, channels kept by a random mask and by its complement
+    # (UniMatch V2; the mask keeps a channel with probability 1 − feature_dropout)
+    perturbation: str = "dropout"
     # the oracle: the unlabelled batches carry the pool's true labels, used (every pixel
     # confident) in place of the EMA teacher's predictions; the rest of the run is unchanged
     pool_labels: bool = False
@@ -75,6 +81,16 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
         t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
     for tb, sb in zip(teacher.buffers(), student.buffers(), strict=True):
         tb.copy_(sb)
+
+
+def complementary_channels(
+    batch: int, channels: int, cfg: OnlineConfig, rng: np.random.Generator
+) -> torch.Tensor:
+    """(batch, channels) float mask of 0 and 1 for the first strong view, each channel kept with
+    probability 1 − ``feature_dropout``; the second view takes ``1 − mask`` (UniMatch V2's
+    complementary channel dropout), so each channel reaches exactly one of the two views."""
+    keep = rng.random((batch, channels)) >= cfg.feature_dropout
+    return torch.from_numpy(keep.astype(np.float32))
 
 
 def ema_decay_at(step: int, ema_decay: float) -> float:
@@ -128,7 +144,9 @@ class WeakToStrong:
 
     def step(self, run: Run, batch: Mapping[str, Any], extra: Cycler | None, step: int) -> Step:
         """Labelled CE + λ·(½ CE(strong CutMix view) + ½ CE(feature-dropout view)), both on the
-        teacher's labels of the weak view, unconfident pixels counting as 0."""
+        teacher's labels of the weak view, unconfident pixels counting as 0; with
+        ``perturbation: complementary`` the second term is a second CutMix view, and the two
+        views' embeddings keep complementary channels."""
         cfg, rt = self.config, current_runtime()
         student, use_masks, threshold = run.model, cfg.train.use_masks, cfg.conf_threshold
         ubatch = extra.next() if extra is not None else None
@@ -145,26 +163,17 @@ class WeakToStrong:
                 conf, label = forward_batch(self.teacher, ubatch, use_masks).exp().max(dim=1)
         rank = [rt.rank] if rt.distributed else []
         rng = np.random.default_rng([cfg.train.seed, 7, step, *rank])
-        mixed = strong_view(
-            ubatch["image"],
-            ubatch["winner"],
-            ubatch["pool_weights"],
-            label.cpu(),
-            conf.cpu(),
-            cfg.strong,
-            rng,
-        )
-        strong = {"image": mixed.image, "pool_weights": mixed.pool_weights, "winner": mixed.winner}
-        device = label.device
-        loss_s, confident = confident_loss(
-            forward_batch(student, strong, use_masks),
-            mixed.label.to(device),
-            mixed.conf.to(device),
-            threshold,
-            rt,
-        )
-        feature = forward_batch(student, ubatch, use_masks, feature_dropout=cfg.feature_dropout)
-        loss_fp, _ = confident_loss(feature, label, conf, threshold, rt)
+        views = (ubatch["image"], ubatch["winner"], ubatch["pool_weights"], label.cpu(), conf.cpu())
+        mixed = strong_view(*views, cfg.strong, rng)
+        if cfg.perturbation == "complementary":  # UniMatch V2: two views, complementary channels
+            keep = complementary_channels(len(label), embedding_channels(student), cfg, rng)
+            second = strong_view(*views, cfg.strong, rng)
+            loss_s, confident = self._view_loss(student, mixed, keep)
+            loss_fp, _ = self._view_loss(student, second, 1 - keep)
+        else:  # UniMatch: a CutMix view and a channel-dropout view of the weak one
+            loss_s, confident = self._view_loss(student, mixed)
+            feature = forward_batch(student, ubatch, use_masks, feature_dropout=cfg.feature_dropout)
+            loss_fp, _ = confident_loss(feature, label, conf, threshold, rt)
         unlabelled = 0.5 * (loss_s + loss_fp)
         stats |= {
             "loss_unlabelled": float(unlabelled.detach()),
@@ -173,6 +182,16 @@ class WeakToStrong:
             "confident": confident,
         }
         return Step(loss + cfg.lam * unlabelled, logp.detach(), stats)
+
+    def _view_loss(
+        self, student: nn.Module, view: MixedBatch, channel_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """The confident loss of ``student`` on a strong view against its mixed labels."""
+        cfg = self.config
+        batch = {"image": view.image, "pool_weights": view.pool_weights, "winner": view.winner}
+        logp = forward_batch(student, batch, cfg.train.use_masks, channel_mask=channel_mask)
+        label, conf = view.label.to(logp.device), view.conf.to(logp.device)
+        return confident_loss(logp, label, conf, cfg.conf_threshold, current_runtime())
 
     def after_step(self, run: Run, step: int) -> None:
         ema_update(self.teacher, run.model, ema_decay_at(step, self.config.ema_decay))

@@ -48,6 +48,7 @@ def online_config(
         ema_decay=params.ema_decay,
         feature_dropout=params.feature_dropout,
         strong=StrongConfig(cutmix_prob=params.cutmix_prob),
+        perturbation=params.perturbation,
         pool_labels=pool_labels,
     )
 
