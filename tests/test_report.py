@@ -20,6 +20,7 @@ from opensam.apps.report import (
     mean_std,
     read_experiments,
     same_run_params,
+    with_new_params,
     write_results_page,
 )
 
@@ -251,3 +252,17 @@ def test_the_archive_rebuilds_the_page_after_the_experiment_refs_are_gone(
     assert cli_main(args) == 2
     assert f"error: {archive}: not a readable JSON runs archive" in capsys.readouterr().err
     assert page.read_text() == after  # a bad archive writes nothing
+
+
+def test_a_param_added_since_a_run_takes_the_baselines_value() -> None:
+    """A run saved before ``student.perturbation`` existed ran as its default does: it groups
+    with today's baseline, while a run that set the param keeps its own value and row."""
+    head = Run("HEAD", {"seed": 0, "ratio": 2, "student.perturbation": "dropout"}, _eval(60, 61))
+    old = Run("s1", {"seed": 1, "ratio": 2}, _eval(62, 63), "abc")
+    lever = Run("c0", {"seed": 0, "ratio": 2, "student.perturbation": "complementary"}, {})
+    filled = with_new_params([head, old, lever], head)
+    assert filled[1].params == {"seed": 1, "ratio": 2, "student.perturbation": "dropout"}
+    assert filled[1].commit == "abc" and filled[2] == lever and filled[0] == head
+    groups = group_runs(filled)
+    assert sorted(len(members) for members in groups.values()) == [1, 2]
+    assert with_new_params([old], None) == [old]

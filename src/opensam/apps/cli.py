@@ -380,19 +380,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
         merge_runs,
         read_experiments,
         save_archive,
+        with_new_params,
         write_results_page,
     )
 
     runs = read_experiments(args.repo)
+    baseline = next((r for r in runs if r.name == "HEAD"), None)
+    runs = with_new_params(runs, baseline)
     if args.archive is not None:
         saved = load_archive(args.archive)  # before anything is written: a bad file stops here
-        runs = merge_runs(runs, saved)
+        runs = merge_runs(runs, with_new_params(saved, baseline))
         save_archive(args.archive, runs)
         log.info("%s: %d runs (%d saved before)", args.archive, len(runs), len(saved))
     if args.write is None:
         sys.stdout.write(format_report(runs) + "\n")  # the output, not a log
         return 0
-    baseline = next((r for r in runs if r.name == "HEAD"), None)
     write_results_page(args.write, format_results_page(runs, baseline))
     log.info("%s: %d runs written", args.write, len(runs))
     return 0

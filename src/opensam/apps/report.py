@@ -234,6 +234,20 @@ def _archived_name(name: str, commit: str | None) -> str:
     return name if name != "HEAD" else f"baseline {str(commit)[:7]}"
 
 
+def with_new_params(runs: Sequence[Run], baseline: Run | None) -> list[Run]:
+    """``runs`` with each param they lack taken from ``baseline`` (the repository's ``HEAD``):
+    a run made before a param existed ran as its default does (a new param's default keeps the
+    old behaviour), so a run saved before ``student.perturbation`` groups with today's
+    ``dropout`` runs instead of forming a row, or a duplicate seed, of its own."""
+    if baseline is None:
+        return list(runs)
+    return [
+        r if baseline.params.keys() <= r.params.keys()
+        else Run(r.name, baseline.params | r.params, r.metrics, r.commit)
+        for r in runs
+    ]  # fmt: skip
+
+
 def merge_runs(fresh: Sequence[Run], saved: Sequence[Run]) -> list[Run]:
     """``fresh`` and the ``saved`` runs whose params no fresh run has (fresh ones win: a rerun
     of the same params under newer code replaces the saved figure)."""
