@@ -15,7 +15,6 @@ killed run resumes from ``<out dir>/.control_ckpt/``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 from opensam.config import load_params
@@ -25,7 +24,7 @@ from opensam.masks.settings import check_store_settings, open_mask_store, store_
 from opensam.model.segmenter import checkpoint_clip, load_checkpoint, save_checkpoint
 from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
-from opensam.runtime import atomic_path, remove_path, run_main, seed_everything, stage_parser
+from opensam.runtime import remove_path, run_main, seed_everything, stage_parser, write_json
 from opensam.train.losses import resolve_class_weights
 from opensam.train.online_setup import train_control
 from opensam.train.reporting import open_live
@@ -94,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         masks=store_settings(store),
         labelmap_colors=meta.get("labelmap_colors"),
     )
-    with atomic_path(args.metrics) as tmp:
-        tmp.write_text(json.dumps({"best_epoch": best_epoch, **report}, indent=2) + "\n")
+    write_json(args.metrics, {"best_epoch": best_epoch, **report})
     remove_path(ckpt)
     log.info("control: best epoch %d, %s", best_epoch, {s: r["miou"] for s, r in report.items()})
     return 0

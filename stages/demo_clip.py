@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import time
 
@@ -33,7 +32,7 @@ from opensam.demo.pretrain import (
 )
 from opensam.errors import InputError
 from opensam.model.clip import create_clip, get_tokenizer
-from opensam.runtime import atomic_path, run_main, seed_everything, stage_parser
+from opensam.runtime import run_main, seed_everything, stage_parser, write_json
 
 log = logging.getLogger("stages.demo_clip")
 
@@ -90,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "final_loss": round(float(np.mean(losses[-10:])), 4),
         "pairs": cfg.steps * cfg.batch_size,
     }
-    with atomic_path(args.metrics) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(args.metrics, metrics)
     log.info("demo CLIP in %.0f s: %s", time.monotonic() - start, metrics)
     return 0
 

@@ -10,27 +10,23 @@ with a one-line error, and metrics saying so (3 minutes of the default ``dvc rep
 ``demo_dino.scenes`` scenes with the demo generator under the corpus's own seed
 (``demo_dino.seed``; never the demo photos or their labels), trains ``opensam-dino-tiny`` from
 random init with lightly's DINO loss, head and multi-crop views, and writes a plain timm
-state_dict to ``--out`` (``dino.pretrained: models/demo_dino.pt``). The metrics hold the
-nearest-prototype accuracy on single-object crops of ``demo_dino.heldout_scenes`` further
-scenes and a region probe of the whole scenes' dense map (each object's drawn mask pooled, as
-the segmenter pools its masks; nearest class mean fit on half of the scenes, balanced accuracy
-on the other half), both before and after training, and the final loss.
+state_dict to ``--out`` (``dino.pretrained: models/demo_dino.pt``). The metrics hold the final
+loss and, before and after training, two measures on ``demo_dino.heldout_scenes`` further
+scenes (:func:`opensam.demo.dino_pretrain.heldout_accuracies`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
 from opensam.config import Params, load_params
 from opensam.constants import DEMO_DINO_UNTRAINED_KEY
-from opensam.runtime import atomic_path, run_main, save_torch, seed_everything, stage_parser
+from opensam.runtime import run_main, save_torch, seed_everything, stage_parser, write_json
 
 log = logging.getLogger("stages.demo_dino")
 
@@ -53,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with Live(dir=str(args.live), save_dvc_exp=False, dvcyaml=False) as live:
             live.summary = dict(metrics)
-        write_metrics(args.metrics, metrics)
+        write_json(args.metrics, metrics)
         log.info("%s", why)
         return 0
     train(args, params)
@@ -65,13 +61,7 @@ def train(args: argparse.Namespace, params: Params) -> None:
     # imported here, not above: lightly's import alone takes seconds, and the default run
     # (model.backbone: clip) never trains
     from opensam.demo.captions import CLASS_PROMPTS, render_corpus
-    from opensam.demo.dino_pretrain import (
-        DinoPretrainConfig,
-        pretrain_dino,
-        prototype_accuracy,
-        region_probe_accuracy,
-        scene_cells,
-    )
+    from opensam.demo.dino_pretrain import DinoPretrainConfig, heldout_accuracies, pretrain_dino
     from opensam.demo.pretrain import heldout_crops, save_open_clip_weights
     from opensam.model.dino import DINO_TINY, create_dino
 
@@ -89,8 +79,7 @@ def train(args: argparse.Namespace, params: Params) -> None:
     vit = create_dino(DINO_TINY, None)
     classes = list(range(len(CLASS_PROMPTS)))
     images, targets = heldout_crops(held, classes, cfg.global_crop, dd.seed)
-    before = prototype_accuracy(vit, images, targets)
-    probe_before = region_probe_accuracy(*scene_cells(vit, held), classes)
+    before = heldout_accuracies(vit, held, images, targets, classes)
 
     from dvclive import Live  # heavy import, only where the curve is written
 
@@ -103,29 +92,22 @@ def train(args: argparse.Namespace, params: Params) -> None:
 
     losses = pretrain_dino(vit, scenes, cfg, on_step)
     live.end()
-    after = prototype_accuracy(vit, images, targets)
-    probe_after = region_probe_accuracy(*scene_cells(vit, held), classes)
+    after = heldout_accuracies(vit, held, images, targets, classes)
     save_open_clip_weights(vit, args.out)  # a plain state_dict of CPU tensors
     metrics = {
         "trained": True,
         "heldout": {
-            "prototype_accuracy": round(100 * after, 2),
-            "random_init_accuracy": round(100 * before, 2),
+            **after,
+            "random_init_accuracy": before["prototype_accuracy"],
+            "random_init_region_probe_accuracy": before["region_probe_accuracy"],
             "images": len(targets),
-            "region_probe_accuracy": round(100 * probe_after, 2),
-            "random_init_region_probe_accuracy": round(100 * probe_before, 2),
             "probe_scenes": len(held),
         },
         "final_loss": round(float(np.mean(losses[-10:])), 4),
         "steps": cfg.steps,
     }
-    write_metrics(args.metrics, metrics)
+    write_json(args.metrics, metrics)
     log.info("demo DINO in %.0f s: %s", time.monotonic() - start, metrics)
-
-
-def write_metrics(path: Path, metrics: dict[str, object]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import time
 
@@ -40,7 +39,7 @@ from opensam.masks.boundaries import (
     regions_from_boundaries,
     save_boundary_net,
 )
-from opensam.runtime import atomic_path, run_main, save_torch, seed_everything, stage_parser
+from opensam.runtime import run_main, save_torch, seed_everything, stage_parser, write_json
 
 log = logging.getLogger("stages.demo_sam")
 HELDOUT_PPS = (8, 16, 32, 64)
@@ -103,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "final_loss": round(float(np.mean(losses[-20:])), 4),
         "parameters": sum(p.numel() for p in net.parameters()),
     }
-    with atomic_path(args.metrics) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(args.metrics, metrics)
     log.info("demo SAM in %.0f s: %s", time.monotonic() - start, metrics)
     return 0
 

@@ -17,7 +17,6 @@ gap, :func:`opensam.eval.gains.gap_closed`) per split; no oracle when its stage 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from opensam.masks.store import MaskStore
 from opensam.model.segmenter import load_checkpoint
 from opensam.parallel.context import init_runtime, main_output
 from opensam.prepared import class_colors, read_prepared
-from opensam.runtime import atomic_path, run_main, seed_everything, stage_parser
+from opensam.runtime import run_main, seed_everything, stage_parser, write_json
 from opensam.train.oracle import read_skipped
 
 log = logging.getLogger("stages.evaluate")
@@ -96,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             save_confusion_png(plots_dir / "confusion.png", plotted_conf, params.class_names)
     if not rt.is_main:
         return 0
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     table = ev.format_eval_table({k: v for k, v in results.items() if k not in DERIVED})
     log.info("mIoU (%%):\n%s\ngain, student - control: %s\ngap closed: %s", table,
              results.get("gain"), results.get("gap_closed"))  # fmt: skip

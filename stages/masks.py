@@ -15,7 +15,6 @@ ceiling, masks per image, uncovered share).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from opensam.config import load_params
@@ -24,7 +23,7 @@ from opensam.masks.generators import mask_image_ids, precompute_masks
 from opensam.masks.store import MaskStore
 from opensam.parallel.context import current_runtime, init_runtime
 from opensam.prepared import read_prepared
-from opensam.runtime import atomic_path, run_main, seed_everything, stage_parser
+from opensam.runtime import run_main, seed_everything, stage_parser, write_json
 
 SEED = 0  # mask generation draws no random numbers; fixed so the stage needn't read `seed`
 
@@ -58,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         attrs = {k: store.attrs[k] for k in ("generator", "model", "pps", "min_region_area")}
         quality = {"val": store_quality(store, prepared.val, prepared), **attrs}
         store.close()
-        with atomic_path(args.quality) as tmp:
-            tmp.write_text(json.dumps(quality, indent=2) + "\n")
+        write_json(args.quality, quality)
     return 0
 
 

@@ -17,7 +17,6 @@ out). A killed run resumes from ``<out dir>/.oracle_ckpt/``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 from opensam.config import load_params
@@ -26,7 +25,7 @@ from opensam.masks.settings import check_store_settings, open_mask_store, store_
 from opensam.model.segmenter import checkpoint_clip, read_checkpoint_meta, save_checkpoint
 from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
-from opensam.runtime import atomic_path, remove_path, run_main, seed_everything, stage_parser
+from opensam.runtime import remove_path, run_main, seed_everything, stage_parser, write_json
 from opensam.train.engine import TrainConfig
 from opensam.train.losses import resolve_class_weights
 from opensam.train.online_setup import run_online_student
@@ -103,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         masks=store_settings(store), labelmap_colors=meta.get("labelmap_colors"),
     )  # fmt: skip
     report = {"mode": cfg.mode, "pool_images": len(pool_ids), **result.report}
-    with atomic_path(args.metrics) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.metrics, report)
     remove_path(ckpt_root)
     log.info("oracle: best val mIoU %.2f", result.best_val)
     return 0

@@ -15,7 +15,6 @@ those the student was trained with (recorded in its checkpoint).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from opensam.config import Params, load_params
 from opensam.model.segmenter import load_checkpoint
 from opensam.parallel.context import current_runtime, init_runtime, main_output
 from opensam.prepared import Prepared, read_prepared
-from opensam.runtime import atomic_path, run_main, seed_everything, stage_parser
+from opensam.runtime import run_main, seed_everything, stage_parser, write_json
 
 log = logging.getLogger("stages.predict")
 
@@ -104,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = predict_pool(args, params)
     if not rt.is_main:
         return 0
-    with atomic_path(args.metrics) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(args.metrics, metrics)
     return 0
 
 

@@ -10,7 +10,6 @@ Set OPENSAM_WORKERS to change the number of worker processes (default: min(cpus,
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 
@@ -18,7 +17,7 @@ from opensam.config import load_params
 from opensam.data.importers import list_unlabelled, open_export
 from opensam.data.prepare import prepare_dataset
 from opensam.errors import InputError
-from opensam.runtime import atomic_path, run_main, seed_everything, stage_parser
+from opensam.runtime import atomic_path, run_main, seed_everything, stage_parser, write_json
 
 log = logging.getLogger("stages.prepare")
 
@@ -46,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         msg = str(exc)  # split errors name the param; say which params file it came from
         raise InputError(f"{args.params}: {msg}" if msg.startswith("data.split") else msg) from None
-    with atomic_path(args.metrics) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(args.metrics, metrics)
     counts = ", ".join(f"{k} {v['images']}" for k, v in metrics.items())
     log.info("prepared %s (%s)", args.out, counts)
     return 0

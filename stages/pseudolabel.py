@@ -12,7 +12,6 @@ when the source has it).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 from opensam.config import load_params
@@ -20,7 +19,7 @@ from opensam.masks.settings import check_store_settings, open_mask_store
 from opensam.model.segmenter import load_checkpoint
 from opensam.parallel.context import init_runtime, main_output
 from opensam.prepared import read_prepared
-from opensam.runtime import atomic_path, run_main, seed_everything, stage_parser
+from opensam.runtime import run_main, seed_everything, stage_parser, write_json
 from opensam.train.pseudo_labels import generate_pseudo_labels
 
 log = logging.getLogger("stages.pseudolabel")
@@ -57,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not rt.is_main:
         return 0
-    with atomic_path(args.metrics) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.metrics, summary)
     if "vs_hidden_gt" in summary:
         log.info("pseudo-label mIoU vs hidden ground truth: %.2f", summary["vs_hidden_gt"]["miou"])
     return 0

@@ -14,7 +14,6 @@ A killed run resumes from ``<out dir>/.warmup_ckpt/`` (removed after success).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 from opensam.config import load_params
@@ -27,7 +26,7 @@ from opensam.model.heads import class_prototypes
 from opensam.model.segmenter import build_model, save_checkpoint
 from opensam.parallel.context import init_runtime
 from opensam.prepared import read_prepared
-from opensam.runtime import atomic_path, remove_path, run_main, seed_everything, stage_parser
+from opensam.runtime import remove_path, run_main, seed_everything, stage_parser, write_json
 from opensam.train.engine import TrainConfig
 from opensam.train.losses import resolve_class_weights
 from opensam.train.reporting import open_live
@@ -101,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         epoch=result.best_epoch, val_miou=result.best_miou, masks=store_settings(store),
         labelmap_colors=[list(c) for c in prepared.colors],
     )  # fmt: skip
-    with atomic_path(args.metrics) as tmp:
-        tmp.write_text(json.dumps({"best_epoch": result.best_epoch, **report}, indent=2) + "\n")
+    write_json(args.metrics, {"best_epoch": result.best_epoch, **report})
     remove_path(ckpt_dir)
     log.info(
         "teacher: best epoch %d, %s", result.best_epoch, {s: r["miou"] for s, r in report.items()}

@@ -209,6 +209,12 @@ def save_torch(obj: Any, path: str | Path) -> None:
         torch.save(obj, handle)
 
 
+def write_json(path: str | Path, value: Any) -> None:
+    """``value`` as indented JSON (a metrics file, a summary) to ``path``, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2) + "\n")
+
+
 def remove_path(path: Path) -> None:
     """Remove a file or directory tree if it exists."""
     if path.is_dir() and not path.is_symlink():

@@ -17,7 +17,6 @@ input folder (a list file: to its entries' common folder) without extension, ``/
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,7 +36,7 @@ from opensam.errors import InputError
 from opensam.images import load_rgb_and_size, read_image_size, resize_image, resize_label, save_png
 from opensam.masks.generators import MaskGenerator
 from opensam.model.aggregation import MaskInputs, collate_mask_inputs, prepare_mask_inputs
-from opensam.runtime import atomic_path
+from opensam.runtime import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -364,8 +363,7 @@ def build_summary(
 
 def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:
     """Write ``out_dir/summary.json`` atomically."""
-    with atomic_path(Path(out_dir) / SUMMARY_NAME) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(Path(out_dir) / SUMMARY_NAME, summary)
 
 
 def score_class_maps(

@@ -244,3 +244,22 @@ def region_probe_accuracy(
         if bool((target[held] == k).any())
     ]
     return float(np.mean(recalls)) if recalls else 0.0
+
+
+def heldout_accuracies(
+    vit: nn.Module,
+    scenes: Sequence[Scene],
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    classes: Sequence[int],
+) -> dict[str, float]:
+    """Both held-out measures of ``vit`` in percent, for ``metrics/demo_dino.json``:
+    ``prototype_accuracy`` on single-object crops (``images``, ``targets``; see
+    :func:`prototype_accuracy`) and ``region_probe_accuracy`` on the whole ``scenes``' dense
+    map (:func:`scene_cells`, :func:`region_probe_accuracy`)."""
+    return {
+        "prototype_accuracy": round(100 * prototype_accuracy(vit, images, targets), 2),
+        "region_probe_accuracy": round(
+            100 * region_probe_accuracy(*scene_cells(vit, scenes), classes), 2
+        ),
+    }

@@ -27,7 +27,7 @@ from pathlib import Path
 from opensam.errors import InputError
 from opensam.parallel.context import barrier, current_runtime, main_output
 from opensam.prepared import Prepared
-from opensam.runtime import atomic_path, read_json, save_torch
+from opensam.runtime import read_json, save_torch, write_json
 from opensam.train.pseudo_format import IDS_FILE, LABELS_DIR
 
 NO_HIDDEN_GT = "no hidden ground truth (data.unlabelled_gt is null): the oracle needs the pool's"
@@ -68,8 +68,7 @@ def write_truth_folder(prepared: Prepared, pool_ids: Sequence[str], out: Path) -
 def write_skipped(out: Path, metrics: Path, reason: str) -> None:
     """The outputs of a skipped run: the reason in ``metrics``, a marker (no weights) at ``out``."""
     save_torch({"skipped": reason}, out)
-    with atomic_path(metrics) as tmp:
-        tmp.write_text(json.dumps({"skipped": reason}, indent=2) + "\n")
+    write_json(metrics, {"skipped": reason})
 
 
 def read_skipped(metrics: Path | None) -> str | None:
