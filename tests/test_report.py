@@ -266,3 +266,27 @@ def test_a_param_added_since_a_run_takes_the_baselines_value() -> None:
     groups = group_runs(filled)
     assert sorted(len(members) for members in groups.values()) == [1, 2]
     assert with_new_params([old], None) == [old]
+    # after the default changes, the old run still ran the code before the param: dropout
+    later = Run("HEAD", {**head.params, "student.perturbation": "complementary"}, head.metrics)
+    assert with_new_params([old], later)[0].params["student.perturbation"] == "dropout"
+
+
+def test_other_params_name_only_what_differs_from_the_baseline() -> None:
+    """A lever row names its param; the rows at the default value say ``-`` and come first."""
+    base = _page_run("HEAD", 0, None, 2, 61.0)
+    base.params["student.perturbation"] = "dropout"
+    runs = [base]
+    for seed, value in ((1, "dropout"), (0, "complementary"), (1, "complementary")):
+        run = _page_run(f"{value}{seed}", seed, 15, 8, 62.0)
+        run.params["student.perturbation"] = value
+        runs.append(run)
+    page = format_results_page(runs, base)
+    rows = [ln for ln in page.splitlines() if ln.startswith("| 15")]
+    assert [r.split(" | ")[3] for r in rows] == ["-", "student.perturbation=complementary"]
+    assert "-S student.perturbation=complementary -S seed=0,1" in page
+    # without a baseline every param that differs between the rows is named
+    rows = [ln for ln in format_results_page(runs[1:]).splitlines() if ln.startswith("| 15")]
+    assert {r.split(" | ")[3] for r in rows} == {
+        "student.perturbation=dropout",
+        "student.perturbation=complementary",
+    }

@@ -234,16 +234,23 @@ def _archived_name(name: str, commit: str | None) -> str:
     return name if name != "HEAD" else f"baseline {str(commit)[:7]}"
 
 
+# params added after runs were saved, each with the value that reproduces what the code did
+# before it existed: a run that lacks one ran that way, whatever today's default is
+VALUE_BEFORE_PARAM = {"student.perturbation": "dropout"}
+
+
 def with_new_params(runs: Sequence[Run], baseline: Run | None) -> list[Run]:
-    """``runs`` with each param they lack taken from ``baseline`` (the repository's ``HEAD``):
-    a run made before a param existed ran as its default does (a new param's default keeps the
-    old behaviour), so a run saved before ``student.perturbation`` groups with today's
-    ``dropout`` runs instead of forming a row, or a duplicate seed, of its own."""
+    """``runs`` with each param they lack filled in: from :data:`VALUE_BEFORE_PARAM` where the
+    param is listed there, else from ``baseline`` (the repository's ``HEAD``; a new param's
+    default keeps the old behaviour). So a run saved before ``student.perturbation`` groups with
+    the ``dropout`` runs, even after the default changes, instead of forming a row, or a
+    duplicate seed, of its own."""
     if baseline is None:
         return list(runs)
+    before = {k: v for k, v in VALUE_BEFORE_PARAM.items() if k in baseline.params}
     return [
         r if baseline.params.keys() <= r.params.keys()
-        else Run(r.name, baseline.params | r.params, r.metrics, r.commit)
+        else Run(r.name, baseline.params | before | r.params, r.metrics, r.commit)
         for r in runs
     ]  # fmt: skip
 
@@ -332,10 +339,20 @@ def _seed_key(seed: str) -> tuple[int, str]:
     return (int(seed), "") if seed.isdigit() else (2**63, seed)
 
 
-def _sort_key(item: tuple[Any, list[Run]]) -> tuple[str, ...]:
-    params = item[1][0].params
+def other_params(key: Sequence[tuple[str, str]], baseline: Mapping[str, Any] | None) -> str:
+    """A row's params beside labelled count, ratio and mode: those of its group ``key`` (from
+    :func:`group_runs`) whose value is not the baseline's (all of them without a baseline), so
+    a row at the defaults says ``-`` even where another row changes a param."""
+    return ", ".join(
+        f"{k}={short(json.loads(v))}"
+        for k, v in key
+        if k not in ROW_KEYS and (baseline is None or json.dumps(baseline.get(k)) != v)
+    )
+
+
+def _sort_key(params: Mapping[str, Any], other: str) -> tuple[str, ...]:
     values = [labelled_count(params), params.get("ratio"), params.get("student.mode")]
-    return tuple(f"{v:>12}" if isinstance(v, int) else str(v) for v in values) + (str(item[0]),)
+    return tuple(f"{v:>12}" if isinstance(v, int) else str(v) for v in values) + (other,)
 
 
 def format_results_page(runs: Sequence[Run], baseline: Run | None = None) -> str:
@@ -369,9 +386,11 @@ def format_results_page(runs: Sequence[Run], baseline: Run | None = None) -> str
         "|" + "---|" * len(heads),
     ]
     commands = []
-    for key, members in sorted(groups.items(), key=_sort_key):
+    baseline_params = baseline.params if baseline is not None else None
+    rows = [(other_params(key, baseline_params), key, members) for key, members in groups.items()]
+    rows.sort(key=lambda row: _sort_key(row[2][0].params, row[0]))
+    for other, key, members in rows:
         params = members[0].params
-        other = ", ".join(f"{k}={short(json.loads(v))}" for k, v in key if k not in ROW_KEYS)
         labelled = short(labelled_count(params))
         cells = [
             str(labelled),
@@ -399,7 +418,6 @@ def format_results_page(runs: Sequence[Run], baseline: Run | None = None) -> str
         row += f", {short(params.get('student.mode'))}" + (f", {other}" if other else "")
         commits = sorted({r.commit[:7] for r in members if r.commit})
         row += f" (run at {', '.join(commits)})" if commits else ""
-        baseline_params = baseline.params if baseline is not None else None
         varying = [k for k, _ in key]
         commands.append(f"- {row}: `{exp_command(members, baseline_params, varying)}`")
     return "\n".join([*lines, "", "The commands of the rows:", "", *commands])
